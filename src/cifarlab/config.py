@@ -1,0 +1,156 @@
+"""Run configuration: the only place defaults live.
+
+A run is fully described by one frozen `TrainConfig`. Experiments derive their runs from a base
+config with `dataclasses.replace`, so a sweep point can never inherit state from another point.
+`validate()` turns every bad value into a `UsageError` whose message names the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from cifarlab.errors import UsageError
+
+# The lab's data normalisation (LAB.md "Setup every edition shares").
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+NUM_CLASSES = 10
+
+DATASETS = ("cifar10", "synthetic", "auto")
+DEVICES = ("auto", "cpu", "cuda")
+NORMS = ("batch", "none")
+LOADERS = ("torch", "device")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+# Upper bounds that catch typos (an extra zero) before they become an out-of-memory crash.
+MAX_WORKERS = 256
+MAX_BATCH = 1 << 20
+MAX_EPOCHS = 100_000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs. Field names are the CLI flags with '-' for '_'."""
+
+    # data
+    data_dir: str = "./data"
+    dataset: str = "cifar10"
+    subset: int | None = None  # first-N-style stratified subset of the train split
+    test_subset: int | None = None  # stratified subset of the test split
+    loader: str = "torch"  # torch: classic DataLoader + PIL transforms; device: tensors on the device
+    workers: int = 2
+    batch_size: int = 128
+    test_batch_size: int = 100
+    pin_memory: bool | None = None  # None: on when training on CUDA
+    persistent_workers: bool = False
+    prefetch_factor: int | None = None
+    # model
+    norm: str = "batch"
+    # optimizer (the lab: SGD lr 0.1, momentum 0.9, weight decay 5e-4)
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # training
+    epochs: int = 5
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: str = "none"
+    sync_timing: bool = True  # synchronize the device at every clock read (exact C2 breakdown)
+    max_steps: int | None = None  # cap on train steps per epoch (smoke runs)
+    evaluate: bool = True
+    # output
+    out_dir: str = "runs"
+    name: str = "train"
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    def validate(self) -> "TrainConfig":
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("device", self.device, DEVICES)
+        _choice("norm", self.norm, NORMS)
+        _choice("loader", self.loader, LOADERS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("compile", self.compile, COMPILE_MODES)
+        from cifarlab.optim import OPTIMIZERS  # late: optim imports torch
+
+        _choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
+        _int_range("workers", self.workers, 0, MAX_WORKERS, "use 0 to load in the main process")
+        _int_range("batch-size", self.batch_size, 1, MAX_BATCH, "the lab uses 128")
+        _int_range("test-batch-size", self.test_batch_size, 1, MAX_BATCH, "the lab uses 100")
+        _int_range("epochs", self.epochs, 1, MAX_EPOCHS, "the lab uses 5")
+        _int_range("seed", self.seed, 0, 2**63 - 1, "use a non-negative integer")
+        for flag, value in (("subset", self.subset), ("test-subset", self.test_subset), ("max-steps", self.max_steps)):
+            if value is not None:
+                _int_range(flag, value, 1, 10**9, "leave it out to use everything")
+        if self.prefetch_factor is not None:
+            _int_range("prefetch-factor", self.prefetch_factor, 1, 1024, "the DataLoader default is 2")
+            if self.workers == 0:
+                raise UsageError("--prefetch-factor needs --workers >= 1 (got --workers 0); drop --prefetch-factor")
+        if self.persistent_workers and self.workers == 0:
+            raise UsageError("--persistent-workers needs --workers >= 1 (got --workers 0)")
+        _float_range("lr", self.lr, 0.0, 1e3, "the lab uses 0.1", low_inclusive=False)
+        _float_range("momentum", self.momentum, 0.0, 1.0, "the lab uses 0.9", high_inclusive=False)
+        _float_range("weight-decay", self.weight_decay, 0.0, 1.0, "the lab uses 5e-4")
+        if not self.name or any(c in self.name for c in "/\\\0") or self.name in (".", ".."):
+            raise UsageError(f"--name {self.name!r} is not a plain folder name; use letters, digits, '-' or '_'")
+        if not self.out_dir or "\0" in self.out_dir:
+            raise UsageError(f"--out {self.out_dir!r} is not a usable folder path")
+        if not self.data_dir or "\0" in self.data_dir:
+            raise UsageError(f"--data {self.data_dir!r} is not a usable folder path")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tags"] = list(self.tags)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UsageError(f"unknown config keys {unknown}; this cifarlab knows {sorted(known)}")
+        kwargs = dict(d)
+        if "tags" in kwargs:
+            kwargs["tags"] = tuple(kwargs["tags"])
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"--{flag} {value!r} is not known; choose one of: {', '.join(choices)}")
+
+
+def _int_range(flag: str, value: Any, low: int, high: int, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"--{flag} must be a whole number (got {value!r}); {hint}")
+    if not low <= value <= high:
+        raise UsageError(f"--{flag} must be between {low} and {high} (got {value}); {hint}")
+
+
+def _float_range(
+    flag: str,
+    value: Any,
+    low: float,
+    high: float,
+    hint: str,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UsageError(f"--{flag} must be a finite number (got {value!r}); {hint}")
+    too_low = value < low or (value == low and not low_inclusive)
+    too_high = value > high or (value == high and not high_inclusive)
+    if too_low or too_high:
+        lo = "[" if low_inclusive else "("
+        hi = "]" if high_inclusive else ")"
+        raise UsageError(f"--{flag} must be in {lo}{low}, {high}{hi} (got {value}); {hint}")

@@ -1,0 +1,293 @@
+"""The training and evaluation loop. Returns records; prints nothing.
+
+What each per-epoch timing includes (lab C2), all in seconds of host wall-clock time:
+- data_s:    blocked waiting for the next batch from the loader, including creating the loader's
+             iterator (which starts worker processes) -- but not the host->device copy.
+- h2d_s:     the host->device copy of the batch (and the channels_last re-layout), device synchronized.
+- compute_s: zero_grad + forward + loss + backward + optimizer step, device synchronized.
+- other_s:   everything else inside the epoch (loss/accuracy bookkeeping, hooks, progress output),
+             computed as epoch_s - data_s - h2d_s - compute_s, so the four parts add up to epoch_s.
+- epoch_s:   wall time of the training epoch, from before the iterator is created to after the last
+             step has finished on the device. Evaluation is never inside it.
+- eval_s:    the test-set evaluation after the epoch, timed on its own.
+
+With sync_timing off (the fast path), the device is synchronized only at epoch boundaries: epoch_s
+and data_s stay exact, but the split between h2d and compute is unknowable and is recorded as None
+(timing_mode "async"); other_s then holds everything that is not data wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from cifarlab.config import TrainConfig
+from cifarlab.models import resnet18
+from cifarlab.optim import build_optimizer
+from cifarlab.timing import DeviceClock, SegmentTimer
+
+TIMED_SEGMENTS = ("data", "h2d", "compute")
+# In async timing mode, how often (in steps) the device-side divergence flag is read back.
+DIVERGENCE_CHECK_EVERY = 50
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    status: str  # "ok" | "diverged" | "interrupted"
+    train_loss: float  # mean over the epoch's training examples
+    train_acc: float  # top-1, fraction in [0, 1], on augmented training batches
+    test_loss: float | None
+    test_acc: float | None
+    images: int
+    steps: int
+    epoch_s: float
+    data_s: float
+    h2d_s: float | None
+    compute_s: float | None
+    other_s: float
+    loader_start_s: float  # part of data_s: creating the iterator (worker start-up)
+    eval_s: float | None
+    images_per_s: float  # training images / epoch_s
+    timing_mode: str  # "synchronized" | "async"
+    diverged_step: int | None = None  # 0-based step of the first non-finite loss
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Hooks:
+    """Callbacks the caller may set; the engine itself never prints or writes files."""
+
+    on_step: Callable[[int, int, int], None] | None = None  # (epoch, step done, steps in epoch)
+    on_epoch: Callable[[EpochRecord, "TrainState"], None] | None = None
+    should_stop: Callable[[], bool] | None = None  # polled after every step (Ctrl-C, SIGTERM)
+
+
+@dataclass
+class TrainState:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any  # torch.amp.GradScaler or None
+    device: torch.device
+    precision: str  # resolved: fp32 | bf16 | fp16
+    epoch: int = 0  # epochs completed
+    records: list[EpochRecord] = field(default_factory=list)
+    train_module: nn.Module | None = None  # compiled / wrapped module used for steps (else model)
+
+    @property
+    def step_module(self) -> nn.Module:
+        return self.train_module if self.train_module is not None else self.model
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """auto -> bf16 on CUDA GPUs that support it, fp32 elsewhere (bf16 autocast on CPUs without
+    native bf16 units is several times slower than fp32)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_state(cfg: TrainConfig, device: torch.device) -> TrainState:
+    """A fresh model and optimizer for one run (never shared across sweep points)."""
+    model = resnet18(norm=cfg.norm).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+    precision = resolve_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    state = TrainState(model=model, optimizer=optimizer, scaler=scaler, device=device, precision=precision)
+    if cfg.compile != "none":
+        state.train_module = torch.compile(model, mode=cfg.compile)
+    return state
+
+
+def seed_epoch(seed: int, epoch: int, loader: Any) -> None:
+    """Make epoch k's shuffling and augmentation depend only on (seed, k), not on what ran before:
+    a resumed run then replays exactly the epochs an uninterrupted run would have."""
+    epoch_seed = (seed * 1_000_003 + epoch) % 2**63
+    torch.manual_seed(epoch_seed)
+    generator = getattr(loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(epoch_seed)
+    set_epoch = getattr(loader, "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)
+
+
+def _steps_in(loader: Any, max_steps: int | None) -> int:
+    try:
+        n = len(loader)
+    except TypeError:
+        n = 0
+    return min(n, max_steps) if max_steps else n
+
+
+def train_epoch(
+    cfg: TrainConfig, state: TrainState, loader: Iterable, epoch: int, hooks: Hooks | None = None
+) -> EpochRecord:
+    hooks = hooks or Hooks()
+    device = state.device
+    model = state.step_module
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    clock = DeviceClock(device, sync=cfg.sync_timing)
+    steps_total = _steps_in(loader, cfg.max_steps)
+
+    # Running sums stay on the device: reading them every step (.item()) would synchronize the GPU
+    # each step and hide where the time goes. They are read once, after the epoch's clock stops.
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    first_bad_step = torch.full((), -1, device=device, dtype=torch.int64)
+    images = steps = 0
+    status = "ok"
+
+    timer = SegmentTimer(clock)
+    iterator = iter(loader)
+    timer.lap("data")  # creating the iterator starts the loader's workers: that is loader wait too
+    loader_start_s = timer.totals["data"]
+    while cfg.max_steps is None or steps < cfg.max_steps:
+        try:
+            inputs, targets = next(iterator)
+        except StopIteration:
+            break
+        timer.lap("data")
+
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if cfg.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        timer.lap("h2d")
+
+        state.optimizer.zero_grad(set_to_none=True)
+        with autocast_context(state.precision, device):
+            outputs = model(inputs)
+            loss = loss_fn(outputs, targets)
+        if state.scaler is not None:
+            state.scaler.scale(loss).backward()
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        else:
+            loss.backward()
+            state.optimizer.step()
+        timer.lap("compute")
+
+        batch = targets.shape[0]
+        loss_d = loss.detach()
+        loss_sum += loss_d.double() * batch
+        correct += (outputs.detach().argmax(dim=1) == targets).sum()
+        bad = ~torch.isfinite(loss_d)
+        first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, steps), first_bad_step)
+        images += batch
+        steps += 1
+        if hooks.on_step is not None:
+            hooks.on_step(epoch, steps, steps_total)
+        # In synchronized mode the device is idle here anyway, so the check costs nothing extra.
+        if (cfg.sync_timing or steps % DIVERGENCE_CHECK_EVERY == 0) and int(first_bad_step) >= 0:
+            status = "diverged"
+        elif hooks.should_stop is not None and hooks.should_stop():
+            status = "interrupted"
+        timer.lap("other")
+        if status != "ok":
+            break
+    timer.stop()
+    del iterator  # shut non-persistent workers down outside the timed region
+
+    bad_step = int(first_bad_step)
+    if bad_step >= 0:
+        status = "diverged"
+    parts = timer.breakdown(TIMED_SEGMENTS)
+    timing_mode = "synchronized" if clock.sync or device.type != "cuda" else "async"
+    if timing_mode == "async":
+        parts["other_s"] += parts["h2d_s"] + parts["compute_s"]
+        parts["h2d_s"] = parts["compute_s"] = None
+    epoch_s = timer.wall_s
+    return EpochRecord(
+        epoch=epoch,
+        status=status,
+        train_loss=(float(loss_sum) / images) if images else math.nan,
+        train_acc=(int(correct) / images) if images else math.nan,
+        test_loss=None,
+        test_acc=None,
+        images=images,
+        steps=steps,
+        epoch_s=epoch_s,
+        data_s=parts["data_s"],
+        h2d_s=parts["h2d_s"],
+        compute_s=parts["compute_s"],
+        other_s=parts["other_s"],
+        loader_start_s=loader_start_s,
+        eval_s=None,
+        images_per_s=images / epoch_s if epoch_s > 0 else math.nan,
+        timing_mode=timing_mode,
+        diverged_step=bad_step if bad_step >= 0 else None,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    cfg: TrainConfig, state: TrainState, loader: Iterable
+) -> tuple[float, float, float]:
+    """(mean loss, top-1 accuracy, seconds) on the whole loader, device synchronized at both ends."""
+    device = state.device
+    model = state.step_module
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    clock = DeviceClock(device, sync=False)
+    start = clock.barrier_now()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    count = 0
+    for inputs, targets in loader:
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if cfg.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast_context(state.precision, device):
+            outputs = model(inputs)
+        loss_sum += loss_fn(outputs.float(), targets).double()
+        correct += (outputs.argmax(dim=1) == targets).sum()
+        count += targets.shape[0]
+    eval_s = clock.barrier_now() - start
+    if count == 0:
+        return math.nan, math.nan, eval_s
+    return float(loss_sum) / count, int(correct) / count, eval_s
+
+
+def train(
+    cfg: TrainConfig,
+    state: TrainState,
+    train_loader: Iterable,
+    test_loader: Iterable | None,
+    hooks: Hooks | None = None,
+) -> str:
+    """Train epochs state.epoch+1 .. cfg.epochs. Returns "completed", "diverged" or "interrupted"."""
+    hooks = hooks or Hooks()
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        seed_epoch(cfg.seed, epoch, train_loader)
+        record = train_epoch(cfg, state, train_loader, epoch, hooks)
+        if record.status == "ok" and cfg.evaluate and test_loader is not None:
+            record.test_loss, record.test_acc, record.eval_s = evaluate(cfg, state, test_loader)
+        state.records.append(record)
+        if record.status == "ok":
+            state.epoch = epoch
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(record, state)
+        if record.status != "ok":
+            return record.status
+    return "completed"

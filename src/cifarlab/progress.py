@@ -1,0 +1,82 @@
+"""Console output for runs: a banner, one line per epoch (stdout), a progress bar inside the epoch
+(stderr, only on a terminal so logs stay clean)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from cifarlab.config import TrainConfig
+from cifarlab.engine import EpochRecord, Hooks, TrainState
+
+
+def fmt_s(value: float | None) -> str:
+    return "   n/a" if value is None else f"{value:6.2f}s"
+
+
+def epoch_line(r: EpochRecord, total_epochs: int) -> str:
+    test = "" if r.test_acc is None else f"  test {100 * r.test_acc:5.1f}%"
+    head = f"epoch {r.epoch}/{total_epochs}  loss {r.train_loss:.4f}  train {100 * r.train_acc:5.1f}%{test}"
+    parts = (
+        f"data {fmt_s(r.data_s)}  h2d {fmt_s(r.h2d_s)}  compute {fmt_s(r.compute_s)}  "
+        f"other {fmt_s(r.other_s)}  = epoch {fmt_s(r.epoch_s)}  ({r.images_per_s:,.0f} img/s)"
+    )
+    tail = "" if r.eval_s is None else f"  eval {fmt_s(r.eval_s)}"
+    status = "" if r.status == "ok" else f"  [{r.status.upper()}" + (
+        f" at step {r.diverged_step}]" if r.diverged_step is not None else "]")
+    return f"{head}  | {parts}{tail}{status}"
+
+
+class ConsoleProgress:
+    def __init__(self, total_epochs: int, out: TextIO | None = None, err: TextIO | None = None,
+                 prefix: str = "") -> None:
+        self.total_epochs = total_epochs
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.prefix = prefix
+        self.bar = hasattr(self.err, "isatty") and self.err.isatty()
+        self._epoch_t0 = time.perf_counter()
+        self._last_draw = 0.0
+
+    def banner(self, cfg: TrainConfig, data_description: str, device: Any) -> None:
+        from cifarlab.runtime import device_label
+
+        mode = "synchronized (exact data/h2d/compute split)" if cfg.sync_timing else "async (epoch and data wait exact)"
+        print(f"{self.prefix}data:   {data_description}", file=self.out)
+        print(f"{self.prefix}device: {device_label(device)}; loader {cfg.loader}, workers {cfg.workers}, "
+              f"batch {cfg.batch_size}; timing {mode}", file=self.out)
+        print(f"{self.prefix}model:  ResNet-18 norm={cfg.norm}; optimizer {cfg.optimizer} lr {cfg.lr} "
+              f"momentum {cfg.momentum} wd {cfg.weight_decay}; precision {cfg.precision}, "
+              f"channels_last {cfg.channels_last}, compile {cfg.compile}", file=self.out)
+        self.out.flush()
+
+    def on_step(self, epoch: int, step: int, steps_total: int) -> None:
+        if not self.bar:
+            return
+        now = time.perf_counter()
+        if step == 1:
+            self._epoch_t0 = now
+        if now - self._last_draw < 0.2 and step != steps_total:
+            return
+        self._last_draw = now
+        elapsed = now - self._epoch_t0
+        frac = step / steps_total if steps_total else 0.0
+        eta = elapsed / step * (steps_total - step) if step else 0.0
+        filled = int(30 * frac)
+        self.err.write(f"\r{self.prefix}epoch {epoch}/{self.total_epochs} [{'#' * filled}{'.' * (30 - filled)}] "
+                       f"{step}/{steps_total} steps, ETA {eta:5.1f}s ")
+        self.err.flush()
+
+    def on_epoch(self, record: EpochRecord, state: TrainState) -> None:
+        if self.bar:
+            self.err.write("\r" + " " * 100 + "\r")
+            self.err.flush()
+        print(self.prefix + epoch_line(record, self.total_epochs), file=self.out)
+        self.out.flush()
+
+    def hooks(self) -> Hooks:
+        return Hooks(on_step=self.on_step, on_epoch=self.on_epoch)
+
+    def finish(self, result: Any) -> None:
+        print(f"{self.prefix}{result.status}: {len(result.finished)} epoch(s); run folder {result.path}", file=self.out)

@@ -1,0 +1,236 @@
+"""Run folders: one per training run, never overwritten, every file written atomically.
+
+A run folder holds
+- config.json       the resolved TrainConfig (every default spelled out)
+- environment.json  machine and software (CPU model, usable cores, threads, GPU, versions)
+- records.json/.csv per-epoch records (engine.EpochRecord), rewritten after every epoch
+- run.json          schema version, status (running/completed/diverged/interrupted/failed),
+                    data source, device, timing notes and a summary
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from cifarlab.config import TrainConfig
+from cifarlab.errors import UsageError
+
+RUN_SCHEMA = "cifarlab.run/1"
+
+TIMING_NOTES = {
+    "data_s": "blocked waiting for the next batch (incl. iterator/worker start-up), excl. host->device copy",
+    "h2d_s": "host->device copy of inputs and labels, device synchronized",
+    "compute_s": "zero_grad + forward + loss + backward + optimizer step, device synchronized",
+    "other_s": "epoch_s minus the three parts above (bookkeeping, hooks, progress output)",
+    "epoch_s": "wall time of the training epoch; evaluation excluded",
+    "eval_s": "test-set evaluation after the epoch, timed separately",
+}
+
+
+# ------------------------------------------------------------------------------------- file I/O
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def _clean(obj: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so every reader can parse the file."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over the target: a reader (or a
+    crash) sees either the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    obj = json.loads(json.dumps(obj, default=_json_default))  # resolve dataclasses first
+    write_text_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def write_csv_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    if rows:
+        columns = list(rows[0].keys())
+        for row in rows[1:]:
+            columns += [k for k in row if k not in columns]
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    write_text_atomic(path, buf.getvalue())
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------- run folders
+
+
+def ensure_writable_dir(folder: Path, flag: str = "--out") -> Path:
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".cifarlab-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise UsageError(f"{flag} {str(folder)!r} is not writable ({reason}); choose a folder you can write to") from None
+    return folder
+
+
+def create_run_dir(out_dir: str | Path, name: str) -> Path:
+    """A new folder <out>/<UTC time>-<name>[-k]; mkdir(exist_ok=False) makes the claim atomic, so two
+    runs started in the same second (or in parallel processes) get different folders."""
+    out = ensure_writable_dir(Path(out_dir))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    for k in range(10_000):
+        path = out / (f"{stamp}-{name}" if k == 0 else f"{stamp}-{name}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UsageError(f"--out {str(out)!r}: cannot create a run folder ({e.strerror}); choose another folder") from None
+    raise UsageError(f"--out {str(out)!r}: too many runs named {name!r} this second; use another --name")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunWriter:
+    """Writes one run folder's files; every write replaces a whole file atomically."""
+
+    path: Path
+    config: TrainConfig
+    environment: dict[str, Any]
+    data_description: str
+    device_label: str
+    precision: str = "fp32"
+    started: str = ""
+
+    def __post_init__(self) -> None:
+        self.started = self.started or utc_now()
+        self._t0 = time.perf_counter()
+
+    def write_header(self) -> None:
+        write_json_atomic(self.path / "config.json", self.config.to_dict())
+        write_json_atomic(self.path / "environment.json", self.environment)
+        self.write_status("running", [])
+
+    def write_records(self, records: list[Any]) -> None:
+        rows = [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in records]
+        write_json_atomic(self.path / "records.json", rows)
+        write_csv_atomic(self.path / "records.csv", rows)
+
+    def write_status(self, status: str, records: list[Any], error: str | None = None, **extra: Any) -> None:
+        rows = [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in records]
+        doc = {
+            "schema": RUN_SCHEMA,
+            "status": status,
+            "name": self.config.name,
+            "started": self.started,
+            "updated": utc_now(),
+            "elapsed_s": time.perf_counter() - self._t0,
+            "data": self.data_description,
+            "device": self.device_label,
+            "precision": self.precision,
+            "timing_notes": TIMING_NOTES,
+            "summary": summarize(rows),
+            "error": error,
+            **extra,
+        }
+        write_json_atomic(self.path / "run.json", doc)
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final-epoch metrics and mean timings over finished epochs (the first epoch, which pays
+    one-off costs such as worker start-up, cudnn autotuning or compilation, is also given alone)."""
+    done = [r for r in rows if r.get("status") == "ok"]
+    if not done:
+        return {"epochs_completed": 0}
+    last = done[-1]
+
+    def mean(key: str, rs: list[dict[str, Any]]) -> float | None:
+        vals = [r[key] for r in rs if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    steady = done[1:] or done
+    return {
+        "epochs_completed": len(done),
+        "final_train_loss": last["train_loss"],
+        "final_train_acc": last["train_acc"],
+        "final_test_loss": last.get("test_loss"),
+        "final_test_acc": last.get("test_acc"),
+        "first_epoch_s": done[0]["epoch_s"],
+        "mean_epoch_s": mean("epoch_s", done),
+        "mean_epoch_s_after_first": mean("epoch_s", steady),
+        "mean_data_s": mean("data_s", done),
+        "mean_h2d_s": mean("h2d_s", done),
+        "mean_compute_s": mean("compute_s", done),
+        "mean_other_s": mean("other_s", done),
+        "mean_eval_s": mean("eval_s", done),
+        "mean_images_per_s": mean("images_per_s", done),
+    }
+
+
+def load_run(path: str | Path) -> dict[str, Any]:
+    """Everything a report needs from a run folder (files only, no live objects)."""
+    path = Path(path)
+    if not (path / "run.json").is_file():
+        raise UsageError(f"{str(path)!r} is not a cifarlab run folder (no run.json)")
+    run = read_json(path / "run.json")
+    run["config"] = read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    run["environment"] = read_json(path / "environment.json") if (path / "environment.json").is_file() else {}
+    run["records"] = read_json(path / "records.json") if (path / "records.json").is_file() else []
+    run["path"] = str(path)
+    return run
+
+
+ProgressFn = Callable[[str], None]

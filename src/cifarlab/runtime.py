@@ -1,0 +1,97 @@
+"""Where a run executes: device choice, seeding, and a record of the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import socket
+from typing import Any
+
+import numpy as np
+import torch
+
+from cifarlab.errors import UsageError
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> CUDA when present, else CPU. On CPU nothing below calls a CUDA API."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
+        return torch.device("cuda")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise UsageError(f"--device {name!r} is not known; choose one of: auto, cpu, cuda")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (affinity/cgroup aware where the OS tells), not the host's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def environment(device: torch.device | None = None) -> dict[str, Any]:
+    """Machine and software facts stored beside every result (what a reader needs to compare numbers)."""
+    import torchvision
+
+    env: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "cpu_model": cpu_model(),
+        "cpu_count_host": os.cpu_count(),
+        "cpu_count_usable": usable_cpus(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_version": torch.version.cuda,
+        "device": str(device) if device is not None else None,
+        "gpu_name": None,
+        "gpu_count": 0,
+    }
+    if device is not None and device.type == "cuda":
+        env["gpu_name"] = torch.cuda.get_device_name(device)
+        env["gpu_count"] = torch.cuda.device_count()
+        env["cudnn_version"] = torch.backends.cudnn.version()
+    return env
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads, {usable_cpus()} usable cores)"

@@ -1,0 +1,31 @@
+"""Shared fixtures: small datasets in the real CIFAR-10 on-disk format, read by the real code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifarlab.data import BASE_FOLDER, TEST_FILES, TRAIN_FILES, synthetic_split, write_cifar_batch
+
+
+def make_cifar_dir(root: Path, per_train_file: int = 40, n_test: int = 40, seed: int = 0) -> Path:
+    """root/cifar-10-batches-py/{data_batch_1..5,test_batch} holding learnable class-coloured images."""
+    folder = root / BASE_FOLDER
+    for i, name in enumerate(TRAIN_FILES):
+        split = synthetic_split(per_train_file, seed + i, "train")
+        write_cifar_batch(folder / name, split.images, split.labels, batch_label=f"training batch {i + 1} of 5")
+    test = synthetic_split(n_test, seed, "test")
+    write_cifar_batch(folder / TEST_FILES[0], test.images, test.labels, batch_label="testing batch 1 of 1")
+    return root
+
+
+@pytest.fixture
+def cifar_root(tmp_path: Path) -> Path:
+    return make_cifar_dir(tmp_path / "data")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
