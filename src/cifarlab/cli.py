@@ -22,6 +22,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse prints the whole usage block on error; we print one line that names the problem."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse quotes some values verbatim ("unrecognized arguments: a<newline>b"): keep it one line.
+        message = message.replace("\r", "\\r").replace("\n", "\\n")
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
@@ -39,12 +41,18 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     d.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, help="page-locked host batches (default: on for CUDA)")
     d.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, help="keep workers alive across epochs")
     d.add_argument("--prefetch-factor", type=int, metavar="N", help="batches prefetched per worker")
+    d.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="random crop + flip of training images (default on)")
     m = p.add_argument_group("model and optimizer")
     m.add_argument("--no-batchnorm", dest="norm", action="store_const", const="none", help="remove every BatchNorm (lab C7)")
     m.add_argument("--optimizer", metavar="NAME", help="sgd (default), sgd-nesterov, adagrad, adadelta, adam")
     m.add_argument("--lr", type=float, help="learning rate (default 0.1)")
     m.add_argument("--momentum", type=float, help="momentum where it applies (default 0.9)")
     m.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
+    m.add_argument("--warmup-epochs", type=int, metavar="N",
+                   help="gradual warm-up: lr rises linearly per step over N epochs (default 0: none)")
+    m.add_argument("--warmup-start-factor", type=float, metavar="F",
+                   help="warm-up starts at lr * F (default 0.1)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, metavar="N", help="epochs (default 5)")
     t.add_argument("--seed", type=int, help="seed for init, shuffling and augmentation (default 0)")
@@ -55,10 +63,16 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--sync-timing", action=argparse.BooleanOptionalAction,
                    help="synchronize the device at every clock read for an exact data/h2d/compute split")
     t.add_argument("--max-steps", type=int, metavar="N", help="stop each epoch after N steps")
+    t.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
+                   help="several processes: SyncBatchNorm across them (CUDA only)")
+    t.add_argument("--comm-timing", action=argparse.BooleanOptionalAction,
+                   help="several processes: time DDP's gradient all-reduces (run.json 'distributed')")
     t.add_argument("--evaluate", action=argparse.BooleanOptionalAction, help="evaluate on the test set after each epoch")
     o = p.add_argument_group("output")
     o.add_argument("--out", dest="out_dir", metavar="DIR", help="folder for run folders (default runs/)")
     o.add_argument("--name", help="run name, used in the run folder's name (default train)")
+    o.add_argument("--checkpoint-every", type=int, metavar="K",
+                   help="write checkpoint.pt every K finished epochs and after the last (default 1; 0: never)")
 
 
 def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
@@ -71,17 +85,66 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) 
 # ------------------------------------------------------------------------------------ commands
 
 
+EXIT_DIVERGED = 3  # README "Exit codes"; interrupted: 128 + signal (130 SIGINT, 143 SIGTERM); usage: 2
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from cifarlab.interrupt import StopOnSignal
     from cifarlab.progress import ConsoleProgress
     from cifarlab.runner import prepare, run_training
+    from cifarlab.runtime import workers_warning
 
-    cfg = config_from_args(args)
-    device, data = prepare(cfg)
-    progress = ConsoleProgress(total_epochs=cfg.epochs)
-    progress.banner(cfg, data.description, device)
-    result = run_training(cfg, hooks=progress.hooks(), data=data)
-    progress.finish(result)
-    return 0 if result.status == "completed" else (130 if result.status == "interrupted" else 3)
+    resume = getattr(args, "resume", None)
+    with StopOnSignal() as stop:
+        if resume is not None:
+            from cifarlab.checkpoint import resume_config
+
+            given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+            cfg = resume_config(resume, given)
+        else:
+            cfg = config_from_args(args)
+        warning = workers_warning(cfg.workers) if cfg.loader == "torch" else None  # only it has workers
+        if warning:
+            import warnings
+
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+            # torch says the same in a multi-line warning at every loader start: once is enough
+            warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        device, data = prepare(cfg)
+        if stop.should_stop():
+            print(f"{PROG}: interrupted ({stop.signal_name}) before training started; nothing written", file=sys.stderr)
+            return stop.exit_code or 130
+        progress = ConsoleProgress(total_epochs=cfg.epochs)
+        progress.banner(cfg, data.description, device)
+        hooks = dataclasses.replace(progress.hooks(), should_stop=stop.should_stop)
+        result = run_training(cfg, hooks=hooks, data=data, resume=resume)
+        progress.finish(result)
+    return _train_outcome(result, stop.signal_name, stop.exit_code)
+
+
+def _train_outcome(result: Any, signal_name: str | None, signal_exit: int | None) -> int:
+    """One line on stderr for every ending but success, and the exit code that tells them apart."""
+    from cifarlab.checkpoint import CHECKPOINT_NAME
+
+    if result.status == "completed":
+        return 0
+    if result.status == "oom":
+        raise UsageError(result.error)
+    done = len(result.finished)
+    kept = f"records of {done} finished epoch(s) kept in {result.path}"
+    if result.status == "diverged":
+        bad = result.records[-1]
+        print(f"{PROG}: training diverged: the loss became NaN/inf at epoch {bad.epoch}, step {bad.diverged_step} "
+              f"(--lr {result.config.lr}); {kept}; try a smaller --lr", file=sys.stderr)
+        return EXIT_DIVERGED
+    if result.status == "interrupted":
+        has_ckpt = (result.path / CHECKPOINT_NAME).is_file()
+        how = f"continue with: {PROG} train --resume {result.path}" if has_ckpt else "no checkpoint yet to resume from"
+        print(f"{PROG}: interrupted ({signal_name or 'KeyboardInterrupt'}); {kept}; {how}", file=sys.stderr)
+        return signal_exit or 130
+    raise RuntimeError(f"unexpected run status {result.status!r}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -134,11 +197,25 @@ def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train ResNet-18 once and record per-epoch timings",
                        argument_default=argparse.SUPPRESS)
     add_train_options(p)
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its checkpoint (its own config; only --epochs may change)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel on N processes (one per GPU; on CPU the cores are split): runs torchrun; "
+                        "--batch-size is then per process")
+    p.set_defaults(func=_train_entry)
+
+
+def _train_entry(args: argparse.Namespace) -> int:
+    # --nproc N launches torchrun; under torchrun the process group wraps cmd_train (distributed.py).
+    from cifarlab.distributed import run_train_command
+
+    return run_train_command(args, cmd_train)
 
 
 # name -> function that adds the subcommand's parser; other modules' commands register here.
 SUBCOMMANDS: dict[str, Callable[[Any], None]] = {"train": _add_train, "inspect": _add_inspect}
+from cifarlab import lab as _lab  # noqa: E402  (imports no torch)
+SUBCOMMANDS.update(lab=_lab.add_parser, report=_lab.add_report_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

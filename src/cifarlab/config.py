@@ -41,13 +41,14 @@ class TrainConfig:
     dataset: str = "cifar10"
     subset: int | None = None  # first-N-style stratified subset of the train split
     test_subset: int | None = None  # stratified subset of the test split
-    loader: str = "torch"  # torch: classic DataLoader + PIL transforms; device: tensors on the device
+    loader: str = "device"  # device: split resident on the device (fast path); torch: DataLoader + PIL (C2-C4)
     workers: int = 2
     batch_size: int = 128
     test_batch_size: int = 100
     pin_memory: bool | None = None  # None: on when training on CUDA
     persistent_workers: bool = False
     prefetch_factor: int | None = None
+    augment: bool = True  # random crop + flip on training batches (off: exact comparisons, e.g. DDP vs 1 process)
     # model
     norm: str = "batch"
     # optimizer (the lab: SGD lr 0.1, momentum 0.9, weight decay 5e-4)
@@ -55,16 +56,25 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # gradual warm-up (large-batch training): lr ramps linearly per step from lr * warmup_start_factor
+    # to lr over the first warmup_epochs epochs; 0 = no warm-up (the lab)
+    warmup_epochs: int = 0
+    warmup_start_factor: float = 0.1
     # training
     epochs: int = 5
     seed: int = 0
     device: str = "auto"
-    precision: str = "fp32"
-    channels_last: bool = False
+    precision: str = "auto"  # auto: bf16 on CUDA GPUs that support it, else fp32 (engine.resolve_precision)
+    channels_last: bool = True
     compile: str = "none"
     sync_timing: bool = True  # synchronize the device at every clock read (exact C2 breakdown)
     max_steps: int | None = None  # cap on train steps per epoch (smoke runs)
     evaluate: bool = True
+    checkpoint_every: int = 1  # epochs between checkpoints (and always after the last); 0 = never
+    # several processes (torchrun): SyncBatchNorm instead of per-process BatchNorm (CUDA only), and
+    # timing of DDP's gradient all-reduces by a communication hook
+    sync_bn: bool = False
+    comm_timing: bool = False
     # output
     out_dir: str = "runs"
     name: str = "train"
@@ -84,6 +94,7 @@ class TrainConfig:
         _int_range("batch-size", self.batch_size, 1, MAX_BATCH, "the lab uses 128")
         _int_range("test-batch-size", self.test_batch_size, 1, MAX_BATCH, "the lab uses 100")
         _int_range("epochs", self.epochs, 1, MAX_EPOCHS, "the lab uses 5")
+        _int_range("checkpoint-every", self.checkpoint_every, 0, MAX_EPOCHS, "use 0 to turn checkpoints off")
         _int_range("seed", self.seed, 0, 2**63 - 1, "use a non-negative integer")
         for flag, value in (("subset", self.subset), ("test-subset", self.test_subset), ("max-steps", self.max_steps)):
             if value is not None:
@@ -97,7 +108,10 @@ class TrainConfig:
         _float_range("lr", self.lr, 0.0, 1e3, "the lab uses 0.1", low_inclusive=False)
         _float_range("momentum", self.momentum, 0.0, 1.0, "the lab uses 0.9", high_inclusive=False)
         _float_range("weight-decay", self.weight_decay, 0.0, 1.0, "the lab uses 5e-4")
-        if not self.name or any(c in self.name for c in "/\\\0") or self.name in (".", ".."):
+        _int_range("warmup-epochs", self.warmup_epochs, 0, MAX_EPOCHS, "use 0 for no warm-up")
+        _float_range("warmup-start-factor", self.warmup_start_factor, 0.0, 1.0, "Goyal et al. start at lr / k",
+                     low_inclusive=False)
+        if not self.name or any(c in self.name for c in "/\\\0") or self.name in (".", "..") or _unprintable(self.name):
             raise UsageError(f"--name {self.name!r} is not a plain folder name; use letters, digits, '-' or '_'")
         if not self.out_dir or "\0" in self.out_dir:
             raise UsageError(f"--out {self.out_dir!r} is not a usable folder path")
@@ -123,6 +137,16 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _unprintable(name: str) -> bool:
+    """Control characters (newlines in a folder name break every log line that shows it), names the
+    file system cannot store, or too long for one path component once the timestamp is prepended."""
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return len(encoded) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in name)
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
@@ -154,3 +178,72 @@ def _float_range(
         lo = "[" if low_inclusive else "("
         hi = "]" if high_inclusive else ")"
         raise UsageError(f"--{flag} must be in {lo}{low}, {high}{hi} (got {value}); {hint}")
+
+
+# ------------------------------------------------------------------------------------ the lab suite
+
+
+@dataclass(frozen=True)
+class LabPreset:
+    """How big the lab's runs are. Every experiment derives its configs from one base config built
+    from these fields, so a preset changes the size of the lab, never what it measures."""
+
+    name: str
+    about: str
+    dataset: str | None  # forced dataset (smoke: synthetic); None: the lab's --dataset
+    subset: int | None  # training images per run (None: the whole split)
+    test_subset: int | None
+    epochs: int  # epochs per run (the lab: 5)
+    batch_size: int
+    test_batch_size: int
+    max_steps: int | None  # cap on steps per epoch
+    repeats: int  # C3 repeats per worker count
+    sweep_max_points: int | None  # C3: at most this many worker counts (None: until it stops improving)
+    profile_steps: int  # C4: training steps recorded by torch.profiler
+    cpu_subset: int  # C5: training images for the CPU measurement, extrapolated to a full epoch
+    cpu_epochs: int  # C5: CPU epochs (the steady epochs after the first are extrapolated)
+    compile_epochs: int  # C8: epochs per compile mode (the lab: 10)
+    compile_on_cpu: bool  # C8 on a CPU-only machine (compiling ResNet-18 there takes minutes per mode)
+    sweep_step: int = 4  # C3: workers 0, 4, 8, ...
+    sweep_min_gain: float = 0.05  # C3 stop rule: a count must cut the data wait by >= 5% vs the best so far
+    chance_margin: float = 0.05  # C6: final train top-1 below chance + this is flagged "stuck at chance"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+LAB_PRESETS: dict[str, LabPreset] = {
+    "smoke": LabPreset(
+        name="smoke", about="synthetic, tiny: checks that every experiment runs (CI); numbers mean little",
+        dataset="synthetic", subset=32, test_subset=16, epochs=2, batch_size=8, test_batch_size=16,
+        max_steps=2, repeats=1, sweep_max_points=2, profile_steps=2, cpu_subset=16, cpu_epochs=2,
+        compile_epochs=2, compile_on_cpu=False,
+    ),
+    "quick": LabPreset(
+        name="quick", about="a 512-image subset, 2 epochs per run: the lab's shape in minutes on a CPU",
+        dataset=None, subset=512, test_subset=256, epochs=2, batch_size=64, test_batch_size=128,
+        max_steps=None, repeats=1, sweep_max_points=3, profile_steps=4, cpu_subset=256, cpu_epochs=2,
+        compile_epochs=2, compile_on_cpu=False,
+    ),
+    "full": LabPreset(
+        name="full", about="the lab as written: 5 epochs of full CIFAR-10 per run, batch 128",
+        dataset=None, subset=None, test_subset=None, epochs=5, batch_size=128, test_batch_size=100,
+        max_steps=None, repeats=3, sweep_max_points=None, profile_steps=20, cpu_subset=2560, cpu_epochs=2,
+        compile_epochs=10, compile_on_cpu=True,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """`cifarlab lab` options; preset None means full with a GPU, quick otherwise."""
+
+    suite: str = "lab"
+    preset: str | None = None
+    only: tuple[str, ...] = ()
+    repeats: int | None = None  # C3 repeats (None: the preset's)
+    device: str = "auto"
+    data_dir: str = "./data"
+    dataset: str = "auto"
+    out_dir: str = "runs"
+    seed: int = 0

@@ -307,6 +307,9 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    from cifarlab.interrupt import ignore_stop_signals_in_worker
+
+    ignore_stop_signals_in_worker()  # Ctrl-C stops the main process cleanly; it shuts workers down
 
 
 def build_torch_loaders(cfg: TrainConfig, data: DataBundle, device: Any) -> tuple[Any, Any]:
@@ -321,10 +324,17 @@ def build_torch_loaders(cfg: TrainConfig, data: DataBundle, device: Any) -> tupl
         extra["worker_init_fn"] = _seed_worker
         if cfg.prefetch_factor is not None:
             extra["prefetch_factor"] = cfg.prefetch_factor
+    from cifarlab import distributed
+
+    train_set = ImageDataset(data.train, classic_train_transform() if cfg.augment else classic_test_transform())
+    # Under torchrun: DistributedSampler (this rank's share of one permutation per epoch; the engine
+    # calls its set_epoch) for training, and a padding-free shard of the test split. Else None.
+    train_sampler = distributed.train_sampler(train_set, cfg.seed)
     train = DataLoader(
-        ImageDataset(data.train, classic_train_transform()),
+        train_set,
         batch_size=cfg.batch_size,
-        shuffle=True,
+        shuffle=train_sampler is None,
+        sampler=train_sampler,
         num_workers=cfg.workers,
         pin_memory=pin,
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -334,6 +344,7 @@ def build_torch_loaders(cfg: TrainConfig, data: DataBundle, device: Any) -> tupl
         ImageDataset(data.test, classic_test_transform()),
         batch_size=cfg.test_batch_size,
         shuffle=False,
+        sampler=distributed.eval_shard(len(data.test)),
         num_workers=cfg.workers,
         pin_memory=pin,
         **extra,
@@ -341,10 +352,17 @@ def build_torch_loaders(cfg: TrainConfig, data: DataBundle, device: Any) -> tupl
     return train, test
 
 
-# loader name -> builder(cfg, data, device) -> (train_loader, test_loader). The device-resident fast
-# path registers itself here as "device".
+def build_device_loaders(cfg: TrainConfig, data: DataBundle, device: Any) -> tuple[Any, Any]:
+    """The fast path: the split resident on the device, batched crop/flip there (devicedata.py)."""
+    from cifarlab.devicedata import build_device_loaders as build  # late: keeps `import data` light
+
+    return build(cfg, data, device)
+
+
+# loader name -> builder(cfg, data, device) -> (train_loader, test_loader).
 LOADER_BUILDERS: dict[str, Callable[[TrainConfig, DataBundle, Any], tuple[Any, Any]]] = {
     "torch": build_torch_loaders,
+    "device": build_device_loaders,
 }
 
 

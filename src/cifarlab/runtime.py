@@ -41,6 +41,16 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def workers_warning(workers: int) -> str | None:
+    """A sentence for the user when more loader workers than usable cores are asked for, else None:
+    the extra workers only compete with the training process for the same cores."""
+    cores = usable_cpus()
+    if workers <= cores:
+        return None
+    return (f"--workers {workers} exceeds the {cores} CPU core(s) this process may use; the extra workers "
+            f"compete with training for the same cores (try --workers {max(cores - 1, 0)}..{cores})")
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -61,6 +71,14 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether /proc/cpuinfo lists bf16 arithmetic units (without them bf16 autocast is emulated)."""
+    return bool(cpu_flags() & set(NATIVE_BF16_FLAGS))
 
 
 def environment(device: torch.device | None = None) -> dict[str, Any]:

@@ -1,0 +1,70 @@
+"""Ctrl-C and SIGTERM as a stop request the training loop polls, instead of an exception that can
+land anywhere (half-way through writing a file, inside a DataLoader's queue).
+
+    with StopOnSignal() as stop:
+        run_training(cfg, hooks=Hooks(should_stop=stop.should_stop))
+    exit_code = stop.exit_code  # 130 after SIGINT, 143 after SIGTERM, None if no signal came
+
+The engine checks `should_stop` after every step and ends the epoch there; the runner then keeps the
+finished epochs' records and the last checkpoint. A second signal while stopping raises
+KeyboardInterrupt at once (the user insists: abort hard; files are still written atomically).
+The previous handlers are restored on exit. A signal the parent process told us to ignore (a shell
+starts background jobs with SIGINT ignored) stays ignored, as Python itself does.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopOnSignal:
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+        self.signals = signals
+        self.received: int | None = None  # the first signal number
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}) while stopping")
+        self.received = signum
+
+    def should_stop(self) -> bool:
+        return self.received is not None
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self.received).name if self.received is not None else None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The shell convention 128 + signal number: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.received if self.received is not None else None
+
+    def __enter__(self) -> "StopOnSignal":
+        # signal.signal only works in the main thread; elsewhere the caller keeps the default behaviour.
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                previous = signal.getsignal(sig)
+                if previous == signal.SIG_IGN:
+                    continue
+                self._previous[sig] = previous
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+def ignore_stop_signals_in_worker(*_: Any) -> None:
+    """For DataLoader worker processes: a terminal's Ctrl-C (or a supervisor's SIGTERM to the process
+    group) reaches the workers too; if they died of it, the main process would fail with "DataLoader
+    worker exited unexpectedly" instead of stopping cleanly. The main process shuts them down."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
