@@ -155,6 +155,9 @@ def load_cifar10(data_dir: str | Path) -> tuple[Split, Split, str]:
         raise DataError(f"CIFAR-10 files missing in {folder}: {', '.join(missing)}")
     train = _concat([read_batch(folder / n) for n in TRAIN_FILES])
     test = _concat([read_batch(folder / n) for n in TEST_FILES])
+    for split_name, split, files in (("train", train, TRAIN_FILES), ("test", test, TEST_FILES)):
+        if len(split) == 0:  # well-formed but empty: training would "finish" with NaN loss and no steps
+            raise DataError(f"{folder}: the {split_name} files ({', '.join(files)}) hold no images")
     known = official_md5s()
     official = all(_md5(folder / n) == known[n] for n in TRAIN_FILES + TEST_FILES)
     origin = "official release, md5 verified" if official else "CIFAR-10-format files, not the official release"
@@ -165,6 +168,7 @@ def download_cifar10(data_dir: str | Path) -> None:
     """Fetch and unpack the official archive, checking its md5. Raises DataError when offline."""
     from torchvision.datasets.utils import download_and_extract_archive
 
+    _check_before_download(Path(data_dir))
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # an offline machine must fail in seconds, not hang
     created = not Path(data_dir).exists()
@@ -179,6 +183,24 @@ def download_cifar10(data_dir: str | Path) -> None:
         ) from None
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def _check_before_download(data_dir: Path) -> None:
+    """Name what is wrong on disk instead of blaming the network: a batch 'file' that is a folder
+    (extraction cannot replace it), or a local archive whose md5 is wrong (torchvision would silently
+    try to re-download it; a matching one is unpacked without any network)."""
+    for name in TRAIN_FILES + TEST_FILES:
+        path = cifar_folder(data_dir) / name
+        if path.exists() and not path.is_file():
+            raise DataError(f"{path} is a folder (or other non-file), not a CIFAR-10 batch file; remove it")
+    archive = data_dir / ARCHIVE_NAME
+    if archive.exists():
+        if not archive.is_file():
+            raise DataError(f"{archive} is not a file; remove it")
+        found = _md5(archive)
+        if found != ARCHIVE_MD5:
+            raise DataError(f"{archive} is incomplete or corrupt ({archive.stat().st_size} bytes, md5 {found}, "
+                            f"expected {ARCHIVE_MD5}); delete it and download it again")
 
 
 # -------------------------------------------------------------------------------------- synthetic
