@@ -114,7 +114,7 @@ def test_load_data_applies_subsets_and_says_synthetic():
 
 
 def test_classic_loader_yields_normalized_augmented_batches(cifar_root):
-    cfg = TrainConfig(data_dir=str(cifar_root), workers=0, batch_size=16)
+    cfg = TrainConfig(data_dir=str(cifar_root), loader="torch", workers=0, batch_size=16)
     data = load_data(cfg)
     train, test = build_loaders(cfg, data, torch.device("cpu"))
     x, y = next(iter(train))

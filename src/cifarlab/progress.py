@@ -40,14 +40,27 @@ class ConsoleProgress:
         self._last_draw = 0.0
 
     def banner(self, cfg: TrainConfig, data_description: str, device: Any) -> None:
+        from cifarlab.engine import resolve_precision
         from cifarlab.runtime import device_label
 
-        mode = "synchronized (exact data/h2d/compute split)" if cfg.sync_timing else "async (epoch and data wait exact)"
+        if device.type != "cuda":
+            mode = "synchronized (exact data/h2d/compute split; CPU ops finish before they return)"
+        elif cfg.sync_timing:
+            mode = "synchronized (exact data/h2d/compute split)"
+        else:
+            mode = "async (--no-sync-timing: epoch and data wait exact, h2d/compute not split)"
+        if cfg.loader == "device":
+            loader = f"loader device (split resident on {device.type}, batched crop/flip; --workers does not apply)"
+        else:
+            loader = f"loader torch (DataLoader + PIL transforms), workers {cfg.workers}"
+        precision = resolve_precision(cfg.precision, device)
+        if precision != cfg.precision:
+            precision += f" ({cfg.precision})"
         print(f"{self.prefix}data:   {data_description}", file=self.out)
-        print(f"{self.prefix}device: {device_label(device)}; loader {cfg.loader}, workers {cfg.workers}, "
-              f"batch {cfg.batch_size}; timing {mode}", file=self.out)
+        print(f"{self.prefix}device: {device_label(device)}; {loader}, batch {cfg.batch_size}; timing {mode}",
+              file=self.out)
         print(f"{self.prefix}model:  ResNet-18 norm={cfg.norm}; optimizer {cfg.optimizer} lr {cfg.lr} "
-              f"momentum {cfg.momentum} wd {cfg.weight_decay}; precision {cfg.precision}, "
+              f"momentum {cfg.momentum} wd {cfg.weight_decay}; precision {precision}, "
               f"channels_last {cfg.channels_last}, compile {cfg.compile}", file=self.out)
         self.out.flush()
 
