@@ -1,0 +1,292 @@
+"""`cifarlab lab`: run a suite of experiments (the lab: C1-C8, Q1-Q4) into one lab folder and write the
+report; `cifarlab report LAB_DIR`: rebuild the report from the folder's files alone.
+
+The lab folder: <out>/<UTC time>-lab-<suite>-<preset>/ holding results.json (rewritten atomically after
+every experiment, so an interrupted lab still has a valid one), one sub-folder per experiment with
+ordinary run folders inside, and the report (report.md, report.html, csv/, plots/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from cifarlab.config import DATASETS, DEVICES, LAB_PRESETS, LabConfig, LabPreset, TrainConfig
+from cifarlab.errors import UsageError
+
+LAB_SCHEMA = "cifarlab.lab/1"
+RESULTS_FILE = "results.json"
+ALIASES = {"q1": "q", "q2": "q", "q3": "q", "q4": "q"}  # Q1-Q4 come from one model inspection
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+@dataclass
+class LabProgress:
+    """One line per finished epoch with the lab's progress and a rough ETA (stdout); an in-epoch bar
+    on stderr when it is a terminal. ETA = mean seconds per epoch so far x epochs still planned."""
+
+    planned: dict[str, int]
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    err: TextIO = field(default_factory=lambda: sys.stderr)
+    done_epochs: int = 0
+    position: str = ""
+
+    def __post_init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.bar = hasattr(self.err, "isatty") and self.err.isatty()
+        self._last_draw = 0.0
+        self._current_done = 0
+
+    def eta_s(self) -> float | None:
+        if self.done_epochs == 0:
+            return None
+        # finished experiments' plans are zeroed, so this is what is left of the current and later ones
+        remaining = max(0, sum(self.planned.values()) - self._current_done)
+        return (time.perf_counter() - self.t0) / self.done_epochs * remaining
+
+    def status(self) -> str:
+        eta = self.eta_s()
+        return f"lab {fmt_duration(time.perf_counter() - self.t0)} elapsed, ETA {'?' if eta is None else '~' + fmt_duration(eta)}"
+
+    def start(self, index: int, total: int, key: str, title: str) -> None:
+        self.position = f"{index}/{total} {key}"
+        self._current_done = 0
+        print(f"\n== [{index}/{total}] {title}  ({self.status()})", file=self.out, flush=True)
+
+    def finish(self, key: str, status: str, elapsed_s: float) -> None:
+        self.planned[key] = 0
+        self._current_done = 0
+        print(f"   {key}: {status} in {fmt_duration(elapsed_s)}", file=self.out, flush=True)
+
+    def hooks(self, key: str, label: str, cfg: TrainConfig) -> Any:
+        from cifarlab.engine import Hooks
+        from cifarlab.progress import epoch_line
+        from cifarlab.runtime import usable_cpus
+
+        cores = usable_cpus()
+        if cfg.loader == "torch" and cfg.workers > cores:
+            print(f"   warning: {label}: {cfg.workers} loader workers on {cores} usable CPU core(s); they compete "
+                  f"with training for the same cores", file=self.out, flush=True)
+
+        def on_step(epoch: int, step: int, steps_total: int) -> None:
+            now = time.perf_counter()
+            if not self.bar or (now - self._last_draw < 0.5 and step != steps_total):
+                return
+            self._last_draw = now
+            self.err.write(f"\r[{self.position}] {label} epoch {epoch}/{cfg.epochs} step {step}/{steps_total} "
+                           f"| {self.status()}   ")
+            self.err.flush()
+
+        def on_epoch(record: Any, state: Any) -> None:
+            self.done_epochs += 1
+            self._current_done += 1
+            if self.bar:
+                self.err.write("\r" + " " * 110 + "\r")
+            print(f"   {label}: {epoch_line(record, cfg.epochs)}  | {self.status()}", file=self.out, flush=True)
+
+        return Hooks(on_step=on_step, on_epoch=on_epoch)
+
+
+# ------------------------------------------------------------------------------------------ resolve
+
+
+def resolve_keys(suite: str, only: tuple[str, ...]) -> list[str]:
+    from cifarlab.experiments import SUITES, load_plugins
+
+    load_plugins()
+    if suite not in SUITES:
+        raise UsageError(f"--suite {suite!r} is not known; choose one of: {', '.join(SUITES)}")
+    keys = list(SUITES[suite])
+    if not only:
+        return keys
+    wanted = []
+    for item in only:
+        k = ALIASES.get(item.strip().lower(), item.strip().lower())
+        if k not in keys:
+            names = ", ".join(keys + list(a for a, t in ALIASES.items() if t in keys))
+            raise UsageError(f"--only {item!r} is not an item of suite {suite!r}; choose from: {names}")
+        wanted.append(k)
+    return [k for k in keys if k in wanted]  # the suite's order, each once
+
+
+def resolve_preset(name: str | None, device: str) -> LabPreset:
+    if name is None:
+        import torch
+
+        name = "full" if device != "cpu" and torch.cuda.is_available() else "quick"
+    if name not in LAB_PRESETS:
+        raise UsageError(f"--preset {name!r} is not known; choose one of: {', '.join(LAB_PRESETS)}")
+    return LAB_PRESETS[name]
+
+
+def base_config(lab: LabConfig, preset: LabPreset) -> TrainConfig:
+    # Lab runs are measurements: no per-epoch checkpoints (90 MB each, dozens of runs).
+    extra = {"checkpoint_every": 0} if "checkpoint_every" in TrainConfig.__dataclass_fields__ else {}
+    return TrainConfig(
+        data_dir=lab.data_dir, dataset=preset.dataset or lab.dataset, subset=preset.subset,
+        test_subset=preset.test_subset, epochs=preset.epochs, batch_size=preset.batch_size,
+        test_batch_size=preset.test_batch_size, max_steps=preset.max_steps, device=lab.device,
+        seed=lab.seed, out_dir=lab.out_dir, name="lab", **extra,
+    ).validate()
+
+
+def data_banner(source: str, description: str) -> str:
+    if source == "synthetic":
+        return ("SYNTHETIC DATA: CIFAR-10 was not available, so this lab ran on a deterministic CIFAR-shaped "
+                "stand-in; timings are real, accuracies are NOT CIFAR-10 accuracies. " + description)
+    return description
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
+    """Run the suite; returns (lab folder, exit code: 0 done, 3 an experiment failed, 130 interrupted)."""
+    from cifarlab import data as data_mod
+    from cifarlab import report
+    from cifarlab.experiments import EXPERIMENTS, LabContext
+    from cifarlab.runner import prepare
+    from cifarlab.runs import TIMING_NOTES, create_run_dir, utc_now, write_json_atomic
+    from cifarlab.runtime import device_label, environment, usable_cpus
+
+    out = out or sys.stdout
+    if lab.repeats is not None and (isinstance(lab.repeats, bool) or not 1 <= lab.repeats <= 100):
+        raise UsageError(f"--repeats must be between 1 and 100 (got {lab.repeats}); the full preset uses 3")
+    keys = resolve_keys(lab.suite, lab.only)
+    preset = resolve_preset(lab.preset, lab.device)
+    base = base_config(lab, preset)
+    device, data = prepare(base)
+    fast_loader = "device" if "device" in data_mod.LOADER_BUILDERS else "torch"
+    lab_dir = create_run_dir(lab.out_dir, f"lab-{lab.suite}-{preset.name}")
+    cuda = device.type == "cuda"
+    progress = LabProgress(planned={k: EXPERIMENTS[k].planned_epochs(preset, cuda) for k in keys}, out=out)
+    ctx = LabContext(base=base, preset=preset, data=data, device=device, lab_dir=lab_dir, fast_loader=fast_loader,
+                     repeats=lab.repeats or preset.repeats, progress_hooks=progress.hooks)
+    banner = data_banner(data.source, data.description)
+    env = environment(device)
+    env["usable_cpus"] = usable_cpus()
+    doc: dict[str, Any] = {
+        "schema": LAB_SCHEMA,
+        "suite": lab.suite,
+        "preset": preset.to_dict(),
+        "lab_config": {**lab.__dict__, "only": list(lab.only)},
+        "base_config": base.to_dict(),
+        "repeats": ctx.repeats,
+        "status": "running",
+        "started": utc_now(),
+        "finished": None,
+        "elapsed_s": 0.0,
+        "machine": env,
+        "device": device_label(device),
+        "data": {"source": data.source, "description": data.description, "banner": banner,
+                 "train_images": len(data.train), "test_images": len(data.test)},
+        "fast_loader": fast_loader,
+        "timing_notes": TIMING_NOTES,
+        "order": keys,
+        "experiments": {k: {"title": EXPERIMENTS[k].title, "status": "not run", "runs": []} for k in keys},
+    }
+    print(f"cifarlab lab: suite {lab.suite}, preset {preset.name} ({preset.about})", file=out)
+    print(("!! " if data.source == "synthetic" else "") + f"data: {banner}", file=out)
+    print(f"device: {device_label(device)}; fast path: "
+          + ("device-resident loader" if fast_loader == "device" else "not installed, classic loader used instead"),
+          file=out)
+    print(f"lab folder: {lab_dir}", file=out, flush=True)
+    t0 = time.perf_counter()
+    exit_code = 0
+    write_json_atomic(lab_dir / RESULTS_FILE, doc)
+    try:
+        for i, key in enumerate(keys, 1):
+            exp = EXPERIMENTS[key]
+            progress.start(i, len(keys), key, exp.title)
+            t_exp = time.perf_counter()
+            entry: dict[str, Any] = {"title": exp.title}
+            try:
+                entry["result"] = exp.run(ctx)
+                entry["status"] = "skipped" if entry["result"].get("skipped") else "completed"
+            except KeyboardInterrupt:
+                entry["status"] = "interrupted"
+                doc["status"] = "interrupted"
+            except UsageError:
+                raise
+            except Exception as e:  # one broken experiment must not cost the others' results
+                entry["status"] = "failed"
+                entry["error"] = f"{type(e).__name__}: {e}"
+                print(f"   {key} FAILED: {entry['error']}", file=sys.stderr)
+                exit_code = 3
+            entry["runs"] = ctx.runs.get(key, [])
+            entry["elapsed_s"] = time.perf_counter() - t_exp
+            doc["experiments"][key] = entry
+            doc["elapsed_s"] = time.perf_counter() - t0
+            write_json_atomic(lab_dir / RESULTS_FILE, doc)
+            progress.finish(key, entry["status"], entry["elapsed_s"])
+            if doc["status"] == "interrupted":
+                exit_code = 130
+                print("lab interrupted: finished experiments are kept; the rest are marked 'not run'", file=out)
+                break
+    finally:
+        if doc["status"] == "running":
+            doc["status"] = "completed" if exit_code == 0 else ("interrupted" if exit_code == 130 else "failed")
+        doc["finished"] = utc_now()
+        doc["elapsed_s"] = time.perf_counter() - t0
+        write_json_atomic(lab_dir / RESULTS_FILE, doc)
+    paths = report.build_report(lab_dir)
+    print(f"\nlab {doc['status']} in {fmt_duration(doc['elapsed_s'])}; report: {paths['md']} (also report.html, "
+          f"results.json, csv/, plots/)", file=out)
+    return lab_dir, exit_code
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    given = {k: v for k, v in vars(args).items() if k in LabConfig.__dataclass_fields__}
+    if "only" in given:
+        given["only"] = tuple(x for x in given["only"].split(",") if x.strip())
+        if not given["only"]:
+            raise UsageError("--only needs at least one item, e.g. --only c1,c3")
+    _, code = run_lab(LabConfig(**given))
+    return code
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cifarlab import report
+
+    paths = report.build_report(Path(args.lab_dir))
+    print(f"report rebuilt from {args.lab_dir}: {paths['md']}, {paths['html']}")
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("lab", help="run the lab (C1-C8, Q1-Q4) end to end and write a report",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("--suite", help="which suite of experiments (default lab)")
+    p.add_argument("--preset", choices=tuple(LAB_PRESETS),
+                   help="smoke (seconds, synthetic), quick (minutes on a CPU), full (the lab as written); "
+                        "default: full with a GPU, quick otherwise")
+    p.add_argument("--only", metavar="ITEMS", help="comma-separated items to run, e.g. c1,c3,q")
+    p.add_argument("--repeats", type=int, metavar="N", help="C3 repeats per worker count (default: the preset's)")
+    p.add_argument("--device", choices=DEVICES, help="auto (default), cpu or cuda")
+    p.add_argument("--data", dest="data_dir", metavar="DIR", help="folder holding cifar-10-batches-py/ (default ./data)")
+    p.add_argument("--dataset", choices=DATASETS,
+                   help="auto (default: CIFAR-10 when on disk or downloadable, else synthetic), cifar10, synthetic")
+    p.add_argument("--out", dest="out_dir", metavar="DIR", help="where the lab folder is created (default runs/)")
+    p.add_argument("--seed", type=int, help="base seed (default 0)")
+    p.set_defaults(func=cmd_lab)
+
+
+def add_report_parser(sub: Any) -> None:
+    p = sub.add_parser("report", help="rebuild a lab's report (md, html, csv, plots) from its folder")
+    p.add_argument("lab_dir", metavar="LAB_DIR", help="a folder written by 'cifarlab lab'")
+    p.set_defaults(func=cmd_report)

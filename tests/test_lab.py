@@ -1,0 +1,184 @@
+"""`cifarlab lab`: one real smoke lab (shared by the tests here) checked section by section against
+its own results.json, the report rebuilt from files, Ctrl-C handling and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from cifarlab.cli import main
+from cifarlab.optim import OPTIMIZERS
+from cifarlab.report import pct
+
+SECTIONS = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8")
+QUESTIONS = ("Q1", "Q2", "Q3", "Q4")
+
+
+@pytest.fixture(scope="module")
+def smoke_lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, str]:
+    out = tmp_path_factory.mktemp("labs")
+    code = main(["lab", "--preset", "smoke", "--out", str(out), "--data", str(out / "no-data")])
+    (lab,) = out.glob("*-lab-lab-smoke")
+    return code, lab, (lab / "report.md").read_text()
+
+
+def results(lab: Path) -> dict:
+    return json.loads((lab / "results.json").read_text())
+
+
+def section(md: str, name: str) -> str:
+    """The text from the heading that starts with `name` to the next heading of that level or above."""
+    m = re.search(rf"^(#+) {name} .*?$(.*?)(?=^#{{1,3}} |\Z)", md, flags=re.M | re.S)
+    assert m, f"no section {name} in report.md"
+    return m.group(2)
+
+
+def test_smoke_lab_completes_and_records_machine(smoke_lab: tuple[int, Path, str]) -> None:
+    code, lab, _ = smoke_lab
+    assert code == 0
+    doc = results(lab)
+    assert doc["schema"] == "cifarlab.lab/1" and doc["status"] == "completed"
+    for k in ("cpu_model", "cpu_count_usable", "cpu_count_host", "gpu_name", "torch", "cuda_version", "python"):
+        assert k in doc["machine"], k
+    assert doc["data"]["source"] == "synthetic" and "SYNTHETIC" in doc["data"]["banner"]
+    assert doc["order"] == ["c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "q"]
+    for key, entry in doc["experiments"].items():
+        assert entry["status"] in ("completed", "skipped"), (key, entry.get("error"))
+        for run in entry["runs"]:  # every run is an ordinary run folder inside the lab folder
+            run_json = json.loads((lab / run["path"] / "run.json").read_text())
+            assert run_json["status"] == run["status"] == "completed"
+            assert (lab / run["path"]).resolve().is_relative_to(lab.resolve())
+
+
+def test_report_has_every_section_with_its_measured_numbers(smoke_lab: tuple[int, Path, str]) -> None:
+    _, lab, md = smoke_lab
+    doc = results(lab)
+    exps = doc["experiments"]
+    assert "SYNTHETIC DATA" in md.split("## C1")[0]
+    for name in SECTIONS:
+        assert re.search(rf"^## {name} ", md, flags=re.M), name
+    for name in QUESTIONS:
+        assert re.search(rf"^### {name} ", md, flags=re.M), name
+
+    c1 = exps["c1"]["runs"][0]["summary"]
+    assert pct(c1["final_train_acc"]) in section(md, "C1")
+    assert "65.7%" in section(md, "C1")  # the reference column
+
+    c2 = section(md, "C2")
+    for r in exps["c2"]["runs"][0]["records"]:
+        parts = r["data_s"] + r["h2d_s"] + r["compute_s"] + r["other_s"]
+        assert math.isclose(parts, r["epoch_s"], rel_tol=1e-9, abs_tol=1e-9)
+        assert f"| {r['epoch']} | {r['data_s']:.3f} | {r['h2d_s']:.3f} | {r['compute_s']:.3f} |" in c2
+    assert "classic pipeline" in c2
+
+    c3 = exps["c3"]["result"]
+    assert [p["workers"] for p in c3["points"]] == [0, 4][: len(c3["points"])]
+    assert c3["stop_reason"] and f"Best count: {c3['best_workers']} workers" in section(md, "C3")
+    assert "Stop rule" in section(md, "C3")
+    if c3["usable_cpus"] < 4 and len(c3["points"]) > 1:
+        assert "more workers than usable cores" in section(md, "C3")
+
+    c4 = section(md, "C4")
+    assert "With 1 worker the training step waited" in c4
+    for run in exps["c4"]["runs"]:
+        trace = json.loads((lab / run["profile"]["trace"]).read_text())
+        assert trace["traceEvents"], "empty Chrome trace"
+        assert run["profile"]["top_ops"] and f"{run['summary']['mean_compute_s']:.3f}" in c4
+
+    c5 = section(md, "C5")
+    assert "extrapolated" in c5 and f"{exps['c5']['result']['cpu_subset']}-image subset" in c5
+
+    c6_runs = exps["c6"]["runs"]
+    assert [r["label"] for r in c6_runs] == list(OPTIMIZERS)
+    for r in c6_runs:
+        assert math.isfinite(r["summary"]["mean_epoch_s"])
+        assert f"| {r['label']} | {r['summary']['mean_epoch_s']:.3f} |" in section(md, "C6")
+
+    assert {r["config"]["norm"] for r in exps["c7"]["runs"]} == {"batch", "none"}
+    assert "Epoch time without BatchNorm" in section(md, "C7")
+
+    if exps["c8"]["status"] == "skipped":
+        assert "Skipped:" in section(md, "C8")
+    else:
+        assert "steady" in section(md, "C8")
+
+    facts = exps["q"]["result"]["facts"]
+    assert facts["conv_layers"] == 20 and "| Conv2d modules | 20 |" in section(md, "Q1")
+    assert "| last Linear in_features | 512 |" in section(md, "Q2")
+    assert "11,173,962" in section(md, "Q3") and "22,347,924" in section(md, "Q4")  # Adam keeps 2x state
+
+
+def test_html_plots_and_csvs_are_written(smoke_lab: tuple[int, Path, str]) -> None:
+    _, lab, md = smoke_lab
+    plots = sorted(p.name for p in (lab / "plots").glob("*.png"))
+    expected = ["c1_curves.png", "c2_breakdown.png", "c3_workers.png", "c4_data_vs_compute.png",
+                "c5_cpu_gpu.png", "c6_optimizers.png", "c7_batchnorm.png"]
+    assert set(expected) <= set(plots)
+    for name in plots:
+        assert (lab / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{name}" in md
+    page = (lab / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(plots)
+    assert 'src="plots/' not in page  # self-contained
+    header = (lab / "csv" / "c2_breakdown.csv").read_text().splitlines()[0]
+    assert header.startswith("epoch,data wait s,h2d copy s,compute s,other s,epoch s")
+
+
+def test_report_command_rebuilds_the_same_report_from_files(smoke_lab: tuple[int, Path, str],
+                                                           capsys: pytest.CaptureFixture) -> None:
+    _, lab, md = smoke_lab
+    for png in (lab / "plots").glob("*.png"):
+        png.unlink()
+    (lab / "report.md").unlink()
+    assert main(["report", str(lab)]) == 0
+    assert (lab / "report.md").read_text() == md
+    assert (lab / "plots" / "c3_workers.png").is_file()
+
+
+def test_ctrl_c_keeps_finished_work_and_marks_the_rest_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    from cifarlab import experiments
+    from cifarlab.engine import Hooks
+
+    def interrupted_c7(ctx: experiments.LabContext) -> dict:
+        def ctrl_c(epoch: int, step: int, steps_total: int) -> None:
+            if epoch == 2:
+                raise KeyboardInterrupt
+        ctx.train("c7", "batchnorm", ctx.fast(ctx.base), hooks=Hooks(on_step=ctrl_c))
+        return {}
+
+    monkeypatch.setitem(experiments.EXPERIMENTS, "c7",
+                        dataclasses.replace(experiments.EXPERIMENTS["c7"], run=interrupted_c7))
+    code = main(["lab", "--preset", "smoke", "--only", "c7,c8,q", "--out", str(tmp_path)])
+    assert code == 130
+    (lab,) = tmp_path.glob("*-lab-*")
+    doc = results(lab)
+    assert doc["status"] == "interrupted"
+    c7 = doc["experiments"]["c7"]
+    assert c7["status"] == "interrupted" and c7["runs"][0]["status"] == "interrupted"
+    assert [r["epoch"] for r in c7["runs"][0]["records"] if r["status"] == "ok"] == [1]  # epoch 1 kept
+    assert doc["experiments"]["c8"]["status"] == doc["experiments"]["q"]["status"] == "not run"
+    md = (lab / "report.md").read_text()
+    assert "Interrupted (Ctrl-C)" in section(md, "C7") and "Not run" in section(md, "C8")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["lab", "--only", "c1,c9"], "'c9'"),
+    (["lab", "--preset", "huge"], "'huge'"),
+    (["lab", "--suite", "nope"], "'nope'"),
+    (["lab", "--repeats", "0"], "--repeats"),
+    (["lab", "--only", ","], "--only"),
+    (["report", "/definitely/not/a/lab"], "not a lab folder"),
+])
+def test_bad_lab_input_exits_2_with_one_line(argv: list[str], needle: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    code = main(argv + (["--out", str(tmp_path)] if argv[0] == "lab" else []))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err
+    assert not list(tmp_path.iterdir())  # nothing written

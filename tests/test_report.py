@@ -1,0 +1,107 @@
+"""The report is built from results.json alone: hand-made lab folders exercise the parts a smoke lab
+cannot reach (a diverged optimizer, a section contributed by another suite, damaged folders)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from cifarlab import experiments, report
+from cifarlab.config import LAB_PRESETS, TrainConfig
+from cifarlab.errors import UsageError
+from cifarlab.runs import summarize
+
+
+def record(epoch: int, loss: float, acc: float, status: str = "ok", step: int | None = None) -> dict:
+    return {"epoch": epoch, "status": status, "train_loss": loss, "train_acc": acc, "test_loss": 2.0,
+            "test_acc": acc, "images": 64, "steps": 4, "epoch_s": 2.0, "data_s": 0.5, "h2d_s": 0.1,
+            "compute_s": 1.3, "other_s": 0.1, "loader_start_s": 0.0, "eval_s": 0.3, "images_per_s": 32.0,
+            "timing_mode": "async", "diverged_step": step}
+
+
+def fake_run(label: str, records: list[dict], status: str = "completed", **config: object) -> dict:
+    cfg = TrainConfig(loader="device", sync_timing=False).replace(**config).to_dict()
+    # runs.write_json_atomic stores NaN as null: the report must cope with that
+    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in records]
+    return {"label": label, "path": f"x/{label}", "status": status, "config": cfg, "device": "cpu (test)",
+            "precision": "fp32", "data": "test", "summary": summarize(clean), "records": clean}
+
+
+def write_lab(tmp_path: Path, experiments_doc: dict, order: list[str]) -> Path:
+    doc = {"schema": "cifarlab.lab/1", "suite": "lab", "preset": LAB_PRESETS["smoke"].to_dict(), "repeats": 1,
+           "status": "completed", "started": "t0", "finished": "t1", "elapsed_s": 1.0,
+           "machine": {"cpu_model": "test cpu", "usable_cpus": 2}, "device": "cpu (test)",
+           "data": {"source": "cifar10", "description": "test data", "banner": "test data", "train_images": 64,
+                    "test_images": 64},
+           "fast_loader": "device", "timing_notes": {}, "order": order, "experiments": experiments_doc}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    return tmp_path
+
+
+def test_diverged_and_chance_optimizers_are_flagged_not_crashed(tmp_path: Path) -> None:
+    runs = [
+        fake_run("sgd", [record(1, 1.9, 0.31), record(2, 1.5, 0.45)]),
+        fake_run("adam", [record(1, 2.3, 0.10), record(2, float("nan"), float("nan"), "diverged", step=3)],
+                 status="diverged", optimizer="adam"),
+        fake_run("adagrad", [record(1, 2.3, 0.11), record(2, 2.3, 0.12)], optimizer="adagrad"),
+    ]
+    lab = write_lab(tmp_path, {"c6": {"title": "C6 Optimizers", "status": "completed", "runs": runs,
+                                      "result": {"chance_margin": 0.05}}}, ["c6"])
+    report.build_report(lab)
+    md = (lab / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and "epoch 5" in line}
+    assert "DIVERGED (NaN/inf loss at epoch 2, step 3)" in rows["adam"]
+    assert "stuck at chance" in rows["adagrad"]
+    assert "| ok |" in rows["sgd"] and "45.0%" in rows["sgd"]
+    assert "Flagged: adam, adagrad" in md
+    assert (lab / "plots" / "c6_optimizers.png").is_file()
+
+
+def test_other_suites_contribute_sections_and_unknown_ones_fall_back(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def render_s1(entry: dict, rc: report.ReportContext) -> list:
+        return [report.Para(f"all-reduce bandwidth {entry['result']['gbps']:.1f} GB/s"),
+                report.Table(["n", "speed-up"], [[2, 1.9]], csv="s1_speedup")]
+
+    monkeypatch.setitem(experiments.EXPERIMENTS, "s1", experiments.Experiment(
+        "s1", "S1 scaling", run=lambda ctx: {}, render=render_s1))
+    docs = {
+        "s1": {"title": "S1 Speed-up", "status": "completed", "runs": [], "result": {"gbps": 12.34}},
+        "s9": {"title": "S9 Unknown", "status": "completed", "runs": [fake_run("r", [record(1, 2.0, 0.2)])],
+               "result": {}},
+        "c2": {"title": "C2 Where an epoch's time goes", "status": "failed", "error": "RuntimeError: boom",
+               "runs": []},
+    }
+    lab = write_lab(tmp_path, docs, ["s1", "s9", "c2"])
+    report.build_report(lab)
+    md = (lab / "report.md").read_text()
+    assert "## S1 Speed-up\n\nall-reduce bandwidth 12.3 GB/s" in md
+    assert (lab / "csv" / "s1_speedup.csv").read_text().splitlines() == ["n,speed-up", "2,1.9"]
+    assert "No renderer is installed" in md and "| r | completed | 1 |" in md
+    assert "Failed: RuntimeError: boom" in md
+    assert "<h2>S1 Speed-up</h2>" in (lab / "report.html").read_text()
+
+
+def test_markdown_and_html_escape_cell_contents() -> None:
+    blocks = [report.Table(["a|b", "c"], [["x|y", "<script>"]]), report.Para("**bold** and `code` <b>")]
+    md = report.to_markdown(blocks)
+    assert "| a\\|b | c |" in md and "| x\\|y | <script> |" in md
+    page = report.to_html(blocks, Path("."))
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "<strong>bold</strong>" in page and "<code>code</code>" in page and "&lt;b&gt;" in page
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "no results.json"),
+    ("{not json", "cannot be read"),
+    (json.dumps({"schema": "cifarlab.lab/99"}), "cifarlab.lab/99"),
+])
+def test_damaged_lab_folders_are_usage_errors(tmp_path: Path, content: str | None, needle: str) -> None:
+    if content is not None:
+        (tmp_path / "results.json").write_text(content)
+    with pytest.raises(UsageError, match=needle.replace(".", r"\.").replace("/", "/")):
+        report.build_report(tmp_path)
