@@ -34,8 +34,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     d.add_argument("--dataset", choices=DATASETS, help="cifar10 (default), synthetic (offline stand-in), or auto")
     d.add_argument("--subset", type=int, metavar="N", help="train on a stratified subset of N images")
     d.add_argument("--test-subset", type=int, metavar="N", help="evaluate on a stratified subset of N test images")
-    d.add_argument("--loader", choices=LOADERS, help="torch: DataLoader + PIL transforms; device: tensors on the device")
-    d.add_argument("--workers", type=int, metavar="N", help="DataLoader worker processes (default 2)")
+    d.add_argument("--loader", choices=LOADERS, help="device (default): split resident on the device, batched crop/flip there; "
+                   "torch: the classic DataLoader + PIL transforms (C2-C4)")
+    d.add_argument("--workers", type=int, metavar="N", help="DataLoader worker processes (default 2; --loader torch only)")
     d.add_argument("--batch-size", type=int, metavar="N", help="training batch size (default 128)")
     d.add_argument("--test-batch-size", type=int, metavar="N", help="evaluation batch size (default 100)")
     d.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, help="page-locked host batches (default: on for CUDA)")
@@ -57,8 +58,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs", type=int, metavar="N", help="epochs (default 5)")
     t.add_argument("--seed", type=int, help="seed for init, shuffling and augmentation (default 0)")
     t.add_argument("--device", choices=DEVICES, help="auto (default: CUDA when present), cpu or cuda")
-    t.add_argument("--precision", choices=PRECISIONS, help="fp32, bf16, fp16 (autocast) or auto")
-    t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC memory layout")
+    t.add_argument("--precision", choices=PRECISIONS, help="fp32, bf16, fp16 (autocast) or auto (default: bf16 on CUDA GPUs that support it, else fp32)")
+    t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC memory layout (default on)")
     t.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile mode (default none)")
     t.add_argument("--sync-timing", action=argparse.BooleanOptionalAction,
                    help="synchronize the device at every clock read for an exact data/h2d/compute split")
@@ -214,8 +215,6 @@ def _train_entry(args: argparse.Namespace) -> int:
 
 # name -> function that adds the subcommand's parser; other modules' commands register here.
 SUBCOMMANDS: dict[str, Callable[[Any], None]] = {"train": _add_train, "inspect": _add_inspect}
-from cifarlab import lab as _lab  # noqa: E402  (imports no torch)
-SUBCOMMANDS.update(lab=_lab.add_parser, report=_lab.add_report_parser)
 from cifarlab import lab as _lab  # noqa: E402  (imports no torch)
 SUBCOMMANDS.update(lab=_lab.add_parser, report=_lab.add_report_parser)
 
