@@ -32,7 +32,7 @@ METRICS = ("epoch", "status", "train_loss", "train_acc", "test_loss", "test_acc"
 
 
 def tiny_cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(dataset="synthetic", subset=16, test_subset=10, batch_size=8, test_batch_size=10, epochs=3,
+    base = dict(dataset="synthetic", subset=16, test_subset=10, batch_size=8, test_batch_size=10, epochs=2,
                 loader="torch", workers=0, seed=7, lr=0.05, out_dir=str(tmp_path / "runs"))
     base.update(kw)
     return TrainConfig(**base)
@@ -67,7 +67,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
 
     a = torch.load(straight.path / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     b = torch.load(cut.path / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 3
+    assert a["epoch"] == b["epoch"] == 2
     assert a["model"].keys() == b["model"].keys()
     for name in a["model"]:  # weights and BatchNorm buffers, bit for bit
         assert torch.equal(a["model"][name], b["model"][name]), name
@@ -150,6 +150,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the crafted file
 @pytest.mark.parametrize("kind", ["malicious", "truncated", "garbage", "wrong-format", "missing", "lying-epoch"])
 def test_bad_checkpoints_are_refused_in_one_line(tmp_path, kind):
     path = tmp_path / CHECKPOINT_NAME

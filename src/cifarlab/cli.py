@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any, Callable, Sequence
 
@@ -20,6 +21,12 @@ PROG = "cifarlab"
 
 class _Parser(argparse.ArgumentParser):
     """argparse prints the whole usage block on error; we print one line that names the problem."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse takes "-1e-4" and "-inf" for option names ("--weight-decay: expected one argument");
+        # read them as the negative numbers the user meant, so validation can name the value.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse quotes some values verbatim ("unrecognized arguments: a<newline>b"): keep it one line.
