@@ -220,9 +220,9 @@ LAB_PRESETS: dict[str, LabPreset] = {
         compile_epochs=2, compile_on_cpu=False,
     ),
     "quick": LabPreset(
-        name="quick", about="a 512-image subset, 2 epochs per run: the lab's shape in minutes on a CPU",
-        dataset=None, subset=512, test_subset=256, epochs=2, batch_size=64, test_batch_size=128,
-        max_steps=None, repeats=1, sweep_max_points=3, profile_steps=4, cpu_subset=256, cpu_epochs=2,
+        name="quick", about="a 256-image subset, 2 epochs per run: the lab's shape in minutes on a CPU",
+        dataset=None, subset=256, test_subset=128, epochs=2, batch_size=64, test_batch_size=128,
+        max_steps=None, repeats=1, sweep_max_points=3, profile_steps=3, cpu_subset=128, cpu_epochs=2,
         compile_epochs=2, compile_on_cpu=False,
     ),
     "full": LabPreset(
@@ -247,3 +247,43 @@ class LabConfig:
     dataset: str = "auto"
     out_dir: str = "runs"
     seed: int = 0
+
+
+# ------------------------------------------------------------------------- the scaling suite
+
+
+@dataclass(frozen=True)
+class ScalingPreset:
+    """Sizes of `cifarlab lab --suite scaling` (scaling.py), one per lab preset name. On a CPU each
+    process is one "device" of one core (OMP_NUM_THREADS=1), so the ladder is capped by points."""
+
+    first_batch: int  # per-device batch ladder: first, first*factor, ... until OOM or a cap
+    batch_factor: int
+    max_points_cpu: int  # ladder points on a CPU (no OOM to stop it; minutes per point)
+    max_batch: int  # ladder cap on a GPU (a GPU that never runs out of memory still stops)
+    timing_images: int | None  # train images per timing run (None: the whole split)
+    timing_steps: int | None  # steps per epoch cap in timing runs (None: whole epochs)
+    max_procs: int  # processes tried: 1, 2, 4, ... up to this and to the devices there are
+    allreduce_elements: int  # the gradient all-reduce (ResNet-18: 11,173,962 fp32 = 44.7 MB)
+    allreduce_iters: int  # timed all-reduces after allreduce_warmup untimed ones
+    allreduce_warmup: int
+    baseline_batch: int  # large-batch item: the single-device reference batch (the lab: 128)
+    large_epochs: int  # large-batch item: epochs per run (the lab: 5)
+    warmup_epochs: int  # large-batch item: gradual warm-up length
+    large_images: int | None  # large-batch item: train images (None: the lab preset's subset)
+
+
+SCALING_PRESETS: dict[str, ScalingPreset] = {
+    "smoke": ScalingPreset(first_batch=8, batch_factor=4, max_points_cpu=2, max_batch=32, timing_images=128,
+                           timing_steps=2, max_procs=4, allreduce_elements=11_173_962, allreduce_iters=3,
+                           allreduce_warmup=1, baseline_batch=16, large_epochs=2, warmup_epochs=1,
+                           large_images=128),
+    "quick": ScalingPreset(first_batch=32, batch_factor=4, max_points_cpu=2, max_batch=1 << 16, timing_images=1024,
+                           timing_steps=None, max_procs=4, allreduce_elements=11_173_962, allreduce_iters=5,
+                           allreduce_warmup=2, baseline_batch=128, large_epochs=2, warmup_epochs=1,
+                           large_images=1024),
+    "full": ScalingPreset(first_batch=32, batch_factor=4, max_points_cpu=3, max_batch=1 << 16, timing_images=None,
+                          timing_steps=None, max_procs=4, allreduce_elements=11_173_962, allreduce_iters=20,
+                          allreduce_warmup=3, baseline_batch=128, large_epochs=5, warmup_epochs=1,
+                          large_images=None),
+}
