@@ -4,6 +4,7 @@ stopped; checkpoints load with weights_only=True; a failed write keeps the last 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import pickle
@@ -129,14 +130,20 @@ def test_failed_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     path = save_checkpoint(tmp_path, TrainConfig(), state)
     good = path.read_bytes()
 
-    def full_disk(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class FullDisk(io.FileIO):
+        """A file on a disk that fills up after 200 bytes: the OSError arises inside torch's zip
+        writer, which reports it as "RuntimeError: unexpected pos" (seen on a real full tmpfs)."""
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+        def write(self, b):
+            if self.tell() + len(b) > 200:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
+
+    monkeypatch.setattr(ckpt_mod.os, "fdopen", lambda fd, mode: FullDisk(fd, mode))
     state.epoch = 2
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as info:
         save_checkpoint(tmp_path, TrainConfig(), state)
+    assert info.value.errno == errno.ENOSPC  # the disk error itself, for a one-line message
     assert path.read_bytes() == good
     assert os.listdir(tmp_path) == [CHECKPOINT_NAME]  # no temp file left behind
     assert load_checkpoint(path)["epoch"] == 1

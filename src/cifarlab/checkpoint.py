@@ -108,7 +108,15 @@ def save_checkpoint(folder: Path, cfg: TrainConfig, state: TrainState) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_NAME}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint_dict(cfg, state), f)
+            try:
+                torch.save(checkpoint_dict(cfg, state), f)
+            except Exception as e:
+                # torch's zip writer turns a full disk into "RuntimeError: unexpected pos ...": surface the
+                # OSError underneath so the caller can say "No space left on device".
+                os_error = _os_error_in_chain(e)
+                if os_error is None:
+                    raise
+                raise os_error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -118,6 +126,16 @@ def save_checkpoint(folder: Path, cfg: TrainConfig, state: TrainState) -> Path:
         raise
     _fsync_dir(folder)
     return target
+
+
+def _os_error_in_chain(e: BaseException | None) -> OSError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -205,8 +205,9 @@ def _oom_as_usage_error(cfg: TrainConfig, device: torch.device) -> Iterator[None
 
 def disk_error_message(e: OSError, folder: Path) -> str:
     name = errno.errorcode.get(e.errno or 0, "?")
+    fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
     return (f"cannot write the run folder {str(folder)!r}: {e.strerror or e} ({name}); earlier runs are untouched "
-            f"-- free some space or choose another --out")
+            f"-- {fix} or choose another --out")
 
 
 @contextlib.contextmanager
