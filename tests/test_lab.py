@@ -182,3 +182,32 @@ def test_bad_lab_input_exits_2_with_one_line(argv: list[str], needle: str, tmp_p
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and needle in err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_sigint_to_a_running_lab_stops_it_cleanly(tmp_path: Path) -> None:
+    """A real Ctrl-C (SIGINT) to a `cifarlab lab` process: the run in progress keeps its finished epoch,
+    nothing new starts, the report says what did not run, exit code 130."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "cifarlab", "lab", "--preset", "smoke", "--only", "c7,q",
+                             "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if "batchnorm: epoch 1/2" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    (lab,) = tmp_path.glob("*-lab-*")
+    doc = results(lab)
+    assert doc["status"] == "interrupted"
+    run = doc["experiments"]["c7"]["runs"][0]
+    assert run["status"] == "interrupted" and [r["epoch"] for r in run["records"] if r["status"] == "ok"] == [1]
+    assert len(doc["experiments"]["c7"]["runs"]) == 1  # the no-BN run never started
+    assert doc["experiments"]["q"]["status"] == "not run"
+    assert "Not run" in section((lab / "report.md").read_text(), "Q1-Q4")

@@ -57,6 +57,7 @@ class LabContext:
     fast_loader: str  # "device" when the fast path is installed, else "torch"
     repeats: int
     progress_hooks: Callable[[str, str, TrainConfig], "Hooks"]
+    should_stop: Callable[[], bool] = lambda: False  # Ctrl-C / SIGTERM seen: start no new run
     shared: dict[str, Any] = field(default_factory=dict)  # e.g. C3's best worker count, for C4/C5
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # key -> finished run infos
     _done: dict[TrainConfig, dict[str, Any]] = field(default_factory=dict)
@@ -79,6 +80,8 @@ class LabContext:
         this lab (e.g. C6's SGD = C1) is reused, not trained twice, unless reuse=False."""
         from cifarlab.runner import run_training
 
+        if self.should_stop():
+            raise LabInterrupted(f"{key}/{label} not started")
         identity = cfg.replace(name="run", out_dir="", tags=())
         if reuse and data is None and identity in self._done:
             info = {**self._done[identity], "label": label, "reused": True}

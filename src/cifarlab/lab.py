@@ -42,6 +42,7 @@ class LabProgress:
     err: TextIO = field(default_factory=lambda: sys.stderr)
     done_epochs: int = 0
     position: str = ""
+    should_stop: Any = None  # polled by the engine after every step (StopOnSignal)
 
     def __post_init__(self) -> None:
         self.t0 = time.perf_counter()
@@ -96,7 +97,7 @@ class LabProgress:
                 self.err.write("\r" + " " * 110 + "\r")
             print(f"   {label}: {epoch_line(record, cfg.epochs)}  | {self.status()}", file=self.out, flush=True)
 
-        return Hooks(on_step=on_step, on_epoch=on_epoch)
+        return Hooks(on_step=on_step, on_epoch=on_epoch, should_stop=self.should_stop)
 
 
 # ------------------------------------------------------------------------------------------ resolve
@@ -142,11 +143,11 @@ def base_config(lab: LabConfig, preset: LabPreset) -> TrainConfig:
     ).validate()
 
 
-def data_banner(source: str, description: str) -> str:
+def data_banner(source: str) -> str:
     if source == "synthetic":
-        return ("SYNTHETIC DATA: CIFAR-10 was not available, so this lab ran on a deterministic CIFAR-shaped "
-                "stand-in; timings are real, accuracies are NOT CIFAR-10 accuracies. " + description)
-    return description
+        return ("SYNTHETIC DATA: CIFAR-10 was not available (or not asked for), so this lab ran on a deterministic "
+                "CIFAR-shaped stand-in; timings are real, accuracies are NOT CIFAR-10 accuracies")
+    return "CIFAR-10"
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -157,6 +158,7 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
     from cifarlab import data as data_mod
     from cifarlab import report
     from cifarlab.experiments import EXPERIMENTS, LabContext
+    from cifarlab.interrupt import StopOnSignal
     from cifarlab.runner import prepare
     from cifarlab.runs import TIMING_NOTES, create_run_dir, utc_now, write_json_atomic
     from cifarlab.runtime import device_label, environment, usable_cpus
@@ -174,7 +176,7 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
     progress = LabProgress(planned={k: EXPERIMENTS[k].planned_epochs(preset, cuda) for k in keys}, out=out)
     ctx = LabContext(base=base, preset=preset, data=data, device=device, lab_dir=lab_dir, fast_loader=fast_loader,
                      repeats=lab.repeats or preset.repeats, progress_hooks=progress.hooks)
-    banner = data_banner(data.source, data.description)
+    banner = data_banner(data.source)
     env = environment(device)
     env["usable_cpus"] = usable_cpus()
     doc: dict[str, Any] = {
@@ -198,53 +200,68 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
         "experiments": {k: {"title": EXPERIMENTS[k].title, "status": "not run", "runs": []} for k in keys},
     }
     print(f"cifarlab lab: suite {lab.suite}, preset {preset.name} ({preset.about})", file=out)
-    print(("!! " if data.source == "synthetic" else "") + f"data: {banner}", file=out)
+    if data.source == "synthetic":
+        print(f"!! {banner}", file=out)
+    print(f"data: {data.description}", file=out)
     print(f"device: {device_label(device)}; fast path: "
           + ("device-resident loader" if fast_loader == "device" else "not installed, classic loader used instead"),
           file=out)
     print(f"lab folder: {lab_dir}", file=out, flush=True)
     t0 = time.perf_counter()
-    exit_code = 0
     write_json_atomic(lab_dir / RESULTS_FILE, doc)
-    try:
-        for i, key in enumerate(keys, 1):
-            exp = EXPERIMENTS[key]
-            progress.start(i, len(keys), key, exp.title)
-            t_exp = time.perf_counter()
-            entry: dict[str, Any] = {"title": exp.title}
-            try:
-                entry["result"] = exp.run(ctx)
-                entry["status"] = "skipped" if entry["result"].get("skipped") else "completed"
-            except KeyboardInterrupt:
-                entry["status"] = "interrupted"
-                doc["status"] = "interrupted"
-            except UsageError:
-                raise
-            except Exception as e:  # one broken experiment must not cost the others' results
-                entry["status"] = "failed"
-                entry["error"] = f"{type(e).__name__}: {e}"
-                print(f"   {key} FAILED: {entry['error']}", file=sys.stderr)
-                exit_code = 3
-            entry["runs"] = ctx.runs.get(key, [])
-            entry["elapsed_s"] = time.perf_counter() - t_exp
-            doc["experiments"][key] = entry
+    # Ctrl-C / SIGTERM: the running step finishes, its run keeps its finished epochs, no new run starts;
+    # a second signal raises KeyboardInterrupt at once (still caught per experiment).
+    with StopOnSignal() as stop:
+        progress.should_stop = ctx.should_stop = stop.should_stop
+        try:
+            exit_code = _run_experiments(keys, EXPERIMENTS, ctx, doc, progress, stop, lab_dir, t0)
+        finally:
+            if doc["status"] == "running":
+                doc["status"] = "partial"  # an exception we did not expect ended the loop
+            doc["finished"] = utc_now()
             doc["elapsed_s"] = time.perf_counter() - t0
             write_json_atomic(lab_dir / RESULTS_FILE, doc)
-            progress.finish(key, entry["status"], entry["elapsed_s"])
-            if doc["status"] == "interrupted":
-                exit_code = 130
-                print("lab interrupted: finished experiments are kept; the rest are marked 'not run'", file=out)
-                break
-    finally:
-        if doc["status"] == "running":
-            doc["status"] = "completed" if exit_code == 0 else ("interrupted" if exit_code == 130 else "failed")
-        doc["finished"] = utc_now()
-        doc["elapsed_s"] = time.perf_counter() - t0
-        write_json_atomic(lab_dir / RESULTS_FILE, doc)
     paths = report.build_report(lab_dir)
     print(f"\nlab {doc['status']} in {fmt_duration(doc['elapsed_s'])}; report: {paths['md']} (also report.html, "
           f"results.json, csv/, plots/)", file=out)
     return lab_dir, exit_code
+
+
+def _run_experiments(keys: list[str], registry: dict[str, Any], ctx: Any, doc: dict[str, Any],
+                     progress: LabProgress, stop: Any, lab_dir: Path, t0: float) -> int:
+    """Run each experiment, rewriting results.json after each; returns the lab's exit code."""
+    from cifarlab.runs import write_json_atomic
+
+    exit_code = 0
+    for i, key in enumerate(keys, 1):
+        exp = registry[key]
+        progress.start(i, len(keys), key, exp.title)
+        t_exp = time.perf_counter()
+        entry: dict[str, Any] = {"title": exp.title}
+        try:
+            entry["result"] = exp.run(ctx)
+            entry["status"] = "skipped" if entry["result"].get("skipped") else "completed"
+        except KeyboardInterrupt:
+            entry["status"] = "interrupted"
+        except UsageError:
+            raise
+        except Exception as e:  # one broken experiment must not cost the others' results
+            entry["status"] = "failed"
+            entry["error"] = f"{type(e).__name__}: {e}"
+            print(f"   {key} FAILED: {entry['error']}", file=sys.stderr)
+            exit_code = 3
+        entry["runs"] = ctx.runs.get(key, [])
+        entry["elapsed_s"] = time.perf_counter() - t_exp
+        doc["experiments"][key] = entry
+        doc["elapsed_s"] = time.perf_counter() - t0
+        write_json_atomic(lab_dir / RESULTS_FILE, doc)
+        progress.finish(key, entry["status"], entry["elapsed_s"])
+        if entry["status"] == "interrupted" or stop.should_stop():
+            doc["status"] = "interrupted"
+            print("lab interrupted: finished experiments are kept; the rest are marked 'not run'", file=progress.out)
+            return stop.exit_code or 130
+    doc["status"] = "completed" if exit_code == 0 else "partial"
+    return exit_code
 
 
 # ---------------------------------------------------------------------------------------------- CLI
