@@ -220,78 +220,9 @@ LAB_PRESETS: dict[str, LabPreset] = {
         compile_epochs=2, compile_on_cpu=False,
     ),
     "quick": LabPreset(
-        name="quick", about="a 512-image subset, 2 epochs per run: the lab's shape in minutes on a CPU",
-        dataset=None, subset=512, test_subset=256, epochs=2, batch_size=64, test_batch_size=128,
-        max_steps=None, repeats=1, sweep_max_points=3, profile_steps=4, cpu_subset=256, cpu_epochs=2,
-        compile_epochs=2, compile_on_cpu=False,
-    ),
-    "full": LabPreset(
-        name="full", about="the lab as written: 5 epochs of full CIFAR-10 per run, batch 128",
-        dataset=None, subset=None, test_subset=None, epochs=5, batch_size=128, test_batch_size=100,
-        max_steps=None, repeats=3, sweep_max_points=None, profile_steps=20, cpu_subset=2560, cpu_epochs=2,
-        compile_epochs=10, compile_on_cpu=True,
-    ),
-}
-
-
-@dataclass(frozen=True)
-class LabConfig:
-    """`cifarlab lab` options; preset None means full with a GPU, quick otherwise."""
-
-    suite: str = "lab"
-    preset: str | None = None
-    only: tuple[str, ...] = ()
-    repeats: int | None = None  # C3 repeats (None: the preset's)
-    device: str = "auto"
-    data_dir: str = "./data"
-    dataset: str = "auto"
-    out_dir: str = "runs"
-    seed: int = 0
-
-
-# ------------------------------------------------------------------------------------ the lab suite
-
-
-@dataclass(frozen=True)
-class LabPreset:
-    """How big the lab's runs are. Every experiment derives its configs from one base config built
-    from these fields, so a preset changes the size of the lab, never what it measures."""
-
-    name: str
-    about: str
-    dataset: str | None  # forced dataset (smoke: synthetic); None: the lab's --dataset
-    subset: int | None  # training images per run (None: the whole split)
-    test_subset: int | None
-    epochs: int  # epochs per run (the lab: 5)
-    batch_size: int
-    test_batch_size: int
-    max_steps: int | None  # cap on steps per epoch
-    repeats: int  # C3 repeats per worker count
-    sweep_max_points: int | None  # C3: at most this many worker counts (None: until it stops improving)
-    profile_steps: int  # C4: training steps recorded by torch.profiler
-    cpu_subset: int  # C5: training images for the CPU measurement, extrapolated to a full epoch
-    cpu_epochs: int  # C5: CPU epochs (the steady epochs after the first are extrapolated)
-    compile_epochs: int  # C8: epochs per compile mode (the lab: 10)
-    compile_on_cpu: bool  # C8 on a CPU-only machine (compiling ResNet-18 there takes minutes per mode)
-    sweep_step: int = 4  # C3: workers 0, 4, 8, ...
-    sweep_min_gain: float = 0.05  # C3 stop rule: a count must cut the data wait by >= 5% vs the best so far
-    chance_margin: float = 0.05  # C6: final train top-1 below chance + this is flagged "stuck at chance"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-LAB_PRESETS: dict[str, LabPreset] = {
-    "smoke": LabPreset(
-        name="smoke", about="synthetic, tiny: checks that every experiment runs (CI); numbers mean little",
-        dataset="synthetic", subset=32, test_subset=16, epochs=2, batch_size=8, test_batch_size=16,
-        max_steps=2, repeats=1, sweep_max_points=2, profile_steps=2, cpu_subset=16, cpu_epochs=2,
-        compile_epochs=2, compile_on_cpu=False,
-    ),
-    "quick": LabPreset(
-        name="quick", about="a 512-image subset, 2 epochs per run: the lab's shape in minutes on a CPU",
-        dataset=None, subset=512, test_subset=256, epochs=2, batch_size=64, test_batch_size=128,
-        max_steps=None, repeats=1, sweep_max_points=3, profile_steps=4, cpu_subset=256, cpu_epochs=2,
+        name="quick", about="a 256-image subset, 2 epochs per run: the lab's shape in minutes on a CPU",
+        dataset=None, subset=256, test_subset=128, epochs=2, batch_size=64, test_batch_size=128,
+        max_steps=None, repeats=1, sweep_max_points=3, profile_steps=3, cpu_subset=128, cpu_epochs=2,
         compile_epochs=2, compile_on_cpu=False,
     ),
     "full": LabPreset(
@@ -339,16 +270,20 @@ class ScalingPreset:
     baseline_batch: int  # large-batch item: the single-device reference batch (the lab: 128)
     large_epochs: int  # large-batch item: epochs per run (the lab: 5)
     warmup_epochs: int  # large-batch item: gradual warm-up length
+    large_images: int | None  # large-batch item: train images (None: the lab preset's subset)
 
 
 SCALING_PRESETS: dict[str, ScalingPreset] = {
     "smoke": ScalingPreset(first_batch=8, batch_factor=4, max_points_cpu=2, max_batch=32, timing_images=128,
                            timing_steps=2, max_procs=4, allreduce_elements=11_173_962, allreduce_iters=3,
-                           allreduce_warmup=1, baseline_batch=16, large_epochs=2, warmup_epochs=1),
+                           allreduce_warmup=1, baseline_batch=16, large_epochs=2, warmup_epochs=1,
+                           large_images=128),
     "quick": ScalingPreset(first_batch=32, batch_factor=4, max_points_cpu=2, max_batch=1 << 16, timing_images=1024,
                            timing_steps=None, max_procs=4, allreduce_elements=11_173_962, allreduce_iters=5,
-                           allreduce_warmup=2, baseline_batch=128, large_epochs=2, warmup_epochs=1),
+                           allreduce_warmup=2, baseline_batch=128, large_epochs=2, warmup_epochs=1,
+                           large_images=1024),
     "full": ScalingPreset(first_batch=32, batch_factor=4, max_points_cpu=3, max_batch=1 << 16, timing_images=None,
                           timing_steps=None, max_procs=4, allreduce_elements=11_173_962, allreduce_iters=20,
-                          allreduce_warmup=3, baseline_batch=128, large_epochs=5, warmup_epochs=1),
+                          allreduce_warmup=3, baseline_batch=128, large_epochs=5, warmup_epochs=1,
+                          large_images=None),
 }
