@@ -41,11 +41,23 @@ def _load(run: Path) -> tuple[dict, list[dict]]:
     return json.loads((run / "run.json").read_text()), json.loads((run / "records.json").read_text())
 
 
+# The device loader draws one permutation and one augmentation per image for the whole split and each
+# rank keeps its positions, so 2 ranks see exactly what 1 process sees, augmentation included. The torch
+# loader (DistributedSampler) augments in each process with that process's RNG, so its comparison
+# runs without augmentation (--no-augment), workers 0.
+LOADERS = {"device": ["--loader", "device"], "torch": ["--loader", "torch", "--workers", "0", "--no-augment"]}
+
+
+@pytest.fixture(scope="module", params=sorted(LOADERS))
+def loader_args(request) -> list[str]:
+    return LOADERS[request.param]
+
+
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory) -> Path:
+def two_process_run(tmp_path_factory, loader_args) -> Path:
     out = tmp_path_factory.mktemp("ddp2")
     cmd = [sys.executable, "-m", "cifarlab", "train", "--nproc", "2", "--out", str(out),
-           "--batch-size", str(GLOBAL_BATCH // 2), *map(str, COMMON)]
+           "--batch-size", str(GLOBAL_BATCH // 2), *map(str, COMMON), *loader_args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.count("data:   ") == 1  # only rank 0 prints
@@ -69,16 +81,17 @@ def test_two_processes_write_one_run_with_global_counts_and_identical_replicas(t
     assert [c["params_max_abs_diff"] for c in d["replica_check"]] == [0.0, 0.0]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(two_process_run, tmp_path, monkeypatch, capsys):
-    # The reference: one process, batch 16, same sharded permutation and per-image augmentation
-    # (the device loader draws both for the whole split and each rank keeps its positions), run
-    # in-process as a torchrun world of 1.
+def test_two_processes_match_one_process_with_the_same_global_batch(two_process_run, loader_args, tmp_path,
+                                                                    monkeypatch, capsys):
+    # The reference: one process, batch 16, the same permutation (and, device loader, the same
+    # per-image augmentation), run in-process as a torchrun world of 1.
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(_free_port())}.items():
         monkeypatch.setenv(k, v)
     threads = torch.get_num_threads()
     try:
-        code = main(["train", "--out", str(tmp_path), "--batch-size", str(GLOBAL_BATCH), *map(str, COMMON)])
+        code = main(["train", "--out", str(tmp_path), "--batch-size", str(GLOBAL_BATCH), *map(str, COMMON),
+                     *loader_args])
     finally:
         torch.set_num_threads(threads)
     assert code == 0, capsys.readouterr().err
@@ -94,6 +107,20 @@ def test_two_processes_match_one_process_with_the_same_global_batch(two_process_
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
         assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-5)
         assert b["images"] == a["images"] == N_TRAIN
+
+
+def test_seed_epoch_calls_the_distributed_samplers_set_epoch():
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from cifarlab.engine import seed_epoch
+
+    data = list(range(16))
+    loader = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=2, rank=0, seed=0))
+    seed_epoch(0, 1, loader)
+    first = [int(x) for b in loader for x in b]
+    seed_epoch(0, 2, loader)
+    second = [int(x) for b in loader for x in b]
+    assert loader.sampler.epoch == 2 and first != second and sorted(first) != sorted(second)
 
 
 def test_device_loader_shards_cover_the_split():
