@@ -268,6 +268,10 @@ def _run_experiments(keys: list[str], registry: dict[str, Any], ctx: Any, doc: d
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
+    import os
+
+    # Before torch loads: keeps the profiler library's (kineto) error chatter out of the lab's output.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     given = {k: v for k, v in vars(args).items() if k in LabConfig.__dataclass_fields__}
     if "only" in given:
         given["only"] = tuple(x for x in given["only"].split(",") if x.strip())

@@ -329,7 +329,7 @@ def render_c3(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     blocks.append(Para("Why more workers stop helping: each worker is a process that needs a core to decode and "
                        "augment images; once workers + the training process exceed the cores, they time-share; "
                        "every worker also pays start-up (fork, import) at each epoch and batches travel through "
-                       "shared memory (IPC). The reference's numbers came from a machine with more cores."))
+                       "shared memory (IPC). The reference ran on unknown hardware, probably with more cores."))
 
     def draw(fig: Any) -> None:
         ax = fig.subplots()
@@ -387,30 +387,36 @@ def render_c4(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
 
 
 def c4_explanation(runs: list[dict[str, Any]], cores: Any) -> str:
+    """One paragraph from the measured numbers: 1 worker vs the best count."""
     if not runs:
         return "No profiled run finished."
-    one = runs[0]
-    best = runs[-1]
-    d1, c1 = one["summary"].get("mean_data_s"), one["summary"].get("mean_compute_s")
-    e1 = one["summary"].get("mean_epoch_s")
-    text = (f"With 1 worker the training step waited {fs(d1, 3)} s per epoch on the loader "
-            f"({pct(d1 / e1) if _finite(d1) and _finite(e1) and e1 else 'n/a'} of the epoch); compute took {fs(c1, 3)} s.")
+    one, best = runs[0], runs[-1]
+
+    def part(r: dict[str, Any]) -> tuple[Any, Any, Any]:
+        return tuple(r["summary"].get(k) for k in ("mean_data_s", "mean_compute_s", "mean_epoch_s"))  # type: ignore
+
+    def share(d: Any, e: Any) -> str:
+        return pct(d / e) if _finite(d) and _finite(e) and e else "n/a"
+
+    d1, c1, e1 = part(one)
+    text = (f"With 1 worker the training step waited {fs(d1, 3)} s per epoch on the loader ({share(d1, e1)} of "
+            f"the epoch) and computed for {fs(c1, 3)} s.")
     if best is one:
         return text + " The best count is 1, so there is no second configuration to compare."
-    d2, c2, e2 = (best["summary"].get(k) for k in ("mean_data_s", "mean_compute_s", "mean_epoch_s"))
+    d2, c2, e2 = part(best)
     n = best["config"]["workers"]
-    text += (f" With {n} workers it waited {fs(d2, 3)} s "
-             f"({pct(d2 / e2) if _finite(d2) and _finite(e2) and e2 else 'n/a'} of the epoch).")
+    text += f" With {n} workers (the best) it waited {fs(d2, 3)} s ({share(d2, e2)}) and computed for {fs(c2, 3)} s."
+    if _finite(d1) and _finite(d2):
+        text += f" The wait {'fell' if d2 < d1 else 'rose'} by {abs(d2 - d1):.3f} s per epoch."
     if _finite(c1) and _finite(c2) and c1 > 0:
         change = (c2 - c1) / c1
-        text += (f" Compute changed by {change:+.1%} ({fs(c1, 3)} -> {fs(c2, 3)} s): "
-                 + ("unchanged within 10%, so the difference in epoch time is the data wait."
-                    if abs(change) < 0.10 else
-                    "more than 10%: the loader workers took CPU time away from the training process"
-                    + (f" (only {cores} usable cores)." if cores else ".")))
-    if _finite(d1) and _finite(d2):
-        text += (f" More workers {'cut' if d2 < d1 else 'did not cut'} the wait "
-                 f"({fs(d1, 3)} -> {fs(d2, 3)} s).")
+        if abs(change) < 0.10:
+            text += (f" Compute is unchanged within 10% ({change:+.1%}), so the difference in epoch time is the "
+                     f"data wait.")
+        else:
+            text += (f" Compute itself changed by {change:+.1%}: loader processes (and anything else running on "
+                     f"the machine) compete with the training process for the {cores or '?'} usable core(s), so "
+                     f"on this machine the worker count moves compute time, not only the wait.")
     return text
 
 
