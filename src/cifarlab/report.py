@@ -212,7 +212,8 @@ def _curves(fig: Any, runs: list[tuple[str, dict[str, Any]]], title: str = "") -
         ax.legend(fontsize=7)
 
 
-def _stacked(ax: Any, labels: list[str], parts: dict[str, list[float]]) -> None:
+def _stacked(ax: Any, labels: list[str], parts: dict[str, list[float]], title: str = "") -> None:
+    ax.set_title(title)
     bottom = [0.0] * len(labels)
     for name, values in parts.items():
         vals = [v if _finite(v) else 0.0 for v in values]
@@ -270,7 +271,8 @@ def render_c2(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
         Bullets([f"**{k}**: {v}" for k, v in notes.items()]),
         rc.plot("c2_breakdown", "C2 per-epoch time split", lambda fig: _stacked(
             fig.subplots(), [f"epoch {r['epoch']}" for r in recs],
-            {k.removesuffix("_s"): [r.get(k) for r in recs] for k in keys}), size=(6, 3.6)),
+            {k.removesuffix("_s"): [r.get(k) for r in recs] for k in keys}, "C2 per-epoch time split"),
+            size=(6, 3.6)),
         runs_para(entry),
     ]
 
@@ -462,7 +464,8 @@ def render_c5(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
         if gpu and _finite(gpu_s):
             labels.insert(1, "GPU (ours)")
             vals.insert(1, gpu_s * full / max(1, ok_records(gpu)[0]["images"]))
-        ax.bar(labels, vals, color=["C0", "C1", "C7", "C7"][: len(vals)])
+        bars = ax.bar(labels, vals, color=["C0", "C1", "C7", "C7"][: len(vals)])
+        ax.bar_label(bars, labels=[f"{v:,.1f} s" for v in vals], fontsize=7)
         ax.set(ylabel=f"seconds per {full:,}-image epoch", title="C5 CPU vs GPU")
         ax.set_yscale("log")
         ax.tick_params(axis="x", labelsize=7)
