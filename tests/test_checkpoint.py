@@ -157,7 +157,6 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the crafted file
 @pytest.mark.parametrize("kind", ["malicious", "truncated", "garbage", "wrong-format", "missing", "lying-epoch"])
 def test_bad_checkpoints_are_refused_in_one_line(tmp_path, kind):
     path = tmp_path / CHECKPOINT_NAME

@@ -137,3 +137,7 @@ def test_signal_to_a_real_training_process(tmp_path, capsys, sig, to_group, work
         records = json.loads((run_dir / "records.json").read_text())
         assert [(r["epoch"], r["status"]) for r in records] == [(e, "ok") for e in range(1, target + 1)]
         assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+        # the new target is the run's config now: resuming again has nothing left to do
+        assert json.loads((run_dir / "config.json").read_text())["epochs"] == target
+        assert main(["train", "--resume", str(run_dir)]) == 2
+        assert "already finished" in capsys.readouterr().err

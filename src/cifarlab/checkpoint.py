@@ -22,6 +22,7 @@ import re
 import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"--checkpoint-every 0); start the run again instead of resuming it"
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle protocol before refusing it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, garbled, or a pickle that asks for code (weights_only refuses)
         raise UsageError(
             f"{path} is not a loadable cifarlab checkpoint ({type(e).__name__}: {_gist(e)}); "
@@ -268,6 +271,9 @@ def _gist(e: BaseException) -> str:
     """One short line from an exception whose message may span many lines (torch.load's does)."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
     lines = [line for line in lines if line]
-    # weights_only refusals explain themselves in the "WeightsUnpickler error:" line
-    best = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
-    return best[:240]
+    # weights_only refusals explain themselves after "WeightsUnpickler error:" (same line or the next)
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            detail = line.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return f"weights_only refused it: {detail}"[:240]
+    return (lines[0] if lines else "")[:240]

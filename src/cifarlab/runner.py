@@ -21,7 +21,7 @@ from cifarlab.config import TrainConfig
 from cifarlab.errors import UsageError
 from cifarlab.data import DataBundle, build_loaders, load_data
 from cifarlab.engine import EpochRecord, Hooks, TrainState, build_state, train
-from cifarlab.runs import RunWriter, create_run_dir, ensure_writable_dir, read_json, utc_now
+from cifarlab.runs import RunWriter, create_run_dir, ensure_writable_dir, read_json, utc_now, write_json_atomic
 from cifarlab.runtime import device_label, environment, resolve_device, seed_everything
 
 
@@ -106,6 +106,8 @@ def run_training(
         if resume is None:
             writer.write_header()
         else:
+            # --epochs may have changed: config.json must say what this run now trains to
+            write_json_atomic(writer.path / "config.json", cfg.to_dict())
             writer.write_records(state.records)
             writer.write_status("running", state.records, **extra)
     user_hooks = hooks or Hooks()
