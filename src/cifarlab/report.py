@@ -538,7 +538,8 @@ def render_c7(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
         a, b = bn["summary"].get("mean_epoch_s"), nobn["summary"].get("mean_epoch_s")
         if _finite(a) and _finite(b) and a:
             blocks.append(Para(f"Epoch time without BatchNorm: {fs(b, 3)} s vs {fs(a, 3)} s with it "
-                               f"({(b - a) / a:+.1%}): the 20 BatchNorm layers cost that much per epoch here."))
+                               f"({(b - a) / a:+.1%}), one run each: the cost of the 20 BatchNorm layers on this machine, "
+                               f"plus run-to-run noise (other load on the machine shows up here too)."))
 
     def draw(fig: Any) -> None:
         _curves(fig, [(lab, r) for lab, r in (("BN", bn), ("no BN", nobn)) if r], "C7")
