@@ -192,7 +192,9 @@ def test_sigint_to_a_running_lab_stops_it_cleanly(tmp_path: Path) -> None:
     import sys
 
     proc = subprocess.Popen([sys.executable, "-m", "cifarlab", "lab", "--preset", "smoke", "--only", "c7,q",
-                             "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a CI job started in the background inherits SIGINT ignored; undo that for the child
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:  # type: ignore[union-attr]
             if "batchnorm: epoch 1/2" in line:

@@ -69,8 +69,9 @@ class LabContext:
 
     @staticmethod
     def classic(cfg: TrainConfig) -> TrainConfig:
-        """The lab's classic pipeline with the exact synchronized data/h2d/compute split."""
-        return cfg.replace(loader="torch", sync_timing=True)
+        """The lab's classic pipeline as written (DataLoader + PIL transforms, fp32, contiguous NCHW) with
+        the exact synchronized data/h2d/compute split."""
+        return cfg.replace(loader="torch", sync_timing=True, channels_last=False, precision="fp32")
 
     def train(
         self, key: str, label: str, cfg: TrainConfig, data: "DataBundle | None" = None,

@@ -409,12 +409,13 @@ def c4_explanation(runs: list[dict[str, Any]], cores: Any) -> str:
     n = best["config"]["workers"]
     text += f" With {n} workers (the best) it waited {fs(d2, 3)} s ({share(d2, e2)}) and computed for {fs(c2, 3)} s."
     if _finite(d1) and _finite(d2):
-        text += f" The wait {'fell' if d2 < d1 else 'rose'} by {abs(d2 - d1):.3f} s per epoch."
+        text += (f" Going from 1 to {n} workers the wait {'fell' if d2 < d1 else 'rose'} by {abs(d2 - d1):.3f} s "
+                 f"per epoch; epoch time {fs(e1, 3)} -> {fs(e2, 3)} s.")
     if _finite(c1) and _finite(c2) and c1 > 0:
         change = (c2 - c1) / c1
         if abs(change) < 0.10:
-            text += (f" Compute is unchanged within 10% ({change:+.1%}), so the difference in epoch time is the "
-                     f"data wait.")
+            text += (f" Compute is the same within 10% ({change:+.1%}, treated as run-to-run noise): the worker "
+                     f"count changed the wait, not the work.")
         else:
             text += (f" Compute itself changed by {change:+.1%}: loader processes (and anything else running on "
                      f"the machine) compete with the training process for the {cores or '?'} usable core(s), so "
