@@ -274,9 +274,10 @@ class ScalingPreset:
 
 
 SCALING_PRESETS: dict[str, ScalingPreset] = {
-    "smoke": ScalingPreset(first_batch=8, batch_factor=4, max_points_cpu=2, max_batch=32, timing_images=128,
+    # smoke: the ladder starts below the lab's 32 so that CI (2 cores) runs every item in about a minute
+    "smoke": ScalingPreset(first_batch=4, batch_factor=4, max_points_cpu=2, max_batch=16, timing_images=128,
                            timing_steps=2, max_procs=4, allreduce_elements=11_173_962, allreduce_iters=3,
-                           allreduce_warmup=1, baseline_batch=16, large_epochs=2, warmup_epochs=1,
+                           allreduce_warmup=1, baseline_batch=8, large_epochs=2, warmup_epochs=1,
                            large_images=128),
     "quick": ScalingPreset(first_batch=32, batch_factor=4, max_points_cpu=2, max_batch=1 << 16, timing_images=1024,
                            timing_steps=None, max_procs=4, allreduce_elements=11_173_962, allreduce_iters=5,
