@@ -196,3 +196,18 @@ def test_fuzzed_argv_gives_a_valid_config_or_one_usage_line(argv):
     assert isinstance(cfg, TrainConfig)
     assert cfg.validate() is cfg and TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert "\0" not in cfg.out_dir + cfg.data_dir + cfg.name and "/" not in cfg.name and cfg.name not in ("..", ".")
+
+
+def test_more_workers_than_usable_cores_warns_once_with_the_core_count(tmp_path, capsys, monkeypatch):
+    from cifarlab import runtime
+
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 3)
+    assert runtime.workers_warning(3) is None
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # an unwritable --out ends the command before any training
+    code = main(["train", "--loader", "torch", "--workers", "7", "--dataset", "synthetic", "--out", str(blocker / "r")])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 2
+    assert err[0] == ("cifarlab: warning: --workers 7 exceeds the 3 CPU core(s) this process may use; the extra "
+                      "workers compete with training for the same cores (try --workers 2..3)")
+    assert err[1].startswith("cifarlab: error: --out")
