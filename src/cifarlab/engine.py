@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from cifarlab import distributed as dist
+from cifarlab import collectives as dist
 from cifarlab.config import TrainConfig
 from cifarlab.models import resnet18
 from cifarlab.optim import build_optimizer
