@@ -25,6 +25,7 @@ NORMS = ("batch", "none")
 LOADERS = ("torch", "device")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+CUDA_GRAPH_MODES = ("auto", "on", "off")  # the training step as one captured CUDA graph (capture.py)
 
 # Upper bounds that catch typos (an extra zero) before they become an out-of-memory crash.
 MAX_WORKERS = 256
@@ -67,6 +68,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on CUDA GPUs that support it, else fp32 (engine.resolve_precision)
     channels_last: bool = True
     compile: str = "none"
+    cuda_graph: str = "auto"  # auto: captured step on CUDA's fast path (engine.capture_blocker); on; off: eager
     sync_timing: bool = True  # synchronize the device at every clock read (exact C2 breakdown)
     max_steps: int | None = None  # cap on train steps per epoch (smoke runs)
     evaluate: bool = True
@@ -87,6 +89,9 @@ class TrainConfig:
         _choice("loader", self.loader, LOADERS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("compile", self.compile, COMPILE_MODES)
+        _choice("cuda-graph", self.cuda_graph, CUDA_GRAPH_MODES)
+        if self.cuda_graph == "on" and self.device == "cpu":
+            raise UsageError("--cuda-graph on needs a CUDA device (got --device cpu); use --cuda-graph auto or off")
         from cifarlab.optim import OPTIMIZERS  # late: optim imports torch
 
         _choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
