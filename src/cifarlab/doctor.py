@@ -1,0 +1,346 @@
+"""`cifarlab doctor`: measure where one training configuration's step time goes, classify the
+bottleneck (doctor_advice.py), rerun every proposed change for the same number of steps with a fresh
+model and the same seed, and recommend only what the reruns show beats the baseline's noise.
+
+Timing rules are the lab's C2 rules: every window is engine.train_epoch itself (device synchronized
+at each clock read when sync timing is on, so data + h2d + compute + other add up to the window),
+after untimed warm-up steps, on a loader that is already running; evaluation never runs."""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from cifarlab import doctor_report
+from cifarlab.config import TrainConfig
+from cifarlab.data import DataBundle, build_loaders
+from cifarlab.doctor_advice import (
+    PARTS,
+    Candidate,
+    Diagnosis,
+    HostFacts,
+    Measurement,
+    Summary,
+    choose_repeats,
+    classify,
+    noise_share,
+    plan_round,
+    propose,
+    rank,
+    summarize,
+)
+from cifarlab.engine import build_state, resolve_precision, seed_epoch, train_epoch
+from cifarlab.errors import UsageError
+from cifarlab.runner import is_out_of_memory, prepare, release_device_memory
+from cifarlab.runtime import cpu_flags, cpu_has_native_bf16, environment, seed_everything, usable_cpus
+
+DEFAULT_BUDGET_S = {"cuda": 60.0, "cpu": 180.0}
+WARMUP_STEPS = {"cuda": 5, "cpu": 1}  # untimed: cuDNN algorithm search, allocator, caches
+COMPILE_WARMUP_STEPS = 3  # compilation (and reduce-overhead's graph recording) happens in these
+TARGET_WINDOW_S = 1.5  # steps per window: enough for this much time by the first estimate ...
+MIN_STEPS, MAX_STEPS = 3, 100  # ... within these bounds
+DEFAULT_REPEATS = 3
+PROFILE_STEPS = 10  # CUDA busy fraction: steps recorded by torch.profiler (a window apart from the timed one)
+# Estimated one-off cost (s) of compilation before the first timed step, used only to plan the budget.
+COMPILE_COST_S = {"cuda": 60.0, "cpu": 240.0, "cuda_graph": 5.0}
+
+
+@dataclass
+class DoctorResult:
+    config: TrainConfig
+    device: str
+    environment: dict[str, Any]
+    data_description: str
+    budget_s: float
+    steps: int
+    warmup_steps: int
+    repeats: int
+    baseline: list[Measurement]
+    diagnosis: Diagnosis
+    candidates: list[Candidate]
+    noise: float
+    noise_note: str
+    ranked: list[tuple[Candidate, Summary, float]]
+    best: Candidate | None  # the fastest candidate whose gain beats the noise, else None
+    recommendation: str
+    cuts: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    path: Path | None = None
+
+    @property
+    def baseline_summary(self) -> Summary:
+        s = summarize(self.baseline)
+        assert s is not None
+        return s
+
+
+class _Stream:
+    """The train loader seen by train_epoch as one endless epoch: its iterator keeps running across
+    the warm-up and timed calls (workers start once, before warm-up), restarting -- reseeded as the
+    next epoch -- when the real epoch ends. len() is the steps train_epoch should plan for."""
+
+    def __init__(self, loader: Any, seed: int, device: torch.device) -> None:
+        self.loader, self.seed, self.device = loader, seed, device
+        self.epoch, self.restarts, self.steps = 1, 0, 0
+        seed_epoch(seed, 1, loader)
+        t0 = _sync_now(device)
+        self._it: Iterator = iter(loader)
+        self._pending = [next(self._it)]
+        self.start_s = _sync_now(device) - t0  # iterator (worker start-up) + first batch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator:
+        while True:
+            if self._pending:
+                yield self._pending.pop()
+                continue
+            try:
+                yield next(self._it)
+            except StopIteration:
+                self.epoch += 1
+                self.restarts += 1
+                seed_epoch(self.seed, self.epoch, self.loader)
+                self._it = iter(self.loader)
+                self._pending = [next(self._it)]
+
+    def close(self) -> None:
+        self._it = iter(())  # drops the DataLoader iterator: its workers shut down
+
+
+def _sync_now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _children_cpu_s() -> float | None:
+    """CPU seconds used so far by this process's live child processes (the loader workers), from /proc."""
+    try:
+        pids = set()
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.update(f.read().split())
+        total = 0
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+        return total / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _gpu_busy_s(stream: _Stream, cfg: TrainConfig, state: Any, steps: int) -> float | None:
+    """Union of the GPU's kernel and copy intervals over `steps` profiled steps (profiler overhead
+    lands on the host, not in the kernels' own durations, so the busy time itself stays honest)."""
+    stream.steps = steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        train_epoch(cfg.replace(max_steps=steps), state, stream, 1)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not spans:
+        return None
+    busy_us, cur_start, cur_end = 0.0, spans[0][0], spans[0][1]
+    for s, e in spans[1:]:
+        if s > cur_end:
+            busy_us += cur_end - cur_start
+            cur_start, cur_end = s, e
+        else:
+            cur_end = max(cur_end, e)
+    return (busy_us + cur_end - cur_start) / 1e6
+
+
+def measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int, label: str,
+            warmup_steps: int | None = None, gpu_profile: bool = False) -> Measurement:
+    """One timed window: fresh seeded model and loaders, untimed warm-up, then `steps` timed steps."""
+    t_start = time.perf_counter()
+    if warmup_steps is None:
+        warmup_steps = COMPILE_WARMUP_STEPS if cfg.compile != "none" else WARMUP_STEPS[device.type]
+    seed_everything(cfg.seed)
+    train_loader, _ = build_loaders(cfg, data, device)
+    state = build_state(cfg, device)
+    stream = _Stream(train_loader, cfg.seed, device)
+    try:
+        stream.steps = warmup_steps
+        t0 = time.perf_counter()
+        train_epoch(cfg.replace(max_steps=warmup_steps), state, stream, 1)
+        warmup_s = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        restarts0, cpu0, kids0 = stream.restarts, time.process_time(), _children_cpu_s()
+        stream.steps = steps
+        rec = train_epoch(cfg.replace(max_steps=steps), state, stream, 1)
+        cpu1, kids1 = time.process_time(), _children_cpu_s()
+        restarts = stream.restarts - restarts0
+        load = os.getloadavg()[0]
+        if device.type == "cuda":
+            peak, total = torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
+        else:
+            peak, total = _peak_rss_bytes(), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        cost_s = time.perf_counter() - t_start  # the profiled window below is not part of a rerun's cost
+        busy = None
+        if gpu_profile and device.type == "cuda":
+            n = min(steps, PROFILE_STEPS)
+            kernel_s = _gpu_busy_s(stream, cfg, state, n)
+            busy = None if kernel_s is None else kernel_s * steps / n
+    finally:
+        stream.close()
+    workers_cpu = None
+    if cfg.loader == "torch" and cfg.workers > 0 and kids0 is not None and kids1 is not None and restarts == 0:
+        workers_cpu = kids1 - kids0
+    return Measurement(
+        label=label, steps=rec.steps, images=rec.images, window_s=rec.epoch_s, data_s=rec.data_s, h2d_s=rec.h2d_s,
+        compute_s=rec.compute_s, other_s=rec.other_s, device_type=device.type, torch_threads=torch.get_num_threads(),
+        usable_cpus=usable_cpus(), loader=cfg.loader, workers=cfg.workers if cfg.loader == "torch" else 0,
+        epoch_start_s=stream.start_s, warmup_steps=warmup_steps, warmup_s=warmup_s,
+        cost_s=cost_s, restarts=restarts, steps_per_epoch=len(train_loader), load_average=load, process_cpu_s=cpu1 - cpu0,
+        workers_cpu_s=workers_cpu, peak_memory_bytes=peak, memory_total_bytes=total, gpu_busy_s=busy,
+        status=rec.status,
+    )
+
+
+def host_facts(cfg: TrainConfig, device: torch.device) -> HostFacts:
+    flags = cpu_flags()
+    return HostFacts(
+        device_type=device.type, usable_cpus=usable_cpus(), precision=resolve_precision(cfg.precision, device),
+        cuda_bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
+        cpu_bf16=cpu_has_native_bf16(), cpu_fp16=bool(flags & {"avx512_fp16", "amx_fp16"}),
+        cxx_compiler=any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+        has_cuda_graph_field="cuda_graph" in TrainConfig.__dataclass_fields__,
+    )
+
+
+def _say(stream: TextIO | None, text: str) -> None:
+    if stream is not None:
+        print(text, file=stream, flush=True)
+
+
+def _one_line(m: Measurement) -> str:
+    parts = "  ".join(f"{p} {v:.1f}" for p in PARTS if (v := m.per_step_ms(p)) is not None)
+    return f"{m.images_per_s:7.1f} img/s  step {m.step_ms:8.1f} ms  ({parts} ms/step)  [{m.cost_s:.1f} s]"
+
+
+def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s: float | None = None,
+             steps: int | None = None, only: list[str] | None = None, repeats: int = DEFAULT_REPEATS,
+             stream: TextIO | None = None) -> DoctorResult:
+    """Baseline, classification, then each runnable candidate rerun for the same steps (round-robin
+    over repeats, the baseline interleaved) within budget_s. `only`: candidate keys or key prefixes
+    to consider (e.g. ["workers", "loader-device"]); the rest are listed as not asked for."""
+    t0 = time.perf_counter()
+    budget_s = float(budget_s if budget_s is not None else DEFAULT_BUDGET_S[device.type])
+    if not budget_s > 0 or not math.isfinite(budget_s):
+        raise UsageError(f"--budget must be a positive number of seconds (got {budget_s})")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as in run_training: the same kernels a real run gets
+    if cfg.loader == "torch":  # torch repeats our contention finding as a multi-line warning per loader start
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+    left = lambda: budget_s - (time.perf_counter() - t0)  # noqa: E731
+    if steps is None:  # a first estimate of the step time from one untimed step
+        probe = measure(cfg, data, device, 1, "probe", warmup_steps=1)
+        steps = max(MIN_STEPS, min(MAX_STEPS, math.ceil(TARGET_WINDOW_S / max(probe.window_s, 1e-6))))
+        _say(stream, f"probe: one step {probe.step_ms:.1f} ms -> {steps} timed steps per window")
+    _say(stream, "baseline r1 ...")
+    baseline = [measure(cfg, data, device, steps, "baseline r1", gpu_profile=True)]
+    _say(stream, f"baseline r1: {_one_line(baseline[0])}")
+    diag = classify(baseline[0])
+    _say(stream, f"diagnosis: {diag.label}: " + "; ".join(diag.evidence + diag.findings))
+    cands = propose(cfg, host_facts(cfg, device), diag, COMPILE_COST_S)
+    if only is not None:
+        for c in cands:
+            if c.status == "proposed" and not any(c.key.startswith(k) for k in only):
+                c.status, c.reason = "not asked for", f"only {', '.join(only)} requested"
+    runnable = [c for c in cands if c.status == "proposed"]
+    base_cost = lambda: statistics.median(m.cost_s or 0.0 for m in baseline)  # noqa: E731
+    est = lambda c: (statistics.median(m.cost_s or 0.0 for m in c.measurements) if c.measurements  # noqa: E731
+                     else base_cost() * c.cost_factor + c.extra_cost_s)
+    reps = choose_repeats([est(c) for c in runnable], base_cost(), left(), repeats)
+    _say(stream, f"plan: {len(runnable)} runnable candidate(s), {reps} repeat(s) of {steps} steps each as the "
+                 f"{left():.0f} s left allow; {len(cands) - len(runnable)} listed without a run")
+    for r in range(1, reps + 1):
+        eligible = [c for c in runnable if c.status in ("proposed", "measured", "cut")]
+        kept = set(plan_round([est(c) for c in eligible], base_cost(), left(), reps - r + 1))
+        for i, c in enumerate(eligible):
+            if i not in kept or est(c) > left():
+                if not c.measurements:
+                    c.status, c.reason = "cut", f"budget: one run needs ~{est(c):.0f} s"
+                continue
+            try:
+                m = measure(cfg.replace(**c.changes), data, device, steps, f"{c.key} r{r}")
+            except Exception as e:  # noqa: BLE001 -- a candidate that fails here is reported, not fatal
+                if is_out_of_memory(e):
+                    release_device_memory(device)
+                c.status, c.reason = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                _say(stream, f"{c.key} r{r}: failed: {c.reason}")
+                continue
+            c.measurements.append(m)
+            c.status, c.reason = "measured", ""
+            _say(stream, f"{c.key} r{r}: {_one_line(m)}")
+        if r < reps and base_cost() <= left():
+            baseline.append(measure(cfg, data, device, steps, f"baseline r{r + 1}"))
+            _say(stream, f"baseline r{r + 1}: {_one_line(baseline[-1])}")
+    cuts = [f"{c.key} ({' '.join(c.flags)}): not run, {c.reason}" for c in cands if c.status == "cut"]
+    cuts += [f"{c.key}: {len(c.measurements)} of {reps} repeat(s) (budget)" for c in cands
+             if c.status == "measured" and len(c.measurements) < reps]
+    if len(baseline) < reps:
+        cuts.append(f"baseline: {len(baseline)} of {reps} repeat(s) (budget)")
+    if reps < repeats:
+        cuts.insert(0, f"repeats: {reps} instead of {repeats} to fit the {budget_s:.0f} s budget")
+    base = summarize(baseline)
+    assert base is not None
+    noise, noise_note = noise_share(base)
+    ranked = rank(cands, base)
+    best = next((c for c, _, g in ranked if g > noise), None)
+    result = DoctorResult(
+        config=cfg, device=str(device), environment=environment(device), data_description=data.description,
+        budget_s=budget_s, steps=steps, warmup_steps=baseline[0].warmup_steps, repeats=reps, baseline=baseline,
+        diagnosis=diag, candidates=cands, noise=noise, noise_note=noise_note, ranked=ranked, best=best,
+        recommendation="", cuts=cuts,
+    )
+    result.recommendation = recommendation(result)
+    result.elapsed_s = time.perf_counter() - t0
+    return result
+
+
+def recommendation(result: DoctorResult) -> str:
+    base = result.baseline_summary
+    if result.best is None:
+        return (f"recommendation: no change found that helps by more than the noise ({result.noise:.0%}); "
+                f"keep the current flags ({base.images_per_s_median:.1f} img/s)")
+    s = summarize(result.best.measurements)
+    assert s is not None
+    g = s.images_per_s_median / base.images_per_s_median - 1.0
+    note = f"; {result.best.note}" if result.best.note else ""
+    return (f"recommendation: add {' '.join(result.best.flags)} -> {s.images_per_s_median:.1f} img/s vs "
+            f"{base.images_per_s_median:.1f} (+{g:.0%}, step {s.step_ms_median:.0f} vs {base.step_ms_median:.0f} ms; "
+            f"noise {result.noise:.0%}){note}")
+
+
+def run_doctor(cfg: TrainConfig, budget_s: float | None, out_dir: str | Path, stream: TextIO | None) -> DoctorResult:
+    """`cifarlab doctor`: validate, load the data once, diagnose, print the table, write the folder."""
+    if budget_s is not None and (not math.isfinite(budget_s) or budget_s <= 0):
+        raise UsageError(f"--budget must be a positive number of seconds (got {budget_s})")
+    device, data = prepare(cfg.replace(out_dir=str(out_dir)))
+    _say(stream, f"doctor: {data.description}")
+    _say(stream, f"device: {device}; loader {cfg.loader}" + (f", workers {cfg.workers}" if cfg.loader == "torch" else "")
+         + f", batch {cfg.batch_size}; budget {budget_s if budget_s is not None else DEFAULT_BUDGET_S[device.type]:.0f} s")
+    result = diagnose(cfg, data, device, budget_s, stream=stream)
+    result.path = doctor_report.write_folder(result, out_dir)
+    _say(stream, doctor_report.console_text(result))
+    return result

@@ -1,0 +1,413 @@
+"""The doctor's judgement, as pure functions over measured numbers: what one measurement holds, which
+bottleneck class it shows (thresholds below, printed with every diagnosis), which changes address it,
+and how measured candidates rank against the baseline's noise. No torch, no clocks, no files here:
+doctor.py measures, doctor_report.py writes."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cifarlab.config import TrainConfig
+
+# ---------------------------------------------------------------------------- classification thresholds
+DATA_BOUND_SHARE = 0.20  # data wait >= 20% of the step: data-bound
+COPY_BOUND_SHARE = 0.15  # host->device copy >= 15% of the step: copy-bound
+HOST_OTHER_SHARE = 0.25  # host bookkeeping between steps (other) >= 25% of the step: host-bound
+LAUNCH_BOUND_BUSY = 0.60  # CUDA: GPU kernels busy < 60% of the compute segment: launch-bound
+MEMORY_LIMITED_SHARE = 0.90  # peak memory >= 90% of the GPU's (CPU: physical) memory: memory-limited
+CPU_STARVED_SHARE = 0.75  # CPU training got < 75% of the core time its threads could use: contended
+
+THRESHOLDS: dict[str, str] = {
+    "data-bound": f"data wait >= {DATA_BOUND_SHARE:.0%} of the step",
+    "copy-bound": f"host-to-device copy >= {COPY_BOUND_SHARE:.0%} of the step",
+    "launch/host-bound": f"host bookkeeping (other) >= {HOST_OTHER_SHARE:.0%} of the step, or on CUDA "
+                         f"GPU kernels busy < {LAUNCH_BOUND_BUSY:.0%} of the compute segment",
+    "memory-limited": f"peak memory >= {MEMORY_LIMITED_SHARE:.0%} of the device's memory",
+    "compute-bound": "none of the above: the step is the model's own work",
+    "CPU contended (finding)": f"CPU training process got < {CPU_STARVED_SHARE:.0%} of the core time its "
+                               "threads could use",
+}
+CLASS_ORDER = ("data-bound", "copy-bound", "launch/host-bound", "memory-limited", "compute-bound")
+
+# ------------------------------------------------------------------------------------ noise and ranking
+MIN_NOISE_SHARE = 0.03  # a gain must beat the baseline's repeat spread, and never less than 3%
+UNKNOWN_NOISE_SHARE = 0.10  # noise assumed when the baseline has a single repeat
+
+PARTS = ("data", "h2d", "compute", "other", "start")  # the parts of a step; they add up to step_ms
+MEASUREMENT_NOTES: dict[str, str] = {
+    "window_s": "wall time of `steps` training steps on a loader that is already running (worker start-up and "
+                "warm-up steps excluded; loader restarts inside the window included), device synchronized at "
+                "both ends; evaluation never inside",
+    "start_s": "the epoch start (below) amortized over a full epoch: epoch_start_s x steps / steps_per_epoch "
+               "(0 when the loader restarted inside the window, which then holds that cost itself)",
+    "step_ms": "(window_s + start_s) / steps: what one step costs in a real epoch; data + h2d + compute + other + "
+               "start add up to it",
+    "data_s": "blocked waiting for the next batch, excl. the host-to-device copy",
+    "h2d_s": "host-to-device copy of the batch (and channels_last re-layout), device synchronized; "
+             "null without sync timing",
+    "compute_s": "zero_grad + forward + loss + backward + optimizer step, device synchronized; null without sync timing",
+    "other_s": "window_s minus the parts above: loss/accuracy bookkeeping between steps",
+    "epoch_start_s": "creating the loader's iterator (starting workers) plus its first batch, timed once before warm-up",
+    "images_per_s": "training images in the window / (window_s + start_s); candidates are ranked by it",
+    "process_cpu_s": "CPU time of the training process (all its threads) during the window",
+    "workers_cpu_s": "CPU time of the loader worker processes during the window (null: no workers, or unreadable)",
+    "peak_memory_bytes": "CUDA: torch.cuda.max_memory_allocated over the window; CPU: the process's peak RSS "
+                         "so far (a high-water mark that includes the dataset and earlier measurements)",
+    "gpu_busy_s": "CUDA only: union of GPU kernel/memcpy intervals per torch.profiler over a separate profiled "
+                  "window, scaled to the timed window's steps",
+}
+
+
+@dataclass
+class Measurement:
+    """One timed window of one configuration: plain numbers, so the classifier is a pure function."""
+
+    label: str
+    steps: int
+    images: int
+    window_s: float
+    data_s: float
+    h2d_s: float | None
+    compute_s: float | None
+    other_s: float
+    device_type: str = "cpu"
+    torch_threads: int = 1
+    usable_cpus: int = 1
+    loader: str = "device"
+    workers: int = 0
+    epoch_start_s: float | None = None
+    warmup_steps: int = 0
+    warmup_s: float | None = None
+    cost_s: float | None = None  # wall time of the whole measurement (setup + warm-up + window)
+    restarts: int = 0
+    process_cpu_s: float | None = None
+    workers_cpu_s: float | None = None
+    peak_memory_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    gpu_busy_s: float | None = None  # kernel busy time scaled to `steps` steps (CUDA)
+    steps_per_epoch: int | None = None
+    load_average: float | None = None  # 1-minute load average at the end of the window (other processes too)
+    status: str = "ok"  # ok | diverged
+
+    @property
+    def start_s(self) -> float:
+        if self.restarts or not self.epoch_start_s or not self.steps_per_epoch:
+            return 0.0
+        return self.epoch_start_s * self.steps / self.steps_per_epoch
+
+    @property
+    def total_s(self) -> float:
+        return self.window_s + self.start_s
+
+    @property
+    def step_ms(self) -> float:
+        return 1000.0 * self.total_s / self.steps if self.steps else float("nan")
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.total_s if self.total_s > 0 else float("nan")
+
+    def share(self, part: str) -> float | None:
+        value = getattr(self, f"{part}_s")
+        return None if value is None or self.total_s <= 0 else value / self.total_s
+
+    def per_step_ms(self, part: str) -> float | None:
+        value = getattr(self, f"{part}_s")
+        return None if value is None or not self.steps else 1000.0 * value / self.steps
+
+    @property
+    def cpu_share(self) -> float | None:
+        """CPU training: core time the process got / core time its threads could have used."""
+        if self.process_cpu_s is None or self.device_type != "cpu" or self.window_s <= 0:
+            return None
+        return self.process_cpu_s / (self.window_s * max(1, min(self.torch_threads, self.usable_cpus)))
+
+    @property
+    def gpu_busy_share(self) -> float | None:
+        if self.gpu_busy_s is None or not self.compute_s:
+            return None
+        return self.gpu_busy_s / self.compute_s
+
+    @property
+    def memory_share(self) -> float | None:
+        if not self.peak_memory_bytes or not self.memory_total_bytes:
+            return None
+        return self.peak_memory_bytes / self.memory_total_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(start_s=self.start_s, step_ms=self.step_ms, images_per_s=self.images_per_s, cpu_share=self.cpu_share,
+                 gpu_busy_share=self.gpu_busy_share, memory_share=self.memory_share)
+        return d
+
+
+@dataclass
+class Diagnosis:
+    label: str  # one of CLASS_ORDER
+    evidence: list[str]  # one sentence per criterion that fired (or why none did)
+    findings: list[str]  # secondary facts: "CPU contended", workers oversubscribing
+    tags: set[str] = field(default_factory=set)  # what candidates should address: data, copy, host, memory, compute, contention
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "evidence": self.evidence, "findings": self.findings,
+                "addresses": sorted(self.tags), "thresholds": THRESHOLDS}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def classify(m: Measurement) -> Diagnosis:
+    """The bottleneck class of one measurement: the first of CLASS_ORDER whose criterion fires."""
+    fired: list[tuple[str, str, str]] = []  # (class, tag, evidence)
+    data, copy, other = m.share("data"), m.share("h2d"), m.share("other")
+    data = None if data is None else data + (m.share("start") or 0.0)  # loader start-up is data wait too (C2)
+    if data is not None and data >= DATA_BOUND_SHARE:
+        fired.append(("data-bound", "data", f"data wait (incl. the amortized epoch start) is {_pct(data)} of the step "
+                      f"(>= {_pct(DATA_BOUND_SHARE)})"))
+    if copy is not None and copy >= COPY_BOUND_SHARE:
+        fired.append(("copy-bound", "copy", f"host-to-device copy is {_pct(copy)} of the step (>= {_pct(COPY_BOUND_SHARE)})"))
+    if other is not None and other >= HOST_OTHER_SHARE and m.compute_s is not None:
+        fired.append(("launch/host-bound", "host",
+                      f"host bookkeeping between steps is {_pct(other)} of the step (>= {_pct(HOST_OTHER_SHARE)})"))
+    busy = m.gpu_busy_share
+    if busy is not None and busy < LAUNCH_BOUND_BUSY:
+        fired.append(("launch/host-bound", "host", f"GPU kernels are busy only {_pct(busy)} of the compute segment "
+                      f"(< {_pct(LAUNCH_BOUND_BUSY)}): the GPU waits for the host to launch work"))
+    mem = m.memory_share
+    if mem is not None and mem >= MEMORY_LIMITED_SHARE:
+        fired.append(("memory-limited", "memory", f"peak memory is {_pct(mem)} of the device's (>= {_pct(MEMORY_LIMITED_SHARE)})"))
+    findings: list[str] = []
+    tags: set[str] = set()
+    cpu = m.cpu_share
+    if cpu is not None and cpu < CPU_STARVED_SHARE:
+        tags.add("contention")
+        text = (f"CPU contended: the training process got {_pct(cpu)} of the core time its "
+                f"{min(m.torch_threads, m.usable_cpus)} thread(s) could use (< {_pct(CPU_STARVED_SHARE)})")
+        if m.workers_cpu_s is not None and m.window_s > 0:
+            text += f"; its {m.workers} loader workers used {m.workers_cpu_s / m.window_s:.2f} cores meanwhile"
+        if m.load_average is not None:
+            text += f"; load average {m.load_average:.1f} on {m.usable_cpus} usable core(s) (all processes)"
+        findings.append(text)
+    if m.device_type == "cpu" and m.loader == "torch" and m.workers > 0 and m.workers + m.torch_threads > m.usable_cpus:
+        tags.add("contention")
+        used = (f" (measured: they used {m.workers_cpu_s / m.window_s:.2f} cores during the window; their start-up "
+                f"costs {m.epoch_start_s:.2f} s per epoch)" if m.workers_cpu_s is not None and m.window_s > 0
+                and m.epoch_start_s is not None else "")
+        findings.append(f"{m.workers} loader workers + {m.torch_threads} training threads on {m.usable_cpus} usable "
+                        f"core(s): the workers can compete with training for the same cores{used}")
+    if fired:
+        label = min(fired, key=lambda f: CLASS_ORDER.index(f[0]))[0]
+        tags |= {f[1] for f in fired}
+        evidence = [f[2] for f in fired]
+    else:
+        label = "compute-bound"
+        tags.add("compute")
+        parts = ", ".join(f"{p} {_pct(s)}" for p in PARTS if (s := m.share(p)) is not None)
+        evidence = [f"no other criterion fired ({parts} of the step)"]
+        if busy is not None:
+            evidence.append(f"GPU kernels busy {_pct(busy)} of the compute segment")
+    return Diagnosis(label=label, evidence=evidence, findings=findings, tags=tags)
+
+
+# ------------------------------------------------------------------------------------------ candidates
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What decides whether a candidate can run here (gathered by doctor.py)."""
+
+    device_type: str
+    usable_cpus: int
+    precision: str  # the baseline's resolved precision
+    cuda_bf16: bool = False
+    cpu_bf16: bool = False
+    cpu_fp16: bool = False
+    cxx_compiler: bool = True
+    has_cuda_graph_field: bool = False
+
+
+@dataclass
+class Candidate:
+    key: str
+    flags: list[str]
+    changes: dict[str, Any]  # TrainConfig.replace(**changes)
+    why: str
+    addresses: tuple[str, ...]  # diagnosis tags it targets
+    status: str = "proposed"  # proposed | measured | not applicable here | already set | cut | failed
+    reason: str = ""  # for not applicable / cut / failed
+    cost_factor: float = 1.0  # estimated cost relative to the baseline's measurement
+    extra_cost_s: float = 0.0  # e.g. compilation
+    note: str = ""
+    measurements: list[Measurement] = field(default_factory=list)
+
+
+def _flag(name: str, value: Any) -> str:
+    return f"--{name} {value}"
+
+
+def propose(cfg: TrainConfig, host: HostFacts, diagnosis: Diagnosis, compile_s: dict[str, float]) -> list[Candidate]:
+    """Every change cifarlab can make, each either runnable here or marked with the reason it is not;
+    ordered so those that address the diagnosis come first (the budget cuts from the end)."""
+    out: list[Candidate] = []
+    cuda = host.device_type == "cuda"
+    add = out.append
+    if cfg.loader == "torch":
+        cores = host.usable_cpus
+        down = sorted({0, max(cores - 1, 0), cores} - {cfg.workers})
+        for w in [w for w in down if w < cfg.workers][::-1]:
+            add(Candidate(f"workers-{w}", [_flag("workers", w)], {"workers": w},
+                          f"fewer loader workers ({cfg.workers} -> {w}) leave cores to training", ("contention", "host", "compute")))
+        up = min(max(1, 2 * cfg.workers), max(cores - 1, 1))
+        if up > cfg.workers:
+            add(Candidate(f"workers-{up}", [_flag("workers", up)], {"workers": up},
+                          f"more loader workers ({cfg.workers} -> {up}, bounded by {cores} usable cores)", ("data",)))
+        elif "data" in diagnosis.tags:
+            add(Candidate("workers-up", ["--workers N"], {}, "more loader workers", ("data",), status="not applicable here",
+                          reason=f"already {cfg.workers} workers on {cores} usable core(s); more would only compete"))
+        add(Candidate("loader-device", ["--loader device"], {"loader": "device"},
+                      "device-resident data with batched crop/flip: no workers, no per-image PIL work, no copy",
+                      ("data", "copy", "contention", "host")))
+        if not cuda:
+            add(Candidate("pin-memory", ["--pin-memory"], {}, "page-locked batches for faster copies", ("copy",),
+                          status="not applicable here", reason="pinned memory speeds host-to-CUDA copies; this run trains on the CPU"))
+        elif cfg.pin_memory is False:
+            add(Candidate("pin-memory", ["--pin-memory"], {"pin_memory": True}, "page-locked batches for async copies", ("copy",)))
+    if not cfg.channels_last:
+        add(Candidate("channels-last", ["--channels-last"], {"channels_last": True}, "NHWC layout for convolutions", ("compute",)))
+    if host.precision == "fp32":
+        if cuda and host.cuda_bf16 or not cuda and host.cpu_bf16:
+            add(Candidate("bf16", ["--precision bf16"], {"precision": "bf16"}, "bf16 autocast", ("compute", "memory"),
+                          cost_factor=1.0 if cuda else 4.0))
+        else:
+            add(Candidate("bf16", ["--precision bf16"], {}, "bf16 autocast", ("compute", "memory"), status="not applicable here",
+                          reason="this GPU does not support bf16" if cuda else
+                          "this CPU has no avx512_bf16/amx_bf16: bf16 autocast would be emulated (about 10x slower)"))
+        if cuda or host.cpu_fp16:
+            add(Candidate("fp16", ["--precision fp16"], {"precision": "fp16"}, "fp16 autocast with a GradScaler",
+                          ("compute", "memory"), cost_factor=1.0 if cuda else 4.0))
+        else:
+            add(Candidate("fp16", ["--precision fp16"], {}, "fp16 autocast", ("compute", "memory"), status="not applicable here",
+                          reason="this CPU has no avx512_fp16/amx_fp16: fp16 autocast would be emulated"))
+    if not cuda:
+        add(Candidate("cuda-graph", ["--cuda-graph on"], {}, "captured step (CUDA graph replay)", ("host",),
+                      status="not applicable here", reason="a captured step needs CUDA; this run trains on the CPU"))
+    elif not host.has_cuda_graph_field:
+        add(Candidate("cuda-graph", ["--cuda-graph on"], {}, "captured step (CUDA graph replay)", ("host",),
+                      status="not applicable here", reason="this cifarlab has no captured step"))
+    elif getattr(cfg, "cuda_graph", "off") != "on":
+        add(Candidate("cuda-graph", ["--cuda-graph on"], {"cuda_graph": "on"}, "one graph launch per step instead of "
+                      "hundreds of kernel launches", ("host",), extra_cost_s=compile_s["cuda_graph"]))
+    if cfg.compile == "none":
+        mode = "reduce-overhead" if cuda and "host" in diagnosis.tags else "default"
+        if not cuda and not host.cxx_compiler:
+            add(Candidate("compile", [_flag("compile", mode)], {}, "torch.compile", ("compute", "host"),
+                          status="not applicable here", reason="no C++ compiler for inductor's CPU code"))
+        else:
+            add(Candidate("compile", [_flag("compile", mode)], {"compile": mode}, f"torch.compile ({mode}): fused kernels",
+                          ("compute", "host"), extra_cost_s=compile_s[host.device_type]))
+    if "memory" in diagnosis.tags and cfg.batch_size >= 2:
+        b = cfg.batch_size // 2
+        add(Candidate(f"batch-{b}", [_flag("batch-size", b), _flag("lr", _lr(cfg.lr * b / cfg.batch_size))],
+                      {"batch_size": b, "lr": cfg.lr * b / cfg.batch_size}, "half the batch: room below the memory limit",
+                      ("memory",), cost_factor=0.5, note="linear LR scaling: lr x new/old batch"))
+    else:
+        b = cfg.batch_size * 2
+        add(Candidate(f"batch-{b}", [_flag("batch-size", b), _flag("lr", _lr(cfg.lr * 2))],
+                      {"batch_size": b, "lr": cfg.lr * 2}, "twice the batch: per-step overhead paid half as often",
+                      ("host", "compute", "data"), cost_factor=2.0,
+                      note="linear LR scaling (lr x 2); accuracy per epoch changes with the batch, so this is a "
+                           "throughput figure -- check accuracy before adopting it"))
+    if cfg.sync_timing:
+        if cuda:
+            add(Candidate("no-sync-timing", ["--no-sync-timing"], {"sync_timing": False},
+                          "no device synchronization at every clock read", ("host",),
+                          note="the data/h2d/compute split is then unknown; epoch time and data wait stay exact"))
+        else:
+            add(Candidate("no-sync-timing", ["--no-sync-timing"], {}, "fewer host syncs", ("host",),
+                          status="not applicable here", reason="on a CPU there is nothing to synchronize (sync timing is free)"))
+    for c in out:
+        if c.status == "proposed" and not c.changes:
+            c.status, c.reason = "not applicable here", c.reason or "nothing to change"
+    # stable sort: candidates that address the diagnosis first, in the order above
+    return sorted(out, key=lambda c: 0 if set(c.addresses) & diagnosis.tags else 1)
+
+
+def _lr(x: float) -> str:
+    return f"{x:.6g}"
+
+
+# -------------------------------------------------------------------------------------------- summary
+
+
+@dataclass
+class Summary:
+    repeats: int
+    images_per_s_median: float
+    images_per_s_min: float
+    images_per_s_max: float
+    step_ms_median: float
+    parts_ms: dict[str, float | None]  # per-step median of each part
+
+    @property
+    def spread_share(self) -> float:
+        return (self.images_per_s_max - self.images_per_s_min) / self.images_per_s_median
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "spread_share": self.spread_share}
+
+
+def summarize(ms: list[Measurement]) -> Summary | None:
+    if not ms:
+        return None
+    ips = [m.images_per_s for m in ms]
+    parts: dict[str, float | None] = {}
+    for p in PARTS:
+        vals = [v for m in ms if (v := m.per_step_ms(p)) is not None]
+        parts[p] = statistics.median(vals) if len(vals) == len(ms) else None
+    return Summary(len(ms), statistics.median(ips), min(ips), max(ips), statistics.median([m.step_ms for m in ms]), parts)
+
+
+def noise_share(baseline: Summary) -> tuple[float, str]:
+    """The gain a candidate must beat, and how it was defined."""
+    if baseline.repeats < 2:
+        return UNKNOWN_NOISE_SHARE, f"{_pct(UNKNOWN_NOISE_SHARE)} (assumed: the baseline ran once, so its spread is unknown)"
+    spread = baseline.spread_share
+    used = max(spread, MIN_NOISE_SHARE)
+    return used, (f"{_pct(used)} (the baseline's min-max spread over {baseline.repeats} repeats, "
+                  f"{_pct(spread)}, floored at {_pct(MIN_NOISE_SHARE)})")
+
+
+def gain(candidate: Summary, baseline: Summary) -> float:
+    return candidate.images_per_s_median / baseline.images_per_s_median - 1.0
+
+
+def rank(candidates: list[Candidate], baseline: Summary) -> list[tuple[Candidate, Summary, float]]:
+    """Measured candidates, fastest first by median images/s."""
+    rows = [(c, s, gain(s, baseline)) for c in candidates if c.status == "measured" and (s := summarize(c.measurements))]
+    return sorted(rows, key=lambda r: -r[1].images_per_s_median)
+
+
+def plan_round(costs_s: list[float], baseline_cost_s: float, left_s: float, rounds: int) -> list[int]:
+    """Indices of the candidates (costs in priority order) to run in each of the `rounds` rounds left,
+    keeping room for rounds-1 baseline repeats; one that does not fit is skipped, cheaper ones after it
+    may still fit."""
+    total, kept = (rounds - 1) * baseline_cost_s, []
+    for i, cost in enumerate(costs_s):
+        if total + rounds * cost <= left_s:
+            total += rounds * cost
+            kept.append(i)
+    return kept
+
+
+MIN_CANDIDATES = 3  # repeats are cut (down to 2) before the candidates measured fall below this many
+
+
+def choose_repeats(costs_s: list[float], baseline_cost_s: float, left_s: float, repeats: int) -> int:
+    need = min(MIN_CANDIDATES, len(costs_s))
+    for r in range(repeats, 1, -1):
+        if len(plan_round(costs_s, baseline_cost_s, left_s, r)) >= need:
+            return r
+    return 1

@@ -1,0 +1,184 @@
+"""The doctor's outputs from a finished DoctorResult: the console table, doctor.json (schema
+"cifarlab.doctor/1"), doctor.md and the before/after step-time chart, in a new run-style folder."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cifarlab.doctor_advice import MEASUREMENT_NOTES, PARTS, THRESHOLDS, Candidate, Summary, summarize
+from cifarlab.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
+from cifarlab.runs import create_run_dir, utc_now
+
+if TYPE_CHECKING:
+    from cifarlab.doctor import DoctorResult
+
+DOCTOR_SCHEMA = "cifarlab.doctor/1"
+CHART_NAME = "doctor_step_split.png"
+
+
+def current_setting(result: "DoctorResult") -> str:
+    c = result.config
+    loader = f"--loader torch --workers {c.workers}" if c.loader == "torch" else "--loader device"
+    return (f"{loader} --batch-size {c.batch_size} --precision {c.precision} "
+            f"--{'' if c.channels_last else 'no-'}channels-last --compile {c.compile}"
+            f"{'' if c.sync_timing else ' --no-sync-timing'}")
+
+
+def _cand_dict(c: Candidate, base: Summary) -> dict[str, Any]:
+    s = summarize(c.measurements)
+    return {"key": c.key, "flags": c.flags, "changes": c.changes, "why": c.why, "addresses": list(c.addresses),
+            "status": c.status, "reason": c.reason, "note": c.note,
+            "measurements": [m.to_dict() for m in c.measurements], "summary": s.to_dict() if s else None,
+            "gain_share": (s.images_per_s_median / base.images_per_s_median - 1.0) if s else None}
+
+
+def to_json(result: "DoctorResult") -> dict[str, Any]:
+    base = result.baseline_summary
+    return {
+        "schema": DOCTOR_SCHEMA,
+        "created": utc_now(),
+        "environment": result.environment,
+        "config": result.config.to_dict(),
+        "data": result.data_description,
+        "budget": {"budget_s": result.budget_s, "elapsed_s": result.elapsed_s, "cuts": result.cuts},
+        "method": {"steps": result.steps, "warmup_steps": result.warmup_steps, "repeats": result.repeats,
+                   "order": "baseline, then rounds of every candidate with a baseline repeat between rounds; "
+                            "each measurement builds a fresh model and loader from the same seed",
+                   "includes": MEASUREMENT_NOTES, "thresholds": THRESHOLDS},
+        "baseline": {"setting": current_setting(result), "measurements": [m.to_dict() for m in result.baseline],
+                     "summary": base.to_dict()},
+        "diagnosis": result.diagnosis.to_dict(),
+        "noise": {"share": result.noise, "definition": result.noise_note},
+        "candidates": [_cand_dict(c, base) for c in result.candidates],
+        "ranking": [c.key for c, _, _ in result.ranked],
+        "best": result.best.key if result.best else None,
+        "recommendation": result.recommendation,
+    }
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def table_rows(result: "DoctorResult") -> list[list[str]]:
+    base = result.baseline_summary
+    head = ["rank", "change", "img/s median", "min-max", "step ms", *(f"{p} ms" for p in PARTS), "gain", "verdict"]
+    rows = [head, ["-", f"baseline ({current_setting(result)})", f"{base.images_per_s_median:.1f}",
+                   f"{base.images_per_s_min:.1f}-{base.images_per_s_max:.1f}", f"{base.step_ms_median:.1f}",
+                   *(_ms(base.parts_ms[p]) for p in PARTS), "", f"{base.repeats} repeat(s)"]]
+    for i, (c, s, g) in enumerate(result.ranked, 1):
+        verdict = "helps" if g > result.noise else ("slower" if g < -result.noise else "within noise")
+        rows.append([str(i), " ".join(c.flags), f"{s.images_per_s_median:.1f}",
+                     f"{s.images_per_s_min:.1f}-{s.images_per_s_max:.1f}", f"{s.step_ms_median:.1f}",
+                     *(_ms(s.parts_ms[p]) for p in PARTS), f"{g:+.0%}", f"{verdict} ({s.repeats} rep)"])
+    return rows
+
+
+def _listed(result: "DoctorResult") -> list[str]:
+    return [f"{' '.join(c.flags)}: {c.status}: {c.reason}" for c in result.candidates
+            if c.status not in ("measured", "cut")]  # cut ones are in result.cuts
+
+
+def _measured_facts(result: "DoctorResult") -> list[str]:
+    m = result.baseline[0]
+    out = [f"steps per window: {result.steps} (after {result.warmup_steps} untimed warm-up step(s)); "
+           f"epoch start (iterator + first batch): {m.epoch_start_s:.2f} s, not in the window"]
+    if m.cpu_share is not None:
+        out.append(f"training process CPU: {m.process_cpu_s / m.window_s:.2f} cores busy of "
+                   f"{min(m.torch_threads, m.usable_cpus)} its threads could use ({m.cpu_share:.0%})"
+                   + (f"; loader workers: {m.workers_cpu_s / m.window_s:.2f} cores" if m.workers_cpu_s is not None else ""))
+    if m.gpu_busy_share is not None:
+        out.append(f"GPU busy: {m.gpu_busy_share:.0%} of the compute segment (kernels per torch.profiler)")
+    elif m.device_type == "cuda":
+        out.append("GPU busy: not measured (no sync timing, or the profiler returned no kernel events)")
+    else:
+        out.append("GPU busy fraction: not applicable here (the run trains on the CPU)")
+    if m.peak_memory_bytes:
+        what = "peak allocated on the GPU" if m.device_type == "cuda" else "process peak RSS (high-water mark)"
+        out.append(f"memory: {what} {m.peak_memory_bytes / 2**20:.0f} MiB of {m.memory_total_bytes / 2**20:.0f} MiB")
+    return out
+
+
+def console_text(result: "DoctorResult") -> str:
+    rows = table_rows(result)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["", "thresholds: " + "; ".join(f"{k}: {v}" for k, v in THRESHOLDS.items()),
+             f"diagnosis: {result.diagnosis.label} -- " + "; ".join(result.diagnosis.evidence)]
+    lines += [f"finding: {f}" for f in result.diagnosis.findings]
+    lines += _measured_facts(result)
+    lines.append(f"noise: {result.noise_note}")
+    lines.append("")
+    lines += ["  ".join(cell.rjust(w) if j >= 2 else cell.ljust(w) for j, (cell, w) in enumerate(zip(r, widths)))
+              for r in rows]
+    lines += [f"  {x}" for x in _listed(result)]
+    lines += [f"cut: {x}" for x in result.cuts]
+    lines.append(result.recommendation)
+    lines.append(f"doctor took {result.elapsed_s:.0f} s of a {result.budget_s:.0f} s budget"
+                 + (f"; folder {result.path}" if result.path else ""))
+    return "\n".join(lines)
+
+
+def markdown(result: "DoctorResult") -> str:
+    rows = table_rows(result)
+    md = ["# cifarlab doctor", "", f"- data: {result.data_description}",
+          f"- device: {result.environment.get('gpu_name') or result.environment.get('cpu_model')} ({result.device}); "
+          f"{result.environment.get('cpu_count_usable')} usable CPU cores, torch {result.environment.get('torch')}",
+          f"- baseline: `{current_setting(result)}`", "", f"**{result.recommendation}**", "",
+          f"## Diagnosis: {result.diagnosis.label}", ""]
+    md += [f"- {e}" for e in result.diagnosis.evidence + result.diagnosis.findings + _measured_facts(result)]
+    md += ["", "Thresholds: " + "; ".join(f"{k}: {v}" for k, v in THRESHOLDS.items()) + ".", "",
+           "## Every change, rerun", "", f"Noise: {result.noise_note}.", ""]
+    md.append("| " + " | ".join(rows[0]) + " |")
+    md.append("|" + "---|" * len(rows[0]))
+    md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    md += [""] + [f"- {x}" for x in _listed(result)] + [f"- cut: {x}" for x in result.cuts]
+    md += ["", f"![step time split]({CHART_NAME})", "", "What each figure includes:", ""]
+    md += [f"- `{k}`: {v}" for k, v in MEASUREMENT_NOTES.items()]
+    return "\n".join(md) + "\n"
+
+
+def chart_png(result: "DoctorResult") -> bytes:
+    """Stacked per-step split, baseline vs the best change (baseline alone when none helps)."""
+    # matplotlib is imported here on purpose: it is slow to import and only this chart needs it.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars: list[tuple[str, Summary]] = [("baseline", result.baseline_summary)]
+    if result.best is not None and (s := summarize(result.best.measurements)) is not None:
+        bars.append((" ".join(result.best.flags), s))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, (name, s) in enumerate(bars):
+        bottom = 0.0
+        known = {p: s.parts_ms[p] for p in PARTS}
+        if known["compute"] is None:  # no sync timing: only data and the rest are known
+            known = {"data": known["data"], "h2d": None, "compute": None, "start": known["start"],
+                     "other": s.step_ms_median - (known["data"] or 0.0) - (known["start"] or 0.0)}
+        for p, color in zip(PARTS, ("tab:orange", "tab:purple", "tab:blue", "tab:gray", "tab:red")):
+            v = known[p]
+            if v:
+                ax.bar(i, v, bottom=bottom, color=color, label=p if i == 0 or p not in ax.get_legend_handles_labels()[1] else None)
+                bottom += v
+        ax.text(i, bottom, f"{s.step_ms_median:.0f} ms\n{s.images_per_s_median:.1f} img/s", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars])
+    ax.set_ylabel("ms per step (median)")
+    ax.set_title("Step time split, before vs after the best change")
+    ax.margins(y=0.2)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_folder(result: "DoctorResult", out_dir: str | Path) -> Path:
+    path = create_run_dir(out_dir, "doctor")
+    result.path = path
+    write_json_atomic(path / "doctor.json", to_json(result))
+    write_bytes_atomic(path / CHART_NAME, chart_png(result))
+    write_text_atomic(path / "doctor.md", markdown(result))
+    return path
