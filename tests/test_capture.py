@@ -1,0 +1,536 @@
+"""The step runner (capture.py) and its place in the engine: eager steps unchanged, the captured
+step's pieces (tensor lr, capturable optimizer flags, warm-up that restores state, eager partial batch,
+fallback with a reason) checked on the CPU; the CUDA graph itself only where CUDA is present."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cifarlab import capture, engine
+from cifarlab.capture import CAPTURE_FLAGS, CapturedStep, StepRunner, StepSums, prepare_optimizer, preserved_training_state
+from cifarlab.config import CIFAR_MEAN, CIFAR_STD, TrainConfig
+from cifarlab.errors import UsageError
+from cifarlab.models import resnet18
+from cifarlab.optim import OPTIMIZERS, build_optimizer
+
+try:  # the data package is being split out of devicedata.py
+    from cifarlab.data.device import PAD, DeviceLoader
+except ImportError:  # pragma: no cover - older layout
+    from cifarlab.devicedata import PAD, DeviceLoader
+
+CPU = torch.device("cpu")
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+
+class TinyNet(torch.nn.Module):
+    """conv + BatchNorm + linear: every kind of state the step touches, in milliseconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def cpu_capturable(monkeypatch):
+    """Adam/Adadelta refuse capturable=True on a CPU; allow it so their capturable math runs here."""
+    # (torch.optim.adam is the functional API; the module is reached by name)
+    for module in map(importlib.import_module, ("torch.optim.adam", "torch.optim.adadelta")):
+        original = module._get_capturable_supported_devices
+        monkeypatch.setattr(module, "_get_capturable_supported_devices",
+                            lambda *a, _o=original, **k: [*_o(*a, **k), "cpu"])
+
+
+def _batches(n: int, batch: int, seed: int = 1, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        out.append((torch.randn(b, 3, size, size, generator=g), torch.randint(0, 10, (b,), generator=g)))
+    return out
+
+
+def _tiny(name: str) -> tuple[TinyNet, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = TinyNet()
+    return model, build_optimizer(name, model.parameters(), 0.1, 0.9, 5e-4)
+
+
+def _params(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+
+
+def _plain_step(model, optimizer, x, y) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+# ------------------------------------------------------------------------------ learning rate
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_tensor_lr_equals_float_lr_for_each_optimizer(name, cpu_capturable):
+    """The captured step reads lr from a device tensor (so --warmup-epochs needs no recapture): with
+    the same capturable flags, a tensor lr changed between steps gives the float lr's parameters."""
+    lrs = [0.01, 0.04, 0.07, 0.1, 0.1]  # a warm-up ramp, then constant
+    results = []
+    for use_tensor in (True, False):
+        model, opt = _tiny(name)
+        lr_t = torch.tensor(lrs[0])
+        prepare_optimizer(opt, lr_t)
+        for (x, y), lr in zip(_batches(20, 4), lrs):
+            if use_tensor:
+                lr_t.fill_(lr)
+            else:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            _plain_step(model, opt, x, y)
+        results.append(_params(model))
+    for a, b in zip(*results):
+        if name == "adadelta":  # its tensor-lr path multiplies by -lr, then adds: one more rounding
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_capture_flags_keep_the_optimizer_math(name, cpu_capturable):
+    """Fused / capturable variants compute the same update as the eager foreach ones (up to rounding)."""
+    results = []
+    for flags in (True, False):
+        model, opt = _tiny(name)
+        if flags:
+            prepare_optimizer(opt, torch.tensor(0.1))
+        for x, y in _batches(16, 4):
+            _plain_step(model, opt, x, y)
+        results.append(_params(model))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert {k for g in opt.param_groups for k in CAPTURE_FLAGS[type(opt).__name__]} <= set(opt.param_groups[0])
+
+
+# --------------------------------------------------------------------- warm-up changes nothing
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("prepared", [False, True])
+def test_warm_up_inside_preserved_state_changes_nothing(name, prepared, cpu_capturable):
+    """Warm-up steps, then restore: the following real steps give bit-for-bit the weights (BatchNorm
+    statistics included) of a run without warm-up -- state the warm-up created is zeroed, which is
+    exactly a fresh state for these optimizers (the captured graph keeps those tensors)."""
+    batches = _batches(12, 4)
+    results = []
+    for warm in (True, False):
+        model, opt = _tiny(name)
+        if prepared:
+            prepare_optimizer(opt, torch.tensor(0.1))
+        if warm:
+            with preserved_training_state(model, opt, keep_new_state=lambda: True):
+                for x, y in _batches(8, 4, seed=9):
+                    _plain_step(model, opt, x, y)
+        losses = [_plain_step(model, opt, x, y) for x, y in batches]
+        results.append((_params(model), losses))
+    (pa, la), (pb, lb) = results
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb)), name
+    assert all(torch.equal(a, b) for a, b in zip(la, lb))
+
+
+def test_warm_up_without_keeping_state_leaves_the_optimizer_as_it_was():
+    model, opt = _tiny("adam")
+    with preserved_training_state(model, opt, keep_new_state=lambda: False):
+        for x, y in _batches(8, 4):
+            _plain_step(model, opt, x, y)
+    assert len(opt.state) == 0  # fresh again: no step counters or moments left behind
+
+
+# ------------------------------------------------------------------- eager runner vs history
+
+
+def _historical_epoch(model, optimizer, loader, precision="fp32"):
+    """The engine's loop before the step runner existed (commit 57b7b62), without the clock."""
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.int64)
+    first_bad = torch.full((), -1, dtype=torch.int64)
+    for steps, (inputs, targets) in enumerate(loader):
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        with capture.autocast_context(precision, CPU):
+            outputs = model(inputs)
+            loss = F.cross_entropy(outputs, targets)
+        loss.backward()
+        optimizer.step()
+        loss_d = loss.detach()
+        loss_sum += loss_d.double() * targets.shape[0]
+        correct += (outputs.detach().argmax(dim=1) == targets).sum()
+        bad = ~torch.isfinite(loss_d)
+        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, steps), first_bad)
+    return float(loss_sum), int(correct), int(first_bad)
+
+
+def _device_loader(n: int = 10, batch: int = 4, seed: int = 0) -> DeviceLoader:
+    g = torch.Generator().manual_seed(123)
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+    return DeviceLoader(images, torch.arange(n) % 10, batch, CPU, augment=True, shuffle=True, seed=seed)
+
+
+def test_eager_runner_through_the_engine_equals_the_historical_loop():
+    """ResNet-18, batch 4 with a partial last batch of 2: same weights, loss and accuracy, bit for bit."""
+    cfg = TrainConfig(batch_size=4)
+    out = []
+    for use_engine in (True, False):
+        torch.manual_seed(0)
+        model = resnet18().to(memory_format=torch.channels_last)
+        opt = build_optimizer("sgd", model.parameters(), 0.1, 0.9, 5e-4)
+        loader = _device_loader()
+        engine.seed_epoch(cfg.seed, 1, loader)
+        if use_engine:
+            state = engine.TrainState(model=model, optimizer=opt, scaler=None, device=CPU, precision="fp32")
+            record = engine.train_epoch(cfg, state, loader, epoch=1)
+            assert record.step_mode == "eager" and record.steps == 3 and record.images == 10
+            assert record.setup_s is not None and state.step_runner.note  # says why it is eager
+            sums = (record.train_loss * 10, round(record.train_acc * 10), -1)
+        else:
+            loss_sum, correct, bad = _historical_epoch(model, opt, loader)
+            sums = (loss_sum / 10 * 10, correct, bad)
+        out.append((_params(model), sums))
+    (pa, sa), (pb, sb) = out
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+    assert sa == sb
+
+
+# --------------------------------------------------- captured-step logic with a CPU stand-in graph
+
+
+class BodyReplay:
+    """CPU stand-in for a captured CUDA graph: replay() reruns the body the graph would have recorded
+    (`_graph_body` on the static buffers). It checks the runner's routing -- static-buffer feeding,
+    tensor lr, the eager partial batch, the on-device sums -- not CUDA graph capture itself."""
+
+    def __init__(self, runner: CapturedStep) -> None:
+        self.runner = runner
+
+    def replay(self) -> None:
+        self.runner._graph_body(self.runner.sums)
+
+
+def _stand_in_captured(model, opt, batch: int) -> CapturedStep:
+    runner = CapturedStep(model, opt, "fp32", CPU, batch_size=batch, sample_shape=(3, 8, 8), channels_last=False)
+    runner.lr_tensor = torch.tensor(float(opt.param_groups[0]["lr"]))
+    runner._lr_value = float(opt.param_groups[0]["lr"])
+    prepare_optimizer(opt, runner.lr_tensor)
+    runner.graph = BodyReplay(runner)
+    return runner
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_captured_runner_logic_matches_eager_and_the_partial_batch_is_exact(name, cpu_capturable):
+    batches = _batches(10, 4)  # 4, 4, 2
+    lrs = [0.05, 0.075, 0.1]
+    model_c, opt_c = _tiny(name)
+    runner = _stand_in_captured(model_c, opt_c, batch=4)
+    runner.begin_epoch()
+    for (x, y), lr in zip(batches, lrs):
+        runner.load(x, y)
+        runner.step(lr)
+    loss_sum, correct, bad = runner.read_sums()
+
+    model_e, opt_e = _tiny(name)
+    prepare_optimizer(opt_e, torch.tensor(0.1))
+    for group in opt_e.param_groups:
+        group["lr"] = 0.1
+    eager = StepRunner(model_e, opt_e, "fp32", CPU)
+    eager.begin_epoch()
+    for (x, y), lr in zip(batches[:-1], lrs):
+        eager.load(x, y)
+        eager.step(lr)
+    # The partial batch by hand: its loss is the plain mean over its 2 real images.
+    x, y = batches[-1]
+    for group in opt_e.param_groups:
+        group["lr"] = lrs[-1]
+    opt_e.zero_grad(set_to_none=True)
+    last_loss = F.cross_entropy(model_e(x), y)  # mean over the 2 real images
+    last_loss.backward()
+    opt_e.step()
+    eager_sum = eager.read_sums()[0] + float(last_loss.detach().double()) * 2
+
+    assert all(torch.equal(a, b) for a, b in zip(_params(model_c), _params(model_e)))
+    assert loss_sum == pytest.approx(eager_sum, rel=1e-12)
+    assert bad == -1 and 0 <= correct <= 10
+    assert float(runner.lr_tensor) == pytest.approx(lrs[-1])
+
+
+def test_first_non_finite_step_is_recorded_on_the_device():
+    sums = StepSums(CPU)
+    out, y = torch.zeros(2, 10), torch.zeros(2, dtype=torch.int64)
+    for loss in (1.0, 2.0, math.nan, math.inf, 1.0):
+        sums.add(torch.tensor(loss), out, y)
+    assert sums.read()[2] == 2
+    sums.reset()
+    assert sums.read() == (0.0, 0, -1)
+
+
+# --------------------------------------------------------------------------------- fallback
+
+
+def test_capture_on_a_cpu_falls_back_with_its_reason_and_trains_eagerly():
+    model, opt = _tiny("sgd")
+    flags = [dict(g) for g in opt.param_groups]
+    runner = CapturedStep(model, opt, "fp32", CPU, batch_size=4, sample_shape=(3, 8, 8), channels_last=False)
+    before = _params(model)
+    runner.setup([4, 2])
+    assert runner.mode == "eager" and not runner.captured
+    assert "CUDA" in runner.fallback_reason and runner.describe()["fallback_reason"] == runner.fallback_reason
+    assert [dict(g) for g in opt.param_groups] == flags  # foreach again, float lr
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(model)))
+
+
+def test_failure_in_the_middle_of_setup_restores_everything(monkeypatch, cpu_capturable):
+    """A capture that dies after switching the optimizer and running warm-up steps: flags, lr, weights,
+    BatchNorm statistics and optimizer state are as before, and training then equals plain eager."""
+
+    def broken(self, other_batch_sizes):
+        self.lr_tensor = torch.tensor(0.1)
+        prepare_optimizer(self.optimizer, self.lr_tensor)
+        with preserved_training_state(self.model, self.optimizer, keep_new_state=lambda: False):
+            self._graph_body(StepSums(CPU))
+            raise RuntimeError("operation not permitted when stream is capturing\nsecond line")
+
+    monkeypatch.setattr(CapturedStep, "_warm_up_and_capture", broken)
+    batches = _batches(12, 4)
+    model_a, opt_a = _tiny("adam")
+    runner = CapturedStep(model_a, opt_a, "fp32", CPU, batch_size=4, sample_shape=(3, 8, 8), channels_last=False)
+    runner.setup([4])
+    assert runner.fallback_reason == "RuntimeError: operation not permitted when stream is capturing"
+    runner.begin_epoch()
+    for x, y in batches:
+        runner.load(x, y)
+        runner.step()
+    model_b, opt_b = _tiny("adam")
+    for x, y in batches:
+        _plain_step(model_b, opt_b, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(_params(model_a), _params(model_b)))
+
+
+def test_engine_warns_once_and_records_eager_when_capture_fails(monkeypatch):
+    monkeypatch.setattr(engine, "capture_blocker", lambda cfg, state: None)  # pretend CUDA is eligible
+    warnings: list[str] = []
+    model = TinyNet()
+    state = engine.TrainState(model=model, optimizer=build_optimizer("sgd", model.parameters(), 0.1, 0.9, 5e-4),
+                              scaler=None, device=CPU, precision="fp32")
+    hooks = engine.Hooks(on_warning=warnings.append)
+    loader = _device_loader(n=6, batch=4)
+    cfg = TrainConfig(batch_size=4, epochs=2, evaluate=False)
+    assert engine.train(cfg, state, loader, None, hooks) == "completed"
+    assert len(warnings) == 1 and "training eagerly" in warnings[0] and "CUDA" in warnings[0]
+    assert "\n" not in warnings[0]
+    r1, r2 = state.records
+    assert r1.step_mode == r2.step_mode == "eager"
+    assert r1.setup_s is not None and r2.setup_s is None  # setup is reported once, apart from the epochs
+
+
+def test_cuda_graph_on_needs_cuda():
+    with pytest.raises(UsageError, match="--cuda-graph on needs a CUDA device"):
+        TrainConfig(cuda_graph="on", device="cpu").validate()
+    with pytest.raises(UsageError, match="--cuda-graph"):
+        TrainConfig(cuda_graph="sometimes").validate()
+    model = TinyNet()
+    state = engine.TrainState(model=model, optimizer=build_optimizer("sgd", model.parameters(), 0.1, 0.9, 0.0),
+                              scaler=None, device=CPU, precision="fp32")
+    with pytest.raises(UsageError, match="CUDA device"):
+        engine.build_step_runner(TrainConfig(cuda_graph="on"), state, _device_loader())
+
+
+def test_why_a_run_steps_eagerly():
+    model = TinyNet()
+    opt = build_optimizer("sgd", model.parameters(), 0.1, 0.9, 0.0)
+    cuda_state = engine.TrainState(model=model, optimizer=opt, scaler=None, device=torch.device("cuda"), precision="bf16")
+    assert engine.capture_blocker(TrainConfig(), cuda_state) is None  # the fast path on CUDA captures
+    assert "off" in engine.capture_blocker(TrainConfig(cuda_graph="off"), cuda_state)
+    assert "classic" in engine.capture_blocker(TrainConfig(loader="torch"), cuda_state)
+    assert engine.capture_blocker(TrainConfig(loader="torch", cuda_graph="on"), cuda_state) is None
+    assert "own" in engine.capture_blocker(TrainConfig(compile="reduce-overhead"), cuda_state)
+    cuda_state.scaler = object()
+    assert "GradScaler" in engine.capture_blocker(TrainConfig(), cuda_state)
+
+
+def test_epoch_batch_sizes_and_sample_shape():
+    loader = _device_loader(n=10, batch=4)
+    assert engine._epoch_batch_sizes(loader, TrainConfig()) == [4, 2]
+    assert engine._epoch_batch_sizes(_device_loader(n=8, batch=4), TrainConfig()) == [4]
+    assert engine._epoch_batch_sizes(_device_loader(n=3, batch=4), TrainConfig()) == [3]
+    assert engine._sample_shape(loader) == (3, 32, 32)
+
+
+# ------------------------------------------------------------------- augmentation per epoch
+
+
+def _reference_batches(images, labels, batch, seed, epoch):
+    """Straightforward per-image augmentation from the same per-epoch draws: one generator seeded by
+    engine.seed_epoch's rule, permutation then offsets then flips; zero pad, crop, flip, /255, normalize."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+    n = len(labels)
+    order = torch.randperm(n, generator=g)
+    offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
+    flips = torch.rand(n, generator=g) < 0.5
+    mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
+    std = torch.tensor(CIFAR_STD).view(3, 1, 1)
+    out = []
+    for start in range(0, n, batch):
+        xs, ys = [], []
+        for i in order[start:start + batch].tolist():
+            k = start + len(xs)
+            img = images[i].permute(2, 0, 1)  # C, H, W uint8
+            padded = F.pad(img, (PAD, PAD, PAD, PAD))
+            r, c = offsets[k].tolist()
+            crop = padded[:, r:r + 32, c:c + 32]
+            if flips[k]:
+                crop = crop.flip(2)
+            xs.append(((crop.float() / 255) - mean) / std)
+            ys.append(labels[i])
+        out.append((torch.stack(xs), torch.stack(ys)))
+    return out
+
+
+def test_per_epoch_augmentation_equals_a_per_image_reference_pixel_for_pixel():
+    """The device loader draws the epoch's permutation, offsets and flips once, at epoch start; each
+    batch equals a per-image reference built from the same (seed, epoch) draws, bit for bit, and a
+    re-run of the same epoch gives the same batches."""
+    loader = _device_loader(n=10, batch=4, seed=0)
+    for epoch in (1, 2):
+        engine.seed_epoch(7, epoch, loader)
+        got = [(x.clone(), y.clone()) for x, y in loader]
+        engine.seed_epoch(7, epoch, loader)
+        again = list(loader)
+        ref = _reference_batches(loader.images, loader.labels, 4, 7, epoch)
+        assert [x.shape[0] for x, _ in got] == [4, 4, 2]
+        for (x, y), (x2, y2), (rx, ry) in zip(got, again, ref):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+            assert torch.equal(y, ry)
+            assert torch.equal(x.contiguous(), rx)
+
+
+# ------------------------------------------------------------------------------- CUDA only
+
+
+def _cuda_pair(name: str, batch: int = 32, n: int = 80):
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = resnet18().to(device).to(memory_format=torch.channels_last)
+        models.append((m, build_optimizer(name, m.parameters(), 0.1 if name != "adam" else 1e-3, 0.9, 5e-4)))
+    g = torch.Generator(device=device).manual_seed(3)
+    data = [(torch.randn(min(batch, n - s), 3, 32, 32, device=device, generator=g).contiguous(memory_format=torch.channels_last),
+             torch.randint(0, 10, (min(batch, n - s),), device=device, generator=g)) for s in range(0, n, batch)]
+    return device, models, data
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_cuda_captured_step_matches_eager(name):
+    """Replays of the captured step (and the eager partial batch) track eager training within bf16
+    noise over a few steps, for every optimizer; the weights before the first step are identical."""
+    torch.backends.cudnn.benchmark = True
+    device, ((m_c, o_c), (m_e, o_e)), data = _cuda_pair(name)
+    captured = CapturedStep(m_c, o_c, "bf16", device, batch_size=32)
+    captured.setup([32, 16])
+    assert captured.captured, captured.fallback_reason
+    assert all(torch.equal(a, b) for a, b in zip(_params(m_c), _params(m_e)))  # warm-up changed nothing
+    eager = StepRunner(m_e, o_e, "bf16", device)
+    for runner in (captured, eager):
+        runner.begin_epoch()
+        for epoch in range(2):
+            for x, y in data:  # 32, 32, 16
+                runner.load(x, y)
+                runner.step()
+    lc, cc, bc = captured.read_sums()
+    le, ce, be = eager.read_sums()
+    assert bc == be == -1
+    assert lc == pytest.approx(le, rel=0.05)
+    for a, b in zip(_params(m_c), _params(m_e)):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=0.1, atol=0.02)
+        else:
+            assert torch.equal(a, b)  # num_batches_tracked: every step counted once
+
+
+@needs_cuda
+def test_cuda_warmup_lr_reaches_the_graph():
+    device, ((m_c, o_c), (m_e, o_e)), data = _cuda_pair("sgd", batch=32, n=64)
+    captured = CapturedStep(m_c, o_c, "fp32", device, batch_size=32)
+    captured.setup([32])
+    assert captured.captured, captured.fallback_reason
+    captured.begin_epoch()
+    captured.load(*data[0])
+    captured.step(0.0)  # lr 0: a replay must leave the weights alone
+    before = _params(m_c)
+    captured.load(*data[1])
+    captured.step(0.0)
+    torch.cuda.synchronize()
+    after = _params(m_c)
+    assert all(torch.equal(a, b) for a, b in zip(before[:62], after[:62]))  # parameters (not BN buffers)
+    captured.load(*data[0])
+    captured.step(0.1)
+    torch.cuda.synchronize()
+    assert not torch.equal(_params(m_c)[0], after[0])
+
+
+@needs_cuda
+def test_cuda_capture_failure_falls_back_and_restores(monkeypatch):
+    device, ((m_c, o_c), _), data = _cuda_pair("adam")
+    before = _params(m_c)
+    original = CapturedStep._graph_body
+
+    def fail_in_capture(self, sums):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("injected capture failure")
+        original(self, sums)
+
+    monkeypatch.setattr(CapturedStep, "_graph_body", fail_in_capture)
+    runner = CapturedStep(m_c, o_c, "bf16", device, batch_size=32)
+    runner.setup([32, 16])
+    assert runner.mode == "eager" and "injected capture failure" in runner.fallback_reason
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(m_c)))
+    runner.begin_epoch()
+    for x, y in data:
+        runner.load(x, y)
+        runner.step()
+    assert runner.read_sums()[2] == -1
+
+
+@needs_cuda
+def test_cuda_train_reports_setup_and_epoch_one_is_not_taxed():
+    """Through engine.train on the device loader: captured, setup_s reported once, epoch 1 within
+    1.3x of the steady epochs (plus 50 ms for timer noise on short epochs)."""
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    g = torch.Generator().manual_seed(0)
+    n = 128 * 40 + 80  # 40 full batches and a partial one, like CIFAR-10's 390 + 80
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+    loader = DeviceLoader(images, torch.arange(n) % 10, 128, device, augment=True, shuffle=True)
+    cfg = TrainConfig(batch_size=128, epochs=4, evaluate=False, sync_timing=False)
+    torch.manual_seed(0)
+    model = resnet18().to(device).to(memory_format=torch.channels_last)
+    state = engine.TrainState(model=model, optimizer=build_optimizer("sgd", model.parameters(), 0.1, 0.9, 5e-4),
+                              scaler=None, device=device, precision="bf16")
+    assert engine.train(cfg, state, loader, None) == "completed"
+    records = state.records
+    assert all(r.step_mode == "cuda-graph" for r in records), state.step_runner.fallback_reason
+    assert records[0].setup_s > 0 and all(r.setup_s is None for r in records[1:])
+    steady = sorted(r.epoch_s for r in records[1:])[len(records[1:]) // 2]
+    assert records[0].epoch_s <= 1.3 * steady + 0.05, [r.epoch_s for r in records]
+    assert all(math.isfinite(r.train_loss) and r.images == n for r in records)
