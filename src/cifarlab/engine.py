@@ -4,7 +4,9 @@ What each per-epoch timing includes (lab C2), all in seconds of host wall-clock 
 - data_s:    blocked waiting for the next batch from the loader, including creating the loader's
              iterator (which starts worker processes) -- but not the host->device copy.
 - h2d_s:     the host->device copy of the batch (and the channels_last re-layout), device synchronized.
-- compute_s: zero_grad + forward + loss + backward + optimizer step, device synchronized.
+- compute_s: zero_grad + forward + loss + backward + optimizer step (and the on-device loss/accuracy
+             sums), device synchronized. On the captured path (capture.CapturedStep) this is one graph
+             replay; the copy of the batch into the graph's static input buffers is charged to h2d_s.
 - other_s:   everything else inside the epoch (loss/accuracy bookkeeping, hooks, progress output),
              computed as epoch_s - data_s - h2d_s - compute_s, so the four parts add up to epoch_s.
 - epoch_s:   wall time of the training epoch, from before the iterator is created to after the last
@@ -14,12 +16,16 @@ What each per-epoch timing includes (lab C2), all in seconds of host wall-clock 
 With sync_timing off (the fast path), the device is synchronized only at epoch boundaries: epoch_s
 and data_s stay exact, but the split between h2d and compute is unknowable and is recorded as None
 (timing_mode "async"); other_s then holds everything that is not data wait.
+
+setup_s (not part of any epoch): the one-time work before epoch 1's clock -- on CUDA, warm-up steps
+for every batch shape of the epoch (cuDNN autotuning, torch.compile compilation) and the capture of
+the step's CUDA graph. Recorded on the first epoch record of the process (EpochRecord.setup_s).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -27,7 +33,9 @@ import torch
 from torch import nn
 
 from cifarlab import collectives as dist
+from cifarlab.capture import STEP_EAGER, CapturedStep, StepRunner, autocast_context
 from cifarlab.config import TrainConfig
+from cifarlab.errors import UsageError
 from cifarlab.models import resnet18
 from cifarlab.optim import build_optimizer
 from cifarlab.timing import DeviceClock, SegmentTimer
@@ -57,6 +65,8 @@ class EpochRecord:
     images_per_s: float  # training images / epoch_s
     timing_mode: str  # "synchronized" | "async"
     diverged_step: int | None = None  # 0-based step of the first non-finite loss
+    setup_s: float | None = None  # one-time setup before this epoch (first epoch of a process only)
+    step_mode: str = STEP_EAGER  # "eager" | "cuda-graph" (capture.StepRunner.mode)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +79,7 @@ class Hooks:
     on_step: Callable[[int, int, int], None] | None = None  # (epoch, step done, steps in epoch)
     on_epoch: Callable[[EpochRecord, "TrainState"], None] | None = None
     should_stop: Callable[[], bool] | None = None  # polled after every step (Ctrl-C, SIGTERM)
+    on_warning: Callable[[str], None] | None = None  # one line (e.g. graph capture fell back); default: stderr
 
 
 @dataclass
@@ -81,6 +92,8 @@ class TrainState:
     epoch: int = 0  # epochs completed
     records: list[EpochRecord] = field(default_factory=list)
     train_module: nn.Module | None = None  # compiled / wrapped module used for steps (else model)
+    step_runner: StepRunner | None = None  # built and set up once, before the first epoch
+    setup_reported: bool = False  # setup_s already put on an epoch record
 
     @property
     def step_module(self) -> nn.Module:
@@ -98,13 +111,6 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
-
-
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def build_state(cfg: TrainConfig, device: torch.device) -> TrainState:
@@ -158,6 +164,85 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def capture_blocker(cfg: TrainConfig, state: TrainState) -> str | None:
+    """Why this run's step cannot be one captured CUDA graph (None: it can)."""
+    if cfg.cuda_graph == "off":
+        return "--cuda-graph off"
+    if state.device.type != "cuda":
+        return f"CUDA graphs need a CUDA device (this run: {state.device.type})"
+    if cfg.loader != "device" and cfg.cuda_graph == "auto":
+        return "the classic pipeline (--loader torch) steps eagerly (--cuda-graph on captures it too)"
+    if dist.is_active():
+        return "data parallel (several processes): eager step, DDP's bucketed all-reduce is not captured"
+    if state.scaler is not None:
+        return "fp16 GradScaler: its overflow check reads the device every step; eager step"
+    if cfg.compile in ("reduce-overhead", "max-autotune"):
+        return f"--compile {cfg.compile} captures CUDA graphs of its own; eager step around them"
+    return None
+
+
+def _epoch_batch_sizes(loader: Any, cfg: TrainConfig) -> list[int]:
+    """The batch sizes one epoch of `loader` yields: the full one and the last, partial one (if any)."""
+    size = int(getattr(loader, "batch_size", None) or cfg.batch_size)
+    labels = getattr(loader, "labels", None)  # DeviceLoader (single process: its whole split)
+    dataset = getattr(loader, "dataset", None)  # DataLoader
+    n: int | None = None
+    if labels is not None and getattr(loader, "world", 1) == 1:
+        n = len(labels)
+    elif dataset is not None and hasattr(dataset, "__len__") and not getattr(loader, "drop_last", False):
+        n = len(dataset)
+    if not n:
+        return [size]
+    if n <= size:
+        return [n]
+    return [size] + ([n % size] if n % size else [])
+
+
+def _sample_shape(loader: Any) -> tuple[int, int, int]:
+    images = getattr(loader, "images", None)  # DeviceLoader: uint8 (N, H, W, C)
+    if torch.is_tensor(images) and images.ndim == 4:
+        return int(images.shape[3]), int(images.shape[1]), int(images.shape[2])
+    return (3, 32, 32)
+
+
+def build_step_runner(cfg: TrainConfig, state: TrainState, loader: Any) -> StepRunner:
+    """A CapturedStep where the run can be one CUDA graph per step, else the eager StepRunner."""
+    if cfg.cuda_graph == "on" and state.device.type != "cuda":
+        raise UsageError(f"--cuda-graph on needs a CUDA device (this run uses {state.device.type}); "
+                         f"use --cuda-graph auto or off")
+    common = dict(model=state.model)
+    blocker = capture_blocker(cfg, state)
+    if blocker is None:
+        return CapturedStep(state.step_module, state.optimizer, state.precision, state.device,
+                            batch_size=_epoch_batch_sizes(loader, cfg)[0], sample_shape=_sample_shape(loader),
+                            channels_last=cfg.channels_last, **common)
+    runner = StepRunner(state.step_module, state.optimizer, state.precision, state.device,
+                        scaler=state.scaler, note=blocker, **common)
+    if cfg.cuda_graph == "on":
+        runner.fallback_reason = blocker  # asked for and not possible: say so like a failed capture
+    return runner
+
+
+def ensure_step_runner(cfg: TrainConfig, state: TrainState, loader: Any, hooks: Hooks | None = None) -> StepRunner:
+    """Build and set up the step runner once (before epoch 1's clock; its time is setup_s)."""
+    if state.step_runner is not None:
+        return state.step_runner
+    runner = build_step_runner(cfg, state, loader)
+    # Warm-up (autotune, compile, capture) on the fast path; the classic pipeline and DDP runs stay
+    # as the lab wrote them (their first epoch pays its own one-time costs).
+    warm_up = (cfg.loader == "device" or isinstance(runner, CapturedStep)) and not dist.is_active()
+    runner.setup(_epoch_batch_sizes(loader, cfg), _sample_shape(loader), cfg.channels_last, warm_up=warm_up)
+    state.step_runner = runner
+    if runner.fallback_reason is not None:
+        warn = (hooks.on_warning if hooks is not None else None) or _warn_stderr
+        warn(f"CUDA graph step not used, training eagerly: {runner.fallback_reason}")
+    return runner
+
+
+def _warn_stderr(message: str) -> None:
+    print(f"cifarlab: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _steps_in(loader: Any, max_steps: int | None) -> int:
     try:
         n = len(loader)
@@ -171,17 +256,15 @@ def train_epoch(
 ) -> EpochRecord:
     hooks = hooks or Hooks()
     device = state.device
-    model = state.step_module
-    model.train()
-    loss_fn = nn.CrossEntropyLoss()
+    runner = ensure_step_runner(cfg, state, loader, hooks)
+    state.step_module.train()
     clock = DeviceClock(device, sync=cfg.sync_timing)
     steps_total = _steps_in(loader, cfg.max_steps)
 
-    # Running sums stay on the device: reading them every step (.item()) would synchronize the GPU
-    # each step and hide where the time goes. They are read once, after the epoch's clock stops.
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    first_bad_step = torch.full((), -1, device=device, dtype=torch.int64)
+    # Running sums stay on the device (runner.sums): reading them every step (.item()) would
+    # synchronize the GPU each step and hide where the time goes. They are read once, after the
+    # epoch's clock stops.
+    runner.begin_epoch()
     images = steps = 0
     status = "ok"
 
@@ -200,36 +283,19 @@ def train_epoch(
         targets = targets.to(device, non_blocking=True)
         if cfg.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
+        batch = runner.load(inputs, targets)  # captured: copy into the graph's static buffers
         timer.lap("h2d")
 
-        if cfg.warmup_epochs:
-            set_lr(state.optimizer, warmup_lr(cfg, epoch, steps, steps_total))
-        state.optimizer.zero_grad(set_to_none=True)
-        with autocast_context(state.precision, device):
-            outputs = model(inputs)
-            loss = loss_fn(outputs, targets)
-        if state.scaler is not None:
-            state.scaler.scale(loss).backward()
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
-        else:
-            loss.backward()
-            state.optimizer.step()
+        runner.step(warmup_lr(cfg, epoch, steps, steps_total) if cfg.warmup_epochs else None)
         timer.lap("compute")
 
-        batch = targets.shape[0]
-        loss_d = loss.detach()
-        loss_sum += loss_d.double() * batch
-        correct += (outputs.detach().argmax(dim=1) == targets).sum()
-        bad = ~torch.isfinite(loss_d)
-        first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, steps), first_bad_step)
         images += batch
         steps += 1
         if hooks.on_step is not None:
             hooks.on_step(epoch, steps, steps_total)
         # In synchronized mode the device is idle here anyway, so the check costs nothing extra.
         check_now = cfg.sync_timing or steps % DIVERGENCE_CHECK_EVERY == 0
-        if check_now and int(first_bad_step) >= 0:
+        if check_now and int(runner.first_bad_step) >= 0:
             status = "diverged"
         elif hooks.should_stop is not None and hooks.should_stop():
             status = "interrupted"
@@ -243,10 +309,9 @@ def train_epoch(
     timer.stop()
     del iterator  # shut non-persistent workers down outside the timed region
 
-    bad_step = int(first_bad_step)
+    loss_total, correct_total, bad_step = runner.read_sums()
     parts = timer.breakdown(TIMED_SEGMENTS)
     epoch_s = timer.wall_s
-    loss_total, correct_total = float(loss_sum), int(correct)
     if dist.is_active():
         # Exact global metrics (sums and counts over all ranks, not an average of averages) and the
         # slowest rank's timings; the reduction runs after the clock stopped.
@@ -256,6 +321,8 @@ def train_epoch(
         epoch_s, loader_start_s = parts.pop("epoch_s"), parts.pop("loader_start_s")
     if bad_step >= 0:
         status = "diverged"
+    setup_s = None if state.setup_reported else runner.setup_s
+    state.setup_reported = True
     timing_mode = "synchronized" if clock.sync or device.type != "cuda" else "async"
     if timing_mode == "async":
         parts["other_s"] += parts["h2d_s"] + parts["compute_s"]
@@ -279,6 +346,8 @@ def train_epoch(
         images_per_s=images / epoch_s if epoch_s > 0 else math.nan,
         timing_mode=timing_mode,
         diverged_step=bad_step if bad_step >= 0 else None,
+        setup_s=setup_s,
+        step_mode=runner.mode,
     )
 
 
@@ -329,6 +398,8 @@ def train(
 ) -> str:
     """Train epochs state.epoch+1 .. cfg.epochs. Returns "completed", "diverged" or "interrupted"."""
     hooks = hooks or Hooks()
+    if state.epoch < cfg.epochs:
+        ensure_step_runner(cfg, state, train_loader, hooks)  # setup (timed apart) before epoch 1's clock
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         seed_epoch(cfg.seed, epoch, train_loader)
         record = train_epoch(cfg, state, train_loader, epoch, hooks)
