@@ -32,10 +32,8 @@ from cifarlab.doctor_advice import (
     HostFacts,
     Measurement,
     Summary,
-    choose_repeats,
     classify,
     noise_share,
-    plan_round,
     propose,
     rank,
     summarize,
@@ -143,6 +141,22 @@ def _children_cpu_s() -> float | None:
         return None
 
 
+DISPATCH_OPS, DISPATCH_ROUNDS = 200, 9
+
+
+def dispatch_us() -> float:
+    """Median host cost of one trivial torch op now (the median, not the minimum: it must reflect the
+    load the window just ran under)."""
+    x = torch.zeros(1)
+    rounds = []
+    for _ in range(DISPATCH_ROUNDS):
+        t0 = time.perf_counter()
+        for _ in range(DISPATCH_OPS):
+            x.add_(1.0)
+        rounds.append((time.perf_counter() - t0) / DISPATCH_OPS)
+    return 1e6 * statistics.median(rounds)
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
@@ -189,7 +203,7 @@ def measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int
         rec = train_epoch(cfg.replace(max_steps=steps), state, stream, 1)
         cpu1, kids1 = time.process_time(), _children_cpu_s()
         restarts = stream.restarts - restarts0
-        load = os.getloadavg()[0]
+        load, op_us = os.getloadavg()[0], dispatch_us()
         if device.type == "cuda":
             peak, total = torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
         else:
@@ -210,10 +224,34 @@ def measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int
         compute_s=rec.compute_s, other_s=rec.other_s, device_type=device.type, torch_threads=torch.get_num_threads(),
         usable_cpus=usable_cpus(), loader=cfg.loader, workers=cfg.workers if cfg.loader == "torch" else 0,
         epoch_start_s=stream.start_s, warmup_steps=warmup_steps, warmup_s=warmup_s,
-        cost_s=cost_s, restarts=restarts, steps_per_epoch=len(train_loader), load_average=load, process_cpu_s=cpu1 - cpu0,
+        cost_s=cost_s, restarts=restarts, steps_per_epoch=len(train_loader), load_average=load,
+        dispatch_us=op_us, process_cpu_s=cpu1 - cpu0,
         workers_cpu_s=workers_cpu, peak_memory_bytes=peak, memory_total_bytes=total, gpu_busy_s=busy,
         status=rec.status,
     )
+
+
+def plan_round(costs_s: list[float], baseline_cost_s: float, left_s: float, rounds: int) -> list[int]:
+    """Indices of the candidates (costs in priority order) to run in each of the `rounds` rounds left,
+    keeping room for rounds-1 baseline repeats; one that does not fit is skipped, cheaper ones after it
+    may still fit."""
+    total, kept = (rounds - 1) * baseline_cost_s, []
+    for i, cost in enumerate(costs_s):
+        if total + rounds * cost <= left_s:
+            total += rounds * cost
+            kept.append(i)
+    return kept
+
+
+MIN_CANDIDATES = 3  # repeats are cut (down to 2) before the candidates measured fall below this many
+
+
+def choose_repeats(costs_s: list[float], baseline_cost_s: float, left_s: float, repeats: int) -> int:
+    need = min(MIN_CANDIDATES, len(costs_s))
+    for r in range(repeats, 1, -1):
+        if len(plan_round(costs_s, baseline_cost_s, left_s, r)) >= need:
+            return r
+    return 1
 
 
 def host_facts(cfg: TrainConfig, device: torch.device) -> HostFacts:
@@ -332,7 +370,8 @@ def recommendation(result: DoctorResult) -> str:
             f"noise {result.noise:.0%}){note}")
 
 
-def run_doctor(cfg: TrainConfig, budget_s: float | None, out_dir: str | Path, stream: TextIO | None) -> DoctorResult:
+def run_doctor(cfg: TrainConfig, budget_s: float | None, out_dir: str | Path, stream: TextIO | None,
+               steps: int | None = None, only: list[str] | None = None, repeats: int = DEFAULT_REPEATS) -> DoctorResult:
     """`cifarlab doctor`: validate, load the data once, diagnose, print the table, write the folder."""
     if budget_s is not None and (not math.isfinite(budget_s) or budget_s <= 0):
         raise UsageError(f"--budget must be a positive number of seconds (got {budget_s})")
@@ -340,7 +379,7 @@ def run_doctor(cfg: TrainConfig, budget_s: float | None, out_dir: str | Path, st
     _say(stream, f"doctor: {data.description}")
     _say(stream, f"device: {device}; loader {cfg.loader}" + (f", workers {cfg.workers}" if cfg.loader == "torch" else "")
          + f", batch {cfg.batch_size}; budget {budget_s if budget_s is not None else DEFAULT_BUDGET_S[device.type]:.0f} s")
-    result = diagnose(cfg, data, device, budget_s, stream=stream)
+    result = diagnose(cfg, data, device, budget_s, steps=steps, only=only, repeats=repeats, stream=stream)
     result.path = doctor_report.write_folder(result, out_dir)
     _say(stream, doctor_report.console_text(result))
     return result

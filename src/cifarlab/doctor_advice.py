@@ -15,6 +15,11 @@ from cifarlab.config import TrainConfig
 DATA_BOUND_SHARE = 0.20  # data wait >= 20% of the step: data-bound
 COPY_BOUND_SHARE = 0.15  # host->device copy >= 15% of the step: copy-bound
 HOST_OTHER_SHARE = 0.25  # host bookkeeping between steps (other) >= 25% of the step: host-bound
+# A whole step costing less than this many trivial op dispatches (measured on this host, under the same
+# load, right after the window): a ResNet-18 training step is ~1,000 ops, so a step that costs less than
+# 1,000 of the cheapest ops is dispatch, Python and bookkeeping in every part (its data wait included),
+# and this criterion outranks the others.
+HOST_BOUND_DISPATCHES = 1000
 LAUNCH_BOUND_BUSY = 0.60  # CUDA: GPU kernels busy < 60% of the compute segment: launch-bound
 MEMORY_LIMITED_SHARE = 0.90  # peak memory >= 90% of the GPU's (CPU: physical) memory: memory-limited
 CPU_STARVED_SHARE = 0.75  # CPU training got < 75% of the core time its threads could use: contended
@@ -22,8 +27,9 @@ CPU_STARVED_SHARE = 0.75  # CPU training got < 75% of the core time its threads 
 THRESHOLDS: dict[str, str] = {
     "data-bound": f"data wait >= {DATA_BOUND_SHARE:.0%} of the step",
     "copy-bound": f"host-to-device copy >= {COPY_BOUND_SHARE:.0%} of the step",
-    "launch/host-bound": f"host bookkeeping (other) >= {HOST_OTHER_SHARE:.0%} of the step, or on CUDA "
-                         f"GPU kernels busy < {LAUNCH_BOUND_BUSY:.0%} of the compute segment",
+    "launch/host-bound": f"host bookkeeping (other) >= {HOST_OTHER_SHARE:.0%} of the step, or a step cheaper than "
+                         f"{HOST_BOUND_DISPATCHES} trivial op dispatches measured on this host, or on CUDA GPU kernels "
+                         f"busy < {LAUNCH_BOUND_BUSY:.0%} of the compute segment",
     "memory-limited": f"peak memory >= {MEMORY_LIMITED_SHARE:.0%} of the device's memory",
     "compute-bound": "none of the above: the step is the model's own work",
     "CPU contended (finding)": f"CPU training process got < {CPU_STARVED_SHARE:.0%} of the core time its "
@@ -55,6 +61,8 @@ MEASUREMENT_NOTES: dict[str, str] = {
     "workers_cpu_s": "CPU time of the loader worker processes during the window (null: no workers, or unreadable)",
     "peak_memory_bytes": "CUDA: torch.cuda.max_memory_allocated over the window; CPU: the process's peak RSS "
                          "so far (a high-water mark that includes the dataset and earlier measurements)",
+    "dispatch_us": "median wall time of one trivial CPU torch op (x.add_(1) on one element), measured right after "
+                   "the window under the same load: the host's per-op floor",
     "gpu_busy_s": "CUDA only: union of GPU kernel/memcpy intervals per torch.profiler over a separate profiled "
                   "window, scaled to the timed window's steps",
 }
@@ -88,6 +96,7 @@ class Measurement:
     memory_total_bytes: int | None = None
     gpu_busy_s: float | None = None  # kernel busy time scaled to `steps` steps (CUDA)
     steps_per_epoch: int | None = None
+    dispatch_us: float | None = None  # median host cost of one trivial torch op, measured after the window
     load_average: float | None = None  # 1-minute load average at the end of the window (other processes too)
     status: str = "ok"  # ok | diverged
 
@@ -172,6 +181,10 @@ def classify(m: Measurement) -> Diagnosis:
     if other is not None and other >= HOST_OTHER_SHARE and m.compute_s is not None:
         fired.append(("launch/host-bound", "host",
                       f"host bookkeeping between steps is {_pct(other)} of the step (>= {_pct(HOST_OTHER_SHARE)})"))
+    if m.dispatch_us and 1000.0 * m.step_ms < HOST_BOUND_DISPATCHES * m.dispatch_us:
+        fired.append(("launch/host-bound", "host", f"a step takes {m.step_ms:.2f} ms, the cost of "
+                      f"{1000.0 * m.step_ms / m.dispatch_us:.0f} trivial op dispatches ({m.dispatch_us:.1f} us each here; "
+                      f"< {HOST_BOUND_DISPATCHES}): fixed per-op and per-step host costs outweigh the math"))
     busy = m.gpu_busy_share
     if busy is not None and busy < LAUNCH_BOUND_BUSY:
         fired.append(("launch/host-bound", "host", f"GPU kernels are busy only {_pct(busy)} of the compute segment "
@@ -200,6 +213,8 @@ def classify(m: Measurement) -> Diagnosis:
                         f"core(s): the workers can compete with training for the same cores{used}")
     if fired:
         label = min(fired, key=lambda f: CLASS_ORDER.index(f[0]))[0]
+        if any("trivial op dispatches" in f[2] for f in fired):
+            label = "launch/host-bound"
         tags |= {f[1] for f in fired}
         evidence = [f[2] for f in fired]
     else:
@@ -388,26 +403,3 @@ def rank(candidates: list[Candidate], baseline: Summary) -> list[tuple[Candidate
     """Measured candidates, fastest first by median images/s."""
     rows = [(c, s, gain(s, baseline)) for c in candidates if c.status == "measured" and (s := summarize(c.measurements))]
     return sorted(rows, key=lambda r: -r[1].images_per_s_median)
-
-
-def plan_round(costs_s: list[float], baseline_cost_s: float, left_s: float, rounds: int) -> list[int]:
-    """Indices of the candidates (costs in priority order) to run in each of the `rounds` rounds left,
-    keeping room for rounds-1 baseline repeats; one that does not fit is skipped, cheaper ones after it
-    may still fit."""
-    total, kept = (rounds - 1) * baseline_cost_s, []
-    for i, cost in enumerate(costs_s):
-        if total + rounds * cost <= left_s:
-            total += rounds * cost
-            kept.append(i)
-    return kept
-
-
-MIN_CANDIDATES = 3  # repeats are cut (down to 2) before the candidates measured fall below this many
-
-
-def choose_repeats(costs_s: list[float], baseline_cost_s: float, left_s: float, repeats: int) -> int:
-    need = min(MIN_CANDIDATES, len(costs_s))
-    for r in range(repeats, 1, -1):
-        if len(plan_round(costs_s, baseline_cost_s, left_s, r)) >= need:
-            return r
-    return 1

@@ -1,0 +1,167 @@
+"""cifarlab doctor: the classifier on constructed and on really measured cases, the candidates that
+cannot run on a CPU are listed with a reason, the budget planner, and that every ranked figure comes
+from its own rerun (fresh measurement objects with their own steps and timings)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import cifarlab.doctor as doctor
+import cifarlab.engine as engine
+from cifarlab.config import TrainConfig
+from cifarlab.data import DataBundle, load_data
+from cifarlab.doctor_advice import (
+    HostFacts,
+    Measurement,
+    classify,
+    propose,
+    summarize,
+)
+from cifarlab.runtime import resolve_device
+
+
+def _m(**kw) -> Measurement:
+    base = dict(label="t", steps=10, images=80, window_s=1.0, data_s=0.05, h2d_s=0.01, compute_s=0.9, other_s=0.04)
+    base.update(kw)
+    return Measurement(**base)
+
+
+def test_classifier_on_constructed_measurements() -> None:
+    assert classify(_m(data_s=0.5, compute_s=0.45)).label == "data-bound"
+    assert classify(_m(h2d_s=0.3, compute_s=0.6)).label == "copy-bound"
+    assert classify(_m(other_s=0.4, compute_s=0.55)).label == "launch/host-bound"
+    # CUDA: compute looks dominant, but the GPU's kernels are busy only 30% of it -> launch-bound
+    assert classify(_m(device_type="cuda", gpu_busy_s=0.27)).label == "launch/host-bound"
+    assert classify(_m(device_type="cuda", gpu_busy_s=0.85)).label == "compute-bound"
+    assert classify(_m(peak_memory_bytes=95, memory_total_bytes=100)).label == "memory-limited"
+    assert classify(_m()).label == "compute-bound"
+    # many tiny steps: 0.5 ms per step where one trivial op costs 5 us (a step = 100 dispatches); the
+    # data wait is 40% of it, but in a step that cheap every part is host overhead
+    tiny = dict(steps=1000, images=8000, window_s=0.5, data_s=0.2, h2d_s=0.0, compute_s=0.26, other_s=0.04)
+    assert classify(_m(**tiny, dispatch_us=5.0)).label == "launch/host-bound"
+    assert classify(_m(**tiny, dispatch_us=0.1)).label == "data-bound"
+    assert classify(_m(dispatch_us=5.0)).label == "compute-bound"  # 100 ms per step: 20,000 dispatches
+    # a slow loader outranks everything else; the amortized epoch start counts as data wait (C2)
+    assert classify(_m(data_s=0.15, epoch_start_s=2.0, steps_per_epoch=100, compute_s=0.8)).label == "data-bound"
+
+
+def test_contention_finding_names_the_workers() -> None:
+    d = classify(_m(process_cpu_s=0.8, torch_threads=2, usable_cpus=2, loader="torch", workers=4, workers_cpu_s=0.6))
+    assert d.label == "compute-bound" and "contention" in d.tags
+    text = " ".join(d.findings)
+    assert "40%" in text and "0.60 cores" in text and "4 loader workers + 2 training threads on 2" in text
+
+
+def test_cpu_lists_cuda_only_changes_as_not_applicable_with_reasons() -> None:
+    cfg = TrainConfig(loader="torch", workers=4, channels_last=False)
+    host = HostFacts(device_type="cpu", usable_cpus=2, precision="fp32", cpu_bf16=False)
+    cands = {c.key: c for c in propose(cfg, host, classify(_m(loader="torch", workers=4, torch_threads=2, usable_cpus=2)),
+                                       {"cpu": 200.0, "cuda": 60.0, "cuda_graph": 5.0})}
+    for key in ("cuda-graph", "pin-memory", "no-sync-timing", "bf16", "fp16"):
+        assert cands[key].status == "not applicable here" and cands[key].reason, key
+    assert "CUDA" in cands["cuda-graph"].reason
+    # workers down to 2, 1, 0 (bounded by the 2 usable cores), the device loader, channels_last, a larger batch
+    for key in ("workers-2", "workers-1", "workers-0", "loader-device", "channels-last", "batch-256", "compile"):
+        assert cands[key].status == "proposed", key
+    assert cands["batch-256"].changes == {"batch_size": 256, "lr": 0.2}
+    first = list(cands)[:4]  # contention is the finding: fewer workers / device loader come first
+    assert set(first) <= {"workers-2", "workers-1", "workers-0", "loader-device"}
+
+
+def test_budget_planner_cuts_repeats_before_candidates() -> None:
+    assert doctor.plan_round([10, 10, 10], 10, 100, 3) == [0, 1]  # 2 baseline repeats + 3 x 10 per candidate
+    assert doctor.plan_round([50, 5], 5, 30, 1) == [1]  # an expensive one is skipped, a cheaper later one still runs
+    assert doctor.choose_repeats([10, 10, 10], 10, 1000, 3) == 3
+    assert doctor.choose_repeats([10, 10, 10], 10, 70, 3) == 2
+    assert doctor.choose_repeats([10, 10, 10], 10, 25, 3) == 1
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+class _SleepyLoader:
+    def __init__(self, loader, sleep_s: float) -> None:
+        self.loader, self.sleep_s = loader, sleep_s
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            time.sleep(self.sleep_s)
+            yield batch
+
+
+@pytest.fixture
+def tiny(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> tuple[TrainConfig, DataBundle, torch.device]:
+    monkeypatch.setattr(engine, "resnet18", lambda norm="batch": _Tiny())  # build_state's model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on a tiny model measure OpenMP hand-offs on a shared machine
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    cfg = TrainConfig(dataset="synthetic", subset=64, test_subset=16, batch_size=8, device="cpu", loader="device")
+    return cfg, load_data(cfg), resolve_device("cpu")
+
+
+def test_real_sleeping_loader_is_data_bound_and_tiny_steps_are_host_bound(tiny, monkeypatch) -> None:
+    cfg, data, device = tiny
+    fast = doctor.measure(cfg, data, device, steps=40, label="tiny")
+    assert fast.steps == 40 and fast.images == 320
+    assert classify(fast).label == "launch/host-bound", (fast.step_ms, classify(fast).evidence)
+    real_build = doctor.build_loaders
+    monkeypatch.setattr(doctor, "build_loaders",
+                        lambda c, d, dev: (_SleepyLoader(real_build(c, d, dev)[0], 0.02), None))
+    slow = doctor.measure(cfg, data, device, steps=5, label="sleepy")
+    assert slow.data_s >= 5 * 0.02 * 0.9
+    diag = classify(slow)
+    assert diag.label == "data-bound" and "data wait" in diag.evidence[0]
+
+
+def test_every_ranked_figure_comes_from_its_own_rerun(tiny, monkeypatch, tmp_path: Path) -> None:
+    cfg, data, device = tiny
+    cfg = cfg.replace(loader="torch", workers=1, out_dir=str(tmp_path))
+    calls: list[tuple[str, TrainConfig]] = []
+    real_measure = doctor.measure
+
+    def spy(c, d, dev, steps, label, **kw):
+        calls.append((label, c))
+        return real_measure(c, d, dev, steps, label, **kw)
+
+    monkeypatch.setattr(doctor, "measure", spy)
+    result = doctor.run_doctor(cfg, 120, tmp_path, None, steps=4, only=["workers", "loader-device", "batch"], repeats=2)
+
+    measured = [c for c in result.candidates if c.status == "measured"]
+    assert {c.key for c in measured} == {"workers-0", "loader-device", "batch-16"}
+    all_ms = result.baseline + [m for c in measured for m in c.measurements]
+    assert len(calls) == len(all_ms) == len({id(m) for m in all_ms})  # one measure() call per figure, no reuse
+    for c in measured:
+        assert len(c.measurements) == 2
+        for m in c.measurements:
+            assert m.steps == 4 and m.window_s > 0 and m.label.startswith(c.key)
+            assert m.images == 4 * (16 if c.key == "batch-16" else 8)
+        summary = summarize(c.measurements)
+        assert summary.images_per_s_median == statistics.median(m.images_per_s for m in c.measurements)
+    by_label = dict(calls)
+    assert by_label["workers-0 r1"].workers == 0 and by_label["loader-device r2"].loader == "device"
+    assert by_label["batch-16 r1"].batch_size == 16 and by_label["baseline r2"] == cfg
+    assert result.recommendation.startswith("recommendation: ")
+    saved = json.loads((result.path / "doctor.json").read_text())
+    assert saved["schema"] == "cifarlab.doctor/1" and saved["environment"]["cpu_count_usable"] >= 1
+    assert len(saved["baseline"]["measurements"]) == 2 and saved["method"]["steps"] == 4
+    ranked = [c for c in saved["candidates"] if c["status"] == "measured"]
+    assert all(len(c["measurements"]) == 2 and c["summary"]["repeats"] == 2 for c in ranked)
+    assert any(c["status"] == "not applicable here" and c["reason"] for c in saved["candidates"])
+    assert (result.path / "doctor.md").read_text().startswith("# cifarlab doctor")
+    assert (result.path / "doctor_step_split.png").read_bytes()[:4] == b"\x89PNG"
