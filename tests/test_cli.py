@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -46,7 +45,7 @@ def test_bad_input_gives_one_clear_line_and_exit_2(args, needle, capsys):
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    import cifarlab.data as data
+    import cifarlab.data.cifar as data
 
     monkeypatch.setattr(data, "ARCHIVE_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # refused at once
     code, _, err = run_cli(["train", "--data", tmp_path / "nothing", "--dataset", "cifar10", "--out", tmp_path], capsys)

@@ -13,7 +13,7 @@ from torchvision.transforms import functional as TF
 from cifarlab.cli import main
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, TrainConfig
 from cifarlab.data import build_loaders, classic_train_transform, load_data
-from cifarlab.devicedata import PAD, DeviceLoader, crop_flip, normalize
+from cifarlab.data.device import PAD, DeviceLoader, crop_flip, normalize
 from cifarlab.engine import seed_epoch
 
 CPU = torch.device("cpu")

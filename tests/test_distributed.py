@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab import distributed
+from cifarlab import ddp, launcher
 from cifarlab.cli import build_parser, config_from_args, main
 from cifarlab.config import TrainConfig
-from cifarlab.devicedata import DeviceLoader
+from cifarlab.data.device import DeviceLoader
 from cifarlab.engine import warmup_lr
+from cifarlab.flags import train_flags
 
 N_TRAIN, N_TEST, GLOBAL_BATCH = 48, 21, 16
 # --no-batchnorm: BatchNorm normalises each process's 8 images with their own statistics, so with BN
@@ -95,7 +96,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(two_process_
     finally:
         torch.set_num_threads(threads)
     assert code == 0, capsys.readouterr().err
-    assert not distributed.is_active()  # the process group was torn down
+    assert not ddp.is_active()  # the process group was torn down
     _, one = _load(_only_run(tmp_path))
     _, two = _load(two_process_run)
     # Same images, same augmentation, same weights at every step: the only difference is the order
@@ -142,9 +143,9 @@ def test_train_flags_round_trip():
     argv = ["train", "--batch-size", "32", "--no-batchnorm", "--no-augment", "--lr", "0.4", "--warmup-epochs", "2",
             "--loader", "torch", "--comm-timing", "--name", "x"]
     cfg = config_from_args(parser.parse_args(argv))
-    flags = distributed.train_flags(cfg)
+    flags = train_flags(cfg)
     assert config_from_args(parser.parse_args(["train", *flags])) == cfg
-    cmd = distributed.torchrun_command(2, flags)
+    cmd = launcher.torchrun_command(2, flags)
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node" in cmd and "--standalone" in cmd
 
 
@@ -168,5 +169,5 @@ def test_warmup_is_linear_per_step_then_constant():
 
 
 def test_union_of_allreduce_intervals():
-    assert distributed.union_length([(0, 1), (0.5, 2), (3, 4)]) == pytest.approx(3.0)
-    assert distributed.union_length([]) == 0.0
+    assert ddp.union_length([(0, 1), (0.5, 2), (3, 4)]) == pytest.approx(3.0)
+    assert ddp.union_length([]) == 0.0

@@ -16,16 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests.conftest import make_cifar_dir
 from torch import nn
 
-import cifarlab.data as data_mod
+import cifarlab.data.cifar as data_mod
 import cifarlab.runner as runner_mod
-from cifarlab.checkpoint import CHECKPOINT_NAME
 from cifarlab.cli import main
 from cifarlab.config import TrainConfig
 from cifarlab.data import ARCHIVE_NAME, BASE_FOLDER, TEST_FILES, TRAIN_FILES, load_data
 from cifarlab.errors import DataError
-from tests.conftest import make_cifar_dir
 
 TINY = ["--subset", "16", "--test-subset", "10", "--batch-size", "8", "--loader", "torch", "--workers", "0"]
 

@@ -65,7 +65,7 @@ class _CtrlCInsideWorker:
 def test_loader_workers_survive_ctrl_c_so_the_main_process_can_stop_cleanly():
     from torch.utils.data import DataLoader
 
-    from cifarlab.data import _seed_worker  # the worker_init_fn the classic loader uses
+    from cifarlab.data.classic import _seed_worker  # the worker_init_fn the classic loader uses
 
     loader = DataLoader(_CtrlCInsideWorker(), batch_size=1, num_workers=1, worker_init_fn=_seed_worker)
     assert [int(b) for b in loader] == [0, 1, 2, 3]  # a worker killed by it: "worker exited unexpectedly"

@@ -13,7 +13,7 @@ import pytest
 
 from cifarlab.cli import main
 from cifarlab.optim import OPTIMIZERS
-from cifarlab.report import pct
+from cifarlab.report.blocks import pct
 
 SECTIONS = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8")
 QUESTIONS = ("Q1", "Q2", "Q3", "Q4")
@@ -142,8 +142,9 @@ def test_report_command_rebuilds_the_same_report_from_files(smoke_lab: tuple[int
 
 def test_ctrl_c_keeps_finished_work_and_marks_the_rest_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture) -> None:
-    from cifarlab import experiments
     from cifarlab.engine import Hooks
+    from cifarlab.lab import context as experiments
+    from cifarlab.lab import registry
 
     def interrupted_c7(ctx: experiments.LabContext) -> dict:
         def ctrl_c(epoch: int, step: int, steps_total: int) -> None:
@@ -152,8 +153,8 @@ def test_ctrl_c_keeps_finished_work_and_marks_the_rest_not_run(tmp_path: Path, m
         ctx.train("c7", "batchnorm", ctx.fast(ctx.base), hooks=Hooks(on_step=ctrl_c))
         return {}
 
-    monkeypatch.setitem(experiments.EXPERIMENTS, "c7",
-                        dataclasses.replace(experiments.EXPERIMENTS["c7"], run=interrupted_c7))
+    monkeypatch.setitem(registry.EXPERIMENTS, "c7",
+                        dataclasses.replace(registry.EXPERIMENTS["c7"], run=interrupted_c7))
     code = main(["lab", "--preset", "smoke", "--only", "c7,c8,q", "--out", str(tmp_path)])
     assert code == 130
     (lab,) = tmp_path.glob("*-lab-*")

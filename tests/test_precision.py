@@ -5,7 +5,7 @@ import torch
 
 from cifarlab import engine, runtime
 from cifarlab.config import TrainConfig
-from cifarlab.devicedata import DeviceLoader
+from cifarlab.data.device import DeviceLoader
 from cifarlab.engine import build_state, resolve_precision, train_epoch
 
 CPU = torch.device("cpu")

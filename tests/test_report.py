@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from cifarlab import experiments, report
 from cifarlab.config import LAB_PRESETS, TrainConfig
 from cifarlab.errors import UsageError
+from cifarlab.lab import context as experiments
+from cifarlab.lab import registry
+from cifarlab.lab.render import build_report
+from cifarlab.report import blocks as report
+from cifarlab.report.html import to_html
+from cifarlab.report.markdown import to_markdown
+from cifarlab.report.plots import ReportContext
 from cifarlab.runs import summarize
 
 
@@ -51,7 +57,7 @@ def test_diverged_and_chance_optimizers_are_flagged_not_crashed(tmp_path: Path) 
     ]
     lab = write_lab(tmp_path, {"c6": {"title": "C6 Optimizers", "status": "completed", "runs": runs,
                                       "result": {"chance_margin": 0.05}}}, ["c6"])
-    report.build_report(lab)
+    build_report(lab)
     md = (lab / "report.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and "epoch 5" in line}
     assert "DIVERGED (NaN/inf loss at epoch 2, step 3)" in rows["adam"]
@@ -63,11 +69,11 @@ def test_diverged_and_chance_optimizers_are_flagged_not_crashed(tmp_path: Path) 
 
 def test_other_suites_contribute_sections_and_unknown_ones_fall_back(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    def render_s1(entry: dict, rc: report.ReportContext) -> list:
+    def render_s1(entry: dict, rc: ReportContext) -> list:
         return [report.Para(f"all-reduce bandwidth {entry['result']['gbps']:.1f} GB/s"),
                 report.Table(["n", "speed-up"], [[2, 1.9]], csv="s1_speedup")]
 
-    monkeypatch.setitem(experiments.EXPERIMENTS, "s1", experiments.Experiment(
+    monkeypatch.setitem(registry.EXPERIMENTS, "s1", experiments.Experiment(
         "s1", "S1 scaling", run=lambda ctx: {}, render=render_s1))
     docs = {
         "s1": {"title": "S1 Speed-up", "status": "completed", "runs": [], "result": {"gbps": 12.34}},
@@ -77,7 +83,7 @@ def test_other_suites_contribute_sections_and_unknown_ones_fall_back(tmp_path: P
                "runs": []},
     }
     lab = write_lab(tmp_path, docs, ["s1", "s9", "c2"])
-    report.build_report(lab)
+    build_report(lab)
     md = (lab / "report.md").read_text()
     assert "## S1 Speed-up\n\nall-reduce bandwidth 12.3 GB/s" in md
     assert (lab / "csv" / "s1_speedup.csv").read_text().splitlines() == ["n,speed-up", "2,1.9"]
@@ -88,9 +94,9 @@ def test_other_suites_contribute_sections_and_unknown_ones_fall_back(tmp_path: P
 
 def test_markdown_and_html_escape_cell_contents() -> None:
     blocks = [report.Table(["a|b", "c"], [["x|y", "<script>"]]), report.Para("**bold** and `code` <b>")]
-    md = report.to_markdown(blocks)
+    md = to_markdown(blocks)
     assert "| a\\|b | c |" in md and "| x\\|y | <script> |" in md
-    page = report.to_html(blocks, Path("."))
+    page = to_html(blocks, Path("."))
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "<strong>bold</strong>" in page and "<code>code</code>" in page and "&lt;b&gt;" in page
 
@@ -104,4 +110,4 @@ def test_damaged_lab_folders_are_usage_errors(tmp_path: Path, content: str | Non
     if content is not None:
         (tmp_path / "results.json").write_text(content)
     with pytest.raises(UsageError, match=needle.replace(".", r"\.").replace("/", "/")):
-        report.build_report(tmp_path)
+        build_report(tmp_path)

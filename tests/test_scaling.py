@@ -7,18 +7,18 @@ import json
 
 import pytest
 
-from cifarlab import scaling
 from cifarlab.cli import main
+from cifarlab.lab.scaling import s4_allreduce, s6_answers
 
 
 def test_ring_bus_bandwidth_formula():
     # 2(N-1)/N * S / t: 2 ranks move S bytes each way; 4 ranks 1.5 S
-    assert scaling.ring_bus_gbps(2, 44_695_848, 0.044695848) == pytest.approx(1.0)
-    assert scaling.ring_bus_gbps(4, 44_695_848, 0.044695848) == pytest.approx(1.5)
+    assert s4_allreduce.ring_bus_gbps(2, 44_695_848, 0.044695848) == pytest.approx(1.0)
+    assert s4_allreduce.ring_bus_gbps(4, 44_695_848, 0.044695848) == pytest.approx(1.5)
 
 
 def test_set_epoch_changes_the_order_and_its_absence_repeats_it():
-    demo = scaling.set_epoch_demo(n=16, world=2)
+    demo = s6_answers.set_epoch_demo(n=16, world=2)
     assert demo["without_same"] is True and demo["with_same"] is False
     assert len(demo["with"][0]) == 8  # rank 0's half of the 16 indices
 

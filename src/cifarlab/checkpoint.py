@@ -14,13 +14,11 @@ crash, a full disk or a second Ctrl-C during the write leaves the previous check
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import re
 import socket
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch
 from cifarlab.config import TrainConfig
 from cifarlab.engine import EpochRecord, TrainState
 from cifarlab.errors import UsageError
+from cifarlab.fileio import fsync_dir, write_atomic
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "cifarlab.checkpoint/1"
@@ -105,27 +104,21 @@ def save_checkpoint(folder: Path, cfg: TrainConfig, state: TrainState) -> Path:
     """Write folder/checkpoint.pt atomically. OSErrors (full or read-only disk) propagate; the previous
     checkpoint is then still in place and no temp file is left behind."""
     folder = Path(folder)
-    target = folder / CHECKPOINT_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_NAME}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            try:
-                torch.save(checkpoint_dict(cfg, state), f)
-            except Exception as e:
-                # torch's zip writer turns a full disk into "RuntimeError: unexpected pos ...": surface the
-                # OSError underneath so the caller can say "No space left on device".
-                os_error = _os_error_in_chain(e)
-                if os_error is None:
-                    raise
-                raise os_error from None
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
+    payload = checkpoint_dict(cfg, state)
+
+    def write(f: Any) -> None:
+        try:
+            torch.save(payload, f)
+        except Exception as e:
+            # torch's zip writer turns a full disk into "RuntimeError: unexpected pos ...": surface the
+            # OSError underneath so the caller can say "No space left on device".
+            os_error = _os_error_in_chain(e)
+            if os_error is None:
+                raise
+            raise os_error from None
+
+    target = write_atomic(folder / CHECKPOINT_NAME, write)
+    fsync_dir(folder)
     return target
 
 
@@ -138,15 +131,6 @@ def _os_error_in_chain(e: BaseException | None) -> OSError | None:
         e = e.__cause__ or e.__context__
     return None
 
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (a power cut after os.replace could otherwise undo it)."""
-    with contextlib.suppress(OSError):
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -26,6 +26,8 @@ LOADERS = ("torch", "device")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 CUDA_GRAPH_MODES = ("auto", "on", "off")  # the training step as one captured CUDA graph (capture.py)
+# The lab's five optimizers (C6); optim.OPTIMIZERS builds each, in this order.
+OPTIMIZER_NAMES = ("sgd", "sgd-nesterov", "adagrad", "adadelta", "adam")
 
 # Upper bounds that catch typos (an extra zero) before they become an out-of-memory crash.
 MAX_WORKERS = 256
@@ -92,9 +94,7 @@ class TrainConfig:
         _choice("cuda-graph", self.cuda_graph, CUDA_GRAPH_MODES)
         if self.cuda_graph == "on" and self.device == "cpu":
             raise UsageError("--cuda-graph on needs a CUDA device (got --device cpu); use --cuda-graph auto or off")
-        from cifarlab.optim import OPTIMIZERS  # late: optim imports torch
-
-        _choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
+        _choice("optimizer", self.optimizer, OPTIMIZER_NAMES)
         _int_range("workers", self.workers, 0, MAX_WORKERS, "use 0 to load in the main process")
         _int_range("batch-size", self.batch_size, 1, MAX_BATCH, "the lab uses 128")
         _int_range("test-batch-size", self.test_batch_size, 1, MAX_BATCH, "the lab uses 100")

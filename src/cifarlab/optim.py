@@ -1,17 +1,17 @@
 """Optimizer registry: lab C6's five optimizers, all built from the same lr / weight decay / momentum.
 
 A registry (not an if/elif chain) so an unknown name can never fall through to a default, and the
-CLI's choices come from the same table. torch is imported lazily so the CLI can validate names
-without loading it.
+names match config.OPTIMIZER_NAMES, which the config validates against without loading torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
-if TYPE_CHECKING:
-    import torch
+import torch
+
+from cifarlab.config import OPTIMIZER_NAMES
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,12 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adadelta": OptimizerSpec("Adadelta", uses_momentum=False),
     "adam": OptimizerSpec("Adam", uses_momentum=False),
 }
+assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES, "config.OPTIMIZER_NAMES and the registry must list the same names"
 
 
 def build_optimizer(
     name: str, params: Iterable[Any], lr: float, momentum: float, weight_decay: float
-) -> "torch.optim.Optimizer":
-    import torch
-
+) -> torch.optim.Optimizer:
     try:
         spec = OPTIMIZERS[name]
     except KeyError:

@@ -8,7 +8,8 @@ import time
 from typing import Any, TextIO
 
 from cifarlab.config import TrainConfig
-from cifarlab.engine import EpochRecord, Hooks, TrainState
+from cifarlab.engine import EpochRecord, Hooks, TrainState, resolve_precision
+from cifarlab.runtime import device_label
 
 
 def fmt_s(value: float | None) -> str:
@@ -40,9 +41,6 @@ class ConsoleProgress:
         self._last_draw = 0.0
 
     def banner(self, cfg: TrainConfig, data_description: str, device: Any) -> None:
-        from cifarlab.engine import resolve_precision
-        from cifarlab.runtime import device_label
-
         if device.type != "cuda":
             mode = "synchronized (exact data/h2d/compute split; CPU ops finish before they return)"
         elif cfg.sync_timing:

@@ -15,13 +15,14 @@ from typing import Any, Iterator
 
 import torch
 
+from cifarlab import collectives, ddp
 from cifarlab.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
-from cifarlab import distributed
 from cifarlab.config import TrainConfig
-from cifarlab.errors import UsageError
 from cifarlab.data import DataBundle, build_loaders, load_data
 from cifarlab.engine import EpochRecord, Hooks, TrainState, build_state, train
-from cifarlab.runs import RunWriter, create_run_dir, ensure_writable_dir, read_json, utc_now, write_json_atomic
+from cifarlab.errors import UsageError
+from cifarlab.fileio import read_json, write_json_atomic
+from cifarlab.runs import RunWriter, create_run_dir, ensure_writable_dir, utc_now
 from cifarlab.runtime import device_label, environment, resolve_device, seed_everything
 
 
@@ -74,11 +75,12 @@ def run_training(
         torch.backends.cudnn.benchmark = True
     seed_everything(cfg.seed)
     with _oom_as_usage_error(cfg, device):
-        train_loader, test_loader = build_loaders(cfg, data, device)
+        train_loader, test_loader = build_loaders(cfg, data, device, rank=collectives.rank(),
+                                                  world=collectives.world_size())
         state = build_state(cfg, device)
     extra = dict(extra_status or {})
     extra.update(pid=os.getpid(), host=socket.gethostname())  # lets --resume refuse a run still alive
-    extra.update(distributed.run_section(cfg))  # {} unless launched by torchrun
+    extra.update(ddp.run_section(cfg))  # {} unless launched by torchrun
     started = ""
     if resume is not None:
         run_dir = Path(resume)
@@ -90,11 +92,11 @@ def run_training(
         started = previous.get("started", "")
         extra["resumed"] = [*previous.get("resumed", []), {"at": utc_now(), "from_epoch": state.epoch}]
     # Under torchrun: DistributedDataParallel, built after a resume so every rank starts from the restored weights.
-    distributed.wrap_model(cfg, state)
+    ddp.wrap_model(cfg, state)
     label = device_label(device)
     # Under torchrun only rank 0 creates the folder and writes; the other ranks learn its path.
-    writer = distributed.main_only(RunWriter(
-        path=run_dir if resume is not None else distributed.on_main(lambda: create_run_dir(cfg.out_dir, cfg.name)),
+    writer = ddp.main_only(RunWriter(
+        path=run_dir if resume is not None else ddp.on_main(lambda: create_run_dir(cfg.out_dir, cfg.name)),
         config=cfg,
         environment=environment(device),
         data_description=data.description,
@@ -114,11 +116,11 @@ def run_training(
 
     def on_epoch(record: EpochRecord, st: TrainState) -> None:
         writer.write_records(st.records)
-        if record.status == "ok" and checkpoint_due(cfg, st.epoch) and distributed.is_main():
+        if record.status == "ok" and checkpoint_due(cfg, st.epoch) and collectives.is_main():
             t0 = time.perf_counter()
             save_checkpoint(writer.path, cfg, st)
             extra["checkpoint"] = {"file": CHECKPOINT_NAME, "epoch": st.epoch, "write_s": time.perf_counter() - t0}
-        distributed.after_epoch(record, st, extra)  # collective under torchrun: replica check, all-reduce timings
+        ddp.after_epoch(record, st, extra)  # collective under torchrun: replica check, all-reduce timings
         writer.write_status("running", st.records, **extra)
         if user_hooks.on_epoch is not None:
             user_hooks.on_epoch(record, st)

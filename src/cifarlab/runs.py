@@ -10,11 +10,6 @@ A run folder holds
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
-import json
-import math
 import os
 import tempfile
 import time
@@ -25,6 +20,7 @@ from typing import Any, Callable
 
 from cifarlab.config import TrainConfig
 from cifarlab.errors import UsageError
+from cifarlab.fileio import read_json, write_csv_atomic, write_json_atomic
 
 RUN_SCHEMA = "cifarlab.run/1"
 
@@ -36,74 +32,6 @@ TIMING_NOTES = {
     "epoch_s": "wall time of the training epoch; evaluation excluded",
     "eval_s": "test-set evaluation after the epoch, timed separately",
 }
-
-
-# ------------------------------------------------------------------------------------- file I/O
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    raise TypeError(f"cannot serialise {type(obj).__name__}")
-
-
-def _clean(obj: Any) -> Any:
-    """JSON has no NaN/inf: write them as null so every reader can parse the file."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over the target: a reader (or a
-    crash) sees either the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    obj = json.loads(json.dumps(obj, default=_json_default))  # resolve dataclasses first
-    write_text_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
-
-
-def write_csv_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    if rows:
-        columns = list(rows[0].keys())
-        for row in rows[1:]:
-            columns += [k for k in row if k not in columns]
-        writer = csv.DictWriter(buf, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    write_text_atomic(path, buf.getvalue())
-
-
-def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------- run folders

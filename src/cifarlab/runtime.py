@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 
 from cifarlab.errors import UsageError
 
@@ -83,8 +84,6 @@ def cpu_has_native_bf16() -> bool:
 
 def environment(device: torch.device | None = None) -> dict[str, Any]:
     """Machine and software facts stored beside every result (what a reader needs to compare numbers)."""
-    import torchvision
-
     env: dict[str, Any] = {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),

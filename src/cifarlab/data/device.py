@@ -14,7 +14,7 @@ Per batch: one gather of the images, zero padding, crop and flip as one batched 
 and Normalize's (x - mean) / std in the same order as torchvision, output in channels_last. No Python
 loop over images, no host->device copy, no host-device synchronization inside the loop.
 
-Data parallel (torchrun): every rank draws the same permutation and augmentation and keeps positions
+Data parallel (torchrun; the runner passes rank and world): every rank draws the same permutation and augmentation and keeps positions
 rank, rank+world, ...; the train split is padded (wrapped) to a multiple of world like
 DistributedSampler, the test split is not (each test image exactly once over all ranks).
 
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, TrainConfig
+from cifarlab.data.split import DataBundle
 
 PAD = 4  # RandomCrop(32, padding=4)
 FLIP_P = 0.5  # RandomHorizontalFlip()
@@ -153,12 +154,12 @@ class DeviceLoader:
             yield normalize(x, self._mean, self._std, self.channels_last), self.labels[index]
 
 
-def build_device_loaders(cfg: TrainConfig, data: Any, device: torch.device) -> tuple[DeviceLoader, DeviceLoader]:
-    """data.LOADER_BUILDERS["device"]: augmented, shuffled train batches; the test split plain, in order,
+def build_device_loaders(
+    cfg: TrainConfig, data: DataBundle, device: torch.device, rank: int = 0, world: int = 1
+) -> tuple[DeviceLoader, DeviceLoader]:
+    """LOADER_BUILDERS["device"]: augmented, shuffled train batches; the test split plain, in order,
     at the test batch size. --workers, --pin-memory and friends do not apply."""
-    from cifarlab import distributed
-
-    shard = {"rank": distributed.rank(), "world": distributed.world_size()}  # 0, 1 unless under torchrun
+    shard = {"rank": rank, "world": world}  # 0, 1 unless under torchrun
     train = DeviceLoader(
         data.train.images, data.train.labels, cfg.batch_size, device,
         augment=cfg.augment, shuffle=True, channels_last=cfg.channels_last, seed=cfg.seed, **shard,

@@ -1,4 +1,6 @@
-"""Data-parallel training on torch.distributed, launched by torchrun (never DataParallel).
+"""Run-level data parallelism (torch.distributed + DistributedDataParallel, launched by torchrun): join
+and leave the process group, wrap the model, time DDP's gradient all-reduces, check after every epoch
+that the replicas still agree, let rank 0 alone write, and fill run.json's "distributed" section.
 
 How a distributed run works (every process runs the same `cifarlab train`):
 - torchrun starts N processes and sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
@@ -8,75 +10,39 @@ How a distributed run works (every process runs the same `cifarlab train`):
 - The model is wrapped in DistributedDataParallel; every rank starts from the same seed (and DDP
   broadcasts rank 0's weights anyway). Augmentation seeds are offset per rank (engine.seed_epoch)
   so ranks do not draw the same crops for different images.
-- The train split is sharded by DistributedSampler (set_epoch every epoch). When the split is not a
-  multiple of world_size it pads with up to world_size-1 repeated images so every rank runs the same
-  number of steps; the epoch record's `images` counts what was actually trained on.
+- The train split is sharded (DistributedSampler or the device loader's own shards, set_epoch every
+  epoch). When the split is not a multiple of world_size it pads with up to world_size-1 repeated
+  images so every rank runs the same number of steps; the epoch record's `images` counts them.
 - Evaluation is sharded without padding (rank r takes test images r, r+N, ...), each image exactly
   once, after rank 0's BatchNorm buffers are broadcast so every rank evaluates the same model.
 - Per-epoch metrics are exact sums and counts over all ranks; the timings are those of the slowest
-  rank (largest epoch_s), so its parts still add up to its epoch_s.
+  rank (largest epoch_s), so its parts still add up to its epoch_s (collectives.reduce_epoch).
 - Only rank 0 creates the run folder, writes files and prints.
-
-`cifarlab train --nproc N` runs `python -m torch.distributed.run --standalone --nproc_per_node N
--m cifarlab train ...` for the user. Multi-node: run torchrun yourself on every node (README).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from cifarlab.collectives import all_gather_rows, is_active, is_main, world_size
+from cifarlab.config import TrainConfig
+from cifarlab.engine import EpochRecord, TrainState
 from cifarlab.errors import UsageError
-
-if TYPE_CHECKING:
-    import argparse
-
-    from cifarlab.config import TrainConfig
-    from cifarlab.engine import EpochRecord, TrainState
 
 T = TypeVar("T")
 
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 # A collective that waits longer than this is a hung peer, not slow work (the slowest legitimate wait
 # is another rank's file writes or evaluation shard).
 DIST_TIMEOUT_S = 600
-MAX_NPROC = 1024
-# Status codes agreed across ranks (max wins): a rank that stops must not leave the others waiting
-# in the next all-reduce.
-STATUS_CODES = {"ok": 0, "interrupted": 1, "diverged": 2}
-STATUS_NAMES = {v: k for k, v in STATUS_CODES.items()}
-
-
-# ----------------------------------------------------------------------------- who and where am I
-
-
-def launched_by_torchrun() -> bool:
-    return all(k in os.environ for k in TORCHRUN_ENV)
-
-
-def is_active() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if is_active() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_active() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
 
 
 @dataclass(frozen=True)
@@ -129,38 +95,6 @@ def session(device_name: str) -> Iterator[DistInfo]:
         teardown()
 
 
-# ------------------------------------------------------------------------------------ collectives
-
-
-def _comm_device() -> torch.device:
-    # NCCL only moves CUDA tensors; gloo moves CPU tensors.
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Element-wise sum over ranks in float64 (exact for counts below 2**53)."""
-    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def all_gather_rows(values: list[float]) -> list[list[float]]:
-    """One row of floats per rank, in rank order."""
-    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    rows = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, t)
-    return [r.tolist() for r in rows]
-
-
-def agree_status(status: str) -> str:
-    """The most severe status of any rank (diverged > interrupted > ok), the same on every rank."""
-    t = torch.tensor([STATUS_CODES[status]], dtype=torch.int64, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return STATUS_NAMES[int(t.item())]
-
-
 def on_main(fn: Callable[[], T]) -> T:
     """Run fn on rank 0 only and give its result (or its UsageError) to every rank."""
     if not is_active():
@@ -195,85 +129,16 @@ def main_only(target: T) -> T:
     return target if not is_active() else MainOnly(target)  # type: ignore[return-value]
 
 
-# -------------------------------------------------------------------------------- epoch reduction
-
-_TIMING_KEYS = ("epoch_s", "loader_start_s", "data_s", "h2d_s", "compute_s", "other_s")
-
-
-def reduce_epoch(
-    loss_sum: float, correct: int, images: int, bad_step: int, timings: dict[str, float]
-) -> tuple[float, int, int, int, dict[str, float]]:
-    """Global sums (loss*count, correct, images) and the slowest rank's timings.
-
-    Each rank contributes one row; sums are taken column-wise, and the timing columns are taken from
-    the row with the largest epoch_s so that data + h2d + compute + other still add up to epoch_s.
-    The first diverged step is the smallest non-negative one of any rank.
-    """
-    row = [loss_sum, float(correct), float(images), float(bad_step)] + [float(timings[k]) for k in _TIMING_KEYS]
-    rows = all_gather_rows(row)
-    loss_total = sum(r[0] for r in rows)
-    correct_total = int(round(sum(r[1] for r in rows)))
-    images_total = int(round(sum(r[2] for r in rows)))
-    bad = [int(r[3]) for r in rows if r[3] >= 0]
-    slowest = max(rows, key=lambda r: r[4])
-    return loss_total, correct_total, images_total, (min(bad) if bad else -1), dict(zip(_TIMING_KEYS, slowest[4:]))
-
-
-def reduce_eval(loss_sum: float, correct: int, count: int, eval_s: float) -> tuple[float, int, int, float]:
-    """Test-set sums over the shards; eval_s of the slowest shard."""
-    rows = all_gather_rows([loss_sum, float(correct), float(count), eval_s])
-    return (
-        sum(r[0] for r in rows),
-        int(round(sum(r[1] for r in rows))),
-        int(round(sum(r[2] for r in rows))),
-        max(r[3] for r in rows),
-    )
-
-
-# --------------------------------------------------------------------------- samplers and shards
-
-
-def train_sampler(dataset: Any, seed: int) -> Any:
-    """DistributedSampler when distributed (identical permutation on every rank, seeded by seed +
-    epoch via set_epoch, each rank taking every N-th index), else None (the loader shuffles)."""
-    if not is_active():
-        return None
-    from torch.utils.data import DistributedSampler
-
-    return DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed,
-                              drop_last=False)
-
-
-def eval_shard(n: int) -> list[int] | None:
-    """Rank r's test indices r, r+N, r+2N, ...: every image exactly once over all ranks, no padding."""
-    if not is_active():
-        return None
-    return list(range(rank(), n, world_size()))
-
-
-def shard_indices(n: int, rank_: int, world: int) -> range:
-    return range(rank_, n, world)
-
-
-def augmentation_seed(epoch_seed: int) -> int:
-    """Per-rank offset of the augmentation RNG seed; rank 0 (and every single-process run) keeps
-    epoch_seed unchanged, so a 1-process run replays the non-distributed one."""
-    r = rank()
-    return epoch_seed if r == 0 else (epoch_seed ^ (r * 0x9E3779B97F4A7C15)) % 2**63
-
-
 # ------------------------------------------------------------------------------ the DDP wrapper
 
 
-def wrap_model(cfg: "TrainConfig", state: "TrainState") -> None:
+def wrap_model(cfg: TrainConfig, state: TrainState) -> None:
     """Wrap the model in DistributedDataParallel (no-op when not distributed). With --compile the
     DDP module is compiled (the order torch recommends), replacing the single-process compile."""
     if not is_active():
         if cfg.sync_bn:
             raise UsageError("--sync-bn only means something with several processes; launch with --nproc N")
         return
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     model = state.model
     if cfg.sync_bn:
         if state.device.type != "cuda":
@@ -288,17 +153,10 @@ def wrap_model(cfg: "TrainConfig", state: "TrainState") -> None:
     state.train_module = torch.compile(ddp, mode=cfg.compile) if cfg.compile != "none" else ddp
 
 
-def find_comm_timer(state: "TrainState") -> "CommTimer | None":
+def find_comm_timer(state: TrainState) -> "CommTimer | None":
     module = state.step_module
     module = getattr(module, "_orig_mod", module)  # under torch.compile
     return getattr(module, "cifarlab_comm_timer", None)
-
-
-def broadcast_buffers(module: torch.nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics), as DDP does before each
-    training forward pass."""
-    for buf in module.buffers():
-        dist.broadcast(buf.data, src=0)
 
 
 @torch.no_grad()
@@ -395,119 +253,10 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
         total += cur_end - cur_start  # type: ignore[operator]
     return total
 
-
-# ------------------------------------------------------------------- `cifarlab train` entry points
-
-
-def run_train_command(args: "argparse.Namespace", train_here: Callable[["argparse.Namespace"], int]) -> int:
-    """`cifarlab train`: with --nproc N launch torchrun; under torchrun join the process group and
-    run the ordinary train command (`train_here`) in it, printing on rank 0 only; else just run it."""
-    nproc = getattr(args, "nproc", None)
-    if nproc is not None:
-        if launched_by_torchrun():
-            raise UsageError("--nproc starts torchrun itself; under torchrun leave it out")
-        return launch(args, nproc)
-    if not launched_by_torchrun():
-        return train_here(args)
-    from cifarlab.config import TrainConfig
-
-    with session(getattr(args, "device", TrainConfig().device)) as info:
-        if info.rank != 0:
-            # Only rank 0 prints. Errors still reach the user: cli.main prints them after this
-            # block has restored the streams.
-            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-                return train_here(args)
-        if getattr(args, "resume", None) is None:
-            batch = getattr(args, "batch_size", TrainConfig().batch_size)
-            print(f"dist:   {info.world_size} processes ({info.backend}); --batch-size {batch} per process "
-                  f"= global batch {batch * info.world_size}", flush=True)
-        return train_here(args)
-
-
-def train_flags(cfg: "TrainConfig") -> list[str]:
-    """The `cifarlab train` flags that reproduce cfg (only values that differ from the defaults),
-    derived from the train parser itself so a new TrainConfig flag needs no change here."""
-    import argparse
-
-    from cifarlab.cli import build_parser
-    from cifarlab.config import TrainConfig
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    train_parser = sub.choices["train"]
-    defaults = TrainConfig()
-    flags: list[str] = []
-    handled: set[str] = set()
-    for action in train_parser._actions:
-        dest = action.dest
-        if not hasattr(defaults, dest) or dest in handled:
-            continue
-        value, default = getattr(cfg, dest), getattr(defaults, dest)
-        if isinstance(action, argparse._StoreConstAction):
-            if value == action.const and value != default:
-                flags.append(action.option_strings[0])
-                handled.add(dest)
-            continue
-        handled.add(dest)
-        if value == default:
-            continue
-        if isinstance(action, argparse.BooleanOptionalAction):
-            flags.append(action.option_strings[0] if value else action.option_strings[1])
-        else:
-            flags += [action.option_strings[0], str(value)]
-    missing = [k for k, v in cfg.to_dict().items()
-               if k not in handled and v != defaults.to_dict()[k] and k != "tags"]
-    if missing:
-        raise UsageError(f"cannot pass {missing} to the torchrun processes (no train flag); run torchrun yourself")
-    return flags
-
-
-def torchrun_command(nproc: int, flags: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-            "--nproc_per_node", str(nproc), "-m", "cifarlab", "train", *flags]
-
-
-def launch(args: "argparse.Namespace", nproc: int) -> int:
-    """`cifarlab train --nproc N`: check what can be checked here (so bad input is one line, not N
-    tracebacks), then run torchrun on this node and return its exit code."""
-    from cifarlab.cli import config_from_args
-    from cifarlab.runner import prepare
-    from cifarlab.runtime import usable_cpus
-
-    if isinstance(nproc, bool) or not 1 <= nproc <= MAX_NPROC:
-        raise UsageError(f"--nproc must be between 1 and {MAX_NPROC} (got {nproc}); use the number of GPUs")
-    cfg = config_from_args(args)
-    resume = getattr(args, "resume", None)
-    if resume is None:
-        device, _ = prepare(cfg)  # flags, --out and the dataset, once, before N processes start
-        flags = train_flags(cfg)
-    else:
-        from cifarlab.runtime import resolve_device
-
-        device, flags = resolve_device(cfg.device), ["--resume", str(resume), *train_flags(cfg)]
-    env = dict(os.environ)
-    if device.type == "cuda":
-        if nproc > torch.cuda.device_count():
-            raise UsageError(f"--nproc {nproc} but only {torch.cuda.device_count()} GPU(s) here; "
-                             "use at most one process per GPU")
-    else:
-        # Each CPU process is one "device": the usable cores are split between them.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
-    proc = subprocess.Popen(torchrun_command(nproc, flags), env=env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:  # the terminal sent SIGINT to torchrun and the workers too
-        try:
-            proc.wait(timeout=60)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            proc.kill()
-        return 130
-
-
 # ----------------------------------------------------------------------- the run folder's section
 
 
-def run_section(cfg: "TrainConfig") -> dict[str, Any]:
+def run_section(cfg: TrainConfig) -> dict[str, Any]:
     """run.json's "distributed" entry ({} when not distributed)."""
     if not is_active():
         return {}
@@ -530,7 +279,7 @@ def run_section(cfg: "TrainConfig") -> dict[str, Any]:
     }}
 
 
-def after_epoch(record: "EpochRecord", state: "TrainState", extra: dict[str, Any]) -> None:
+def after_epoch(record: EpochRecord, state: TrainState, extra: dict[str, Any]) -> None:
     """Collective, on every rank after every epoch: check the replicas still hold the same weights
     and collect the epoch's all-reduce timings into extra["distributed"]."""
     if not is_active() or "distributed" not in extra:

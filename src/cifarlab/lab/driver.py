@@ -1,25 +1,39 @@
-"""`cifarlab lab`: run a suite of experiments (the lab: C1-C8, Q1-Q4) into one lab folder and write the
-report; `cifarlab report LAB_DIR`: rebuild the report from the folder's files alone.
+"""`cifarlab lab`: run a suite of items (the lab: C1-C8, Q1-Q4) into one lab folder and write the report.
 
 The lab folder: <out>/<UTC time>-lab-<suite>-<preset>/ holding results.json (rewritten atomically after
-every experiment, so an interrupted lab still has a valid one), one sub-folder per experiment with
-ordinary run folders inside, and the report (report.md, report.html, csv/, plots/).
-"""
+every item, so an interrupted lab still has a valid one), one sub-folder per item with ordinary run
+folders inside, and the report (report.md, report.html, csv/, plots/)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from cifarlab.config import DATASETS, DEVICES, LAB_PRESETS, LabConfig, LabPreset, TrainConfig
+import torch
+
+from cifarlab.config import LAB_PRESETS, LabConfig, LabPreset, TrainConfig
+from cifarlab.data import LOADER_BUILDERS
+from cifarlab.engine import Hooks
 from cifarlab.errors import UsageError
+from cifarlab.fileio import write_json_atomic
+from cifarlab.interrupt import StopOnSignal
+from cifarlab.lab.context import LabContext
+from cifarlab.lab.registry import EXPERIMENTS, SUITES
+from cifarlab.lab.render import build_report
+from cifarlab.progress import epoch_line
+from cifarlab.runner import prepare
+from cifarlab.runs import TIMING_NOTES, create_run_dir, utc_now
+from cifarlab.runtime import device_label, environment, usable_cpus
 
 LAB_SCHEMA = "cifarlab.lab/1"
+
+
 RESULTS_FILE = "results.json"
+
+
 ALIASES = {"q1": "q", "q2": "q", "q3": "q", "q4": "q"}  # Q1-Q4 come from one model inspection
 
 
@@ -72,9 +86,6 @@ class LabProgress:
         print(f"   {key}: {status} in {fmt_duration(elapsed_s)}", file=self.out, flush=True)
 
     def hooks(self, key: str, label: str, cfg: TrainConfig) -> Any:
-        from cifarlab.engine import Hooks
-        from cifarlab.progress import epoch_line
-        from cifarlab.runtime import usable_cpus
 
         cores = usable_cpus()
         if cfg.loader == "torch" and cfg.workers > cores:
@@ -100,13 +111,8 @@ class LabProgress:
         return Hooks(on_step=on_step, on_epoch=on_epoch, should_stop=self.should_stop)
 
 
-# ------------------------------------------------------------------------------------------ resolve
-
-
 def resolve_keys(suite: str, only: tuple[str, ...]) -> list[str]:
-    from cifarlab.experiments import SUITES, load_plugins
 
-    load_plugins()
     if suite not in SUITES:
         raise UsageError(f"--suite {suite!r} is not known; choose one of: {', '.join(SUITES)}")
     keys = list(SUITES[suite])
@@ -124,7 +130,6 @@ def resolve_keys(suite: str, only: tuple[str, ...]) -> list[str]:
 
 def resolve_preset(name: str | None, device: str) -> LabPreset:
     if name is None:
-        import torch
 
         name = "full" if device != "cpu" and torch.cuda.is_available() else "quick"
     if name not in LAB_PRESETS:
@@ -150,18 +155,8 @@ def data_banner(source: str) -> str:
     return "CIFAR-10"
 
 
-# ---------------------------------------------------------------------------------------------- run
-
-
 def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
     """Run the suite; returns (lab folder, exit code: 0 done, 3 an experiment failed, 130 interrupted)."""
-    from cifarlab import data as data_mod
-    from cifarlab import report
-    from cifarlab.experiments import EXPERIMENTS, LabContext
-    from cifarlab.interrupt import StopOnSignal
-    from cifarlab.runner import prepare
-    from cifarlab.runs import TIMING_NOTES, create_run_dir, utc_now, write_json_atomic
-    from cifarlab.runtime import device_label, environment, usable_cpus
 
     out = out or sys.stdout
     if lab.repeats is not None and (isinstance(lab.repeats, bool) or not 1 <= lab.repeats <= 100):
@@ -170,7 +165,7 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
     preset = resolve_preset(lab.preset, lab.device)
     base = base_config(lab, preset)
     device, data = prepare(base)
-    fast_loader = "device" if "device" in data_mod.LOADER_BUILDERS else "torch"
+    fast_loader = "device" if "device" in LOADER_BUILDERS else "torch"
     lab_dir = create_run_dir(lab.out_dir, f"lab-{lab.suite}-{preset.name}")
     cuda = device.type == "cuda"
     progress = LabProgress(planned={k: EXPERIMENTS[k].planned_epochs(preset, cuda) for k in keys}, out=out)
@@ -221,7 +216,7 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
             doc["finished"] = utc_now()
             doc["elapsed_s"] = time.perf_counter() - t0
             write_json_atomic(lab_dir / RESULTS_FILE, doc)
-    paths = report.build_report(lab_dir)
+    paths = build_report(lab_dir)
     print(f"\nlab {doc['status']} in {fmt_duration(doc['elapsed_s'])}; report: {paths['md']} (also report.html, "
           f"results.json, csv/, plots/)", file=out)
     return lab_dir, exit_code
@@ -230,7 +225,6 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
 def _run_experiments(keys: list[str], registry: dict[str, Any], ctx: Any, doc: dict[str, Any],
                      progress: LabProgress, stop: Any, lab_dir: Path, t0: float) -> int:
     """Run each experiment, rewriting results.json after each; returns the lab's exit code."""
-    from cifarlab.runs import write_json_atomic
 
     exit_code = 0
     for i, key in enumerate(keys, 1):
@@ -262,52 +256,3 @@ def _run_experiments(keys: list[str], registry: dict[str, Any], ctx: Any, doc: d
             return stop.exit_code or 130
     doc["status"] = "completed" if exit_code == 0 else "partial"
     return exit_code
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def cmd_lab(args: argparse.Namespace) -> int:
-    import os
-
-    # Before torch loads: keeps the profiler library's (kineto) error chatter out of the lab's output.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-    given = {k: v for k, v in vars(args).items() if k in LabConfig.__dataclass_fields__}
-    if "only" in given:
-        given["only"] = tuple(x for x in given["only"].split(",") if x.strip())
-        if not given["only"]:
-            raise UsageError("--only needs at least one item, e.g. --only c1,c3")
-    _, code = run_lab(LabConfig(**given))
-    return code
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from cifarlab import report
-
-    paths = report.build_report(Path(args.lab_dir))
-    print(f"report rebuilt from {args.lab_dir}: {paths['md']}, {paths['html']}")
-    return 0
-
-
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("lab", help="run the lab (C1-C8, Q1-Q4) end to end and write a report",
-                       argument_default=argparse.SUPPRESS)
-    p.add_argument("--suite", help="which suite of experiments (default lab)")
-    p.add_argument("--preset", choices=tuple(LAB_PRESETS),
-                   help="smoke (seconds, synthetic), quick (minutes on a CPU), full (the lab as written); "
-                        "default: full with a GPU, quick otherwise")
-    p.add_argument("--only", metavar="ITEMS", help="comma-separated items to run, e.g. c1,c3,q")
-    p.add_argument("--repeats", type=int, metavar="N", help="C3 repeats per worker count (default: the preset's)")
-    p.add_argument("--device", choices=DEVICES, help="auto (default), cpu or cuda")
-    p.add_argument("--data", dest="data_dir", metavar="DIR", help="folder holding cifar-10-batches-py/ (default ./data)")
-    p.add_argument("--dataset", choices=DATASETS,
-                   help="auto (default: CIFAR-10 when on disk or downloadable, else synthetic), cifar10, synthetic")
-    p.add_argument("--out", dest="out_dir", metavar="DIR", help="where the lab folder is created (default runs/)")
-    p.add_argument("--seed", type=int, help="base seed (default 0)")
-    p.set_defaults(func=cmd_lab)
-
-
-def add_report_parser(sub: Any) -> None:
-    p = sub.add_parser("report", help="rebuild a lab's report (md, html, csv, plots) from its folder")
-    p.add_argument("lab_dir", metavar="LAB_DIR", help="a folder written by 'cifarlab lab'")
-    p.set_defaults(func=cmd_report)

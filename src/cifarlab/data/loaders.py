@@ -1,0 +1,28 @@
+"""The loader registry: --loader name -> builder(cfg, data, device, rank, world) -> (train, test)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from cifarlab.config import TrainConfig
+from cifarlab.data.classic import build_torch_loaders
+from cifarlab.data.device import build_device_loaders
+from cifarlab.data.split import DataBundle
+from cifarlab.errors import DataError
+
+LoaderBuilder = Callable[..., tuple[Any, Any]]
+
+# loader name -> builder(cfg, data, device, rank=0, world=1) -> (train_loader, test_loader).
+LOADER_BUILDERS: dict[str, LoaderBuilder] = {
+    "torch": build_torch_loaders,
+    "device": build_device_loaders,
+}
+
+
+def build_loaders(cfg: TrainConfig, data: DataBundle, device: Any, rank: int = 0, world: int = 1) -> tuple[Any, Any]:
+    """Train and test loaders for this process; under torchrun pass its rank and the world size."""
+    try:
+        builder = LOADER_BUILDERS[cfg.loader]
+    except KeyError:
+        raise DataError(f"--loader {cfg.loader!r} is not available; choose one of: {', '.join(LOADER_BUILDERS)}")
+    return builder(cfg, data, device, rank=rank, world=world)

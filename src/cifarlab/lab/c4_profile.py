@@ -1,0 +1,144 @@
+"""C4: torch.profiler on 1 worker vs C3's best count, and the explanation of the difference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch.profiler import ProfilerActivity, profile, schedule
+
+from cifarlab.config import TrainConfig
+from cifarlab.engine import Hooks
+from cifarlab.lab.context import Experiment, LabContext
+from cifarlab.lab.sections import pipelines_para, runs_para
+from cifarlab.report.blocks import Block, Para, Table, finite, fs, pct, runs_of
+from cifarlab.report.plots import ReportContext, stacked
+
+
+def _profiled_train(ctx: LabContext, key: str, label: str, cfg: TrainConfig) -> dict[str, Any]:
+    """A run with torch.profiler recording a window of steps; Chrome trace saved in the run folder."""
+
+
+    cuda = ctx.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    steps_per_epoch = -(-len(ctx.data.train) // cfg.batch_size)
+    if cfg.max_steps:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
+    active = max(1, min(ctx.preset.profile_steps, steps_per_epoch * cfg.epochs - 1))
+    tmp = ctx.lab_dir / key / f".{label}.pt.trace.json"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    captured: dict[str, Any] = {}
+
+    def ready(prof: Any) -> None:
+        prof.export_chrome_trace(str(tmp))
+        captured["top_ops"] = _top_ops(prof, cuda)
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # kineto's start/stop chatter on stderr
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=active, repeat=1),
+                 on_trace_ready=ready) as prof:
+        info = ctx.train(key, label, cfg, hooks=Hooks(on_step=lambda e, s, n: prof.step()), reuse=False)
+    trace = Path(ctx.lab_dir) / info["path"] / "profile.pt.trace.json"
+    if tmp.exists():
+        os.replace(tmp, trace)  # TensorBoard's profiler plugin reads *.pt.trace.json
+    info["profile"] = {
+        "trace": os.path.relpath(trace, ctx.lab_dir) if trace.exists() else None,
+        "steps_recorded": active,
+        "top_ops": captured.get("top_ops", []),
+    }
+    return info
+
+
+def _top_ops(prof: Any, cuda: bool, n: int = 10) -> list[dict[str, Any]]:
+    events = list(prof.key_averages())
+
+    def device_us(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+
+    events.sort(key=(lambda e: device_us(e)) if cuda else (lambda e: e.self_cpu_time_total), reverse=True)
+    return [{"name": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+             "cpu_total_ms": e.cpu_time_total / 1e3, "self_device_ms": device_us(e) / 1e3} for e in events[:n]]
+
+
+def c4_profile(ctx: LabContext) -> dict[str, Any]:
+    best, source = ctx.best_workers()
+    base = ctx.classic(ctx.base).replace(evaluate=False)
+    for workers in [1] + ([best] if best != 1 else []):  # 1 worker first: the report compares it to the best
+        label = f"workers-{workers}" + ("-best" if workers == best else "")
+        _profiled_train(ctx, "c4", label, base.replace(workers=workers))
+    return {"best_workers": best, "best_from": source}
+
+
+def render_c4(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
+    res = entry["result"]
+    runs = runs_of(entry)
+    rows = []
+    for r in runs:
+        s = r["summary"]
+        prof = r.get("profile", {})
+        rows.append([r["label"], r["config"]["workers"], fs(s.get("mean_data_s"), 3), fs(s.get("mean_h2d_s"), 3),
+                     fs(s.get("mean_compute_s"), 3), fs(s.get("mean_other_s"), 3), fs(s.get("mean_epoch_s"), 3),
+                     prof.get("steps_recorded", "n/a"), f"`{prof.get('trace')}`" if prof.get("trace") else "none"])
+    blocks: list[Block] = [
+        pipelines_para(entry, rc.doc),
+        Para(f"'Best' = {res['best_workers']} workers ({res['best_from']}). torch.profiler recorded one warm-up "
+             f"step then the steps listed, in the training process only (loader workers are other processes: "
+             f"their work shows up here only as the wait on `DataLoader.__next__`). Each trace is a Chrome trace "
+             f"(open in chrome://tracing or Perfetto; TensorBoard's profiler plugin reads `*.pt.trace.json`)."),
+        Table(["run", "workers", "data s/epoch", "h2d s", "compute s", "other s (incl. profiler)", "epoch s",
+               "profiled steps", "trace"], rows, csv="c4_data_vs_compute"),
+        Para(c4_explanation(runs, rc.doc.get("machine", {}).get("usable_cpus"))),
+    ]
+    for r in runs:
+        ops = r.get("profile", {}).get("top_ops", [])
+        blocks.append(Para(f"Top operators by self time, run `{r['label']}`:"))
+        blocks.append(Table(["operator", "calls", "self CPU ms", "CPU total ms", "self device ms"],
+                            [[f"`{o['name'][:60]}`", o["calls"], fs(o["self_cpu_ms"], 1), fs(o["cpu_total_ms"], 1),
+                              fs(o["self_device_ms"], 1)] for o in ops], csv=f"c4_top_ops_{r['label']}"))
+
+    def draw(fig: Any) -> None:
+        keys = ("mean_data_s", "mean_h2d_s", "mean_compute_s", "mean_other_s")
+        stacked(fig.subplots(), [f"{r['config']['workers']} worker(s)" for r in runs],
+                 {k[5:-2]: [r["summary"].get(k) for r in runs] for k in keys})
+        fig.axes[0].set_title("C4 data vs compute per epoch")
+
+    blocks += [rc.plot("c4_data_vs_compute", "C4 data vs compute per epoch", draw, size=(5, 3.6)), runs_para(entry)]
+    return blocks
+
+
+def c4_explanation(runs: list[dict[str, Any]], cores: Any) -> str:
+    """One paragraph from the measured numbers: 1 worker vs the best count."""
+    if not runs:
+        return "No profiled run finished."
+    one, best = runs[0], runs[-1]
+
+    def part(r: dict[str, Any]) -> tuple[Any, Any, Any]:
+        return tuple(r["summary"].get(k) for k in ("mean_data_s", "mean_compute_s", "mean_epoch_s"))  # type: ignore
+
+    def share(d: Any, e: Any) -> str:
+        return pct(d / e) if finite(d) and finite(e) and e else "n/a"
+
+    d1, c1, e1 = part(one)
+    text = (f"With 1 worker the training step waited {fs(d1, 3)} s per epoch on the loader ({share(d1, e1)} of "
+            f"the epoch) and computed for {fs(c1, 3)} s.")
+    if best is one:
+        return text + " The best count is 1, so there is no second configuration to compare."
+    d2, c2, e2 = part(best)
+    n = best["config"]["workers"]
+    text += f" With {n} workers (the best) it waited {fs(d2, 3)} s ({share(d2, e2)}) and computed for {fs(c2, 3)} s."
+    if finite(d1) and finite(d2):
+        text += (f" Going from 1 to {n} workers the wait {'fell' if d2 < d1 else 'rose'} by {abs(d2 - d1):.3f} s "
+                 f"per epoch; epoch time {fs(e1, 3)} -> {fs(e2, 3)} s.")
+    if finite(c1) and finite(c2) and c1 > 0:
+        change = (c2 - c1) / c1
+        if abs(change) < 0.10:
+            text += (f" Compute is the same within 10% ({change:+.1%}, treated as run-to-run noise): the worker "
+                     f"count changed the wait, not the work.")
+        else:
+            text += (f" Compute itself changed by {change:+.1%}: loader processes (and anything else running on "
+                     f"the machine) compete with the training process for the {cores or '?'} usable core(s), so "
+                     f"on this machine the worker count moves compute time, not only the wait.")
+    return text
+
+
+ITEM = Experiment("c4", "C4 Profiling 1 worker vs the best", c4_profile, render_c4, lambda p, c: 2 * p.epochs)

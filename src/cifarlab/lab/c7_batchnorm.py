@@ -1,0 +1,49 @@
+"""C7: ResNet-18 with and without batch normalization."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cifarlab.lab.context import Experiment, LabContext
+from cifarlab.lab.sections import REF, REFERENCE, c6_flag, pipelines_para, runs_para
+from cifarlab.report.blocks import Block, Para, Table, finite, fs, pct, run_named
+from cifarlab.report.plots import ReportContext, curves
+
+
+def c7_batchnorm(ctx: LabContext) -> dict[str, Any]:
+    base = ctx.fast(ctx.base)
+    ctx.train("c7", "batchnorm", base)
+    ctx.train("c7", "no-batchnorm", base.replace(norm="none"))
+    return {}
+
+
+def render_c7(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
+    bn, nobn = run_named(entry, "batchnorm"), run_named(entry, "no-batchnorm")
+    rows = []
+    for label, r, ref in (("with BatchNorm", bn, None), ("without BatchNorm", nobn, REFERENCE["c7_acc"])):
+        if r is None:
+            continue
+        s = r["summary"]
+        rows.append([label, fs(s.get("mean_epoch_s"), 3), fs(s.get("final_train_loss"), 4), pct(s.get("final_train_acc")),
+                     pct(s.get("final_test_acc")), c6_flag(r, rc.preset.get("chance_margin", 0.05)) or "ok",
+                     f"{pct(ref)} train (epoch 5)" if ref else ""])
+    blocks: list[Block] = [
+        pipelines_para(entry, rc.doc),
+        Table(["model", "mean epoch s", "final train loss", "final train top-1", "final test top-1", "flag", REF],
+              rows, csv="c7_batchnorm"),
+    ]
+    if bn and nobn:
+        a, b = bn["summary"].get("mean_epoch_s"), nobn["summary"].get("mean_epoch_s")
+        if finite(a) and finite(b) and a:
+            blocks.append(Para(f"Epoch time without BatchNorm: {fs(b, 3)} s vs {fs(a, 3)} s with it "
+                               f"({(b - a) / a:+.1%}), one run each: the cost of the 20 BatchNorm layers on this machine, "
+                               f"plus run-to-run noise (other load on the machine shows up here too)."))
+
+    def draw(fig: Any) -> None:
+        curves(fig, [(lab, r) for lab, r in (("BN", bn), ("no BN", nobn)) if r], "C7")
+
+    blocks += [rc.plot("c7_batchnorm", "C7 with and without BatchNorm", draw, size=(10, 4)), runs_para(entry)]
+    return blocks
+
+
+ITEM = Experiment("c7", "C7 Without batch normalization", c7_batchnorm, render_c7, lambda p, c: p.epochs)

@@ -1,0 +1,128 @@
+"""What a lab item may use while it runs: the base config, the data loaded once per lab, the device, and
+`LabContext.train`, the only way an item trains (an ordinary run folder inside the lab folder, a config
+already run in this lab reused). Also the item record (`Experiment`) every item file exports as ITEM."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from cifarlab.config import LabPreset, TrainConfig
+from cifarlab.data import DataBundle
+from cifarlab.engine import Hooks
+from cifarlab.report.plots import ReportContext
+from cifarlab.runner import run_training
+from cifarlab.runs import summarize
+
+FULL_EPOCH_IMAGES = 50_000  # one CIFAR-10 training epoch (C5 extrapolates to it)
+
+
+class LabInterrupted(KeyboardInterrupt):
+    """A run inside the lab stopped on Ctrl-C: stop the lab after recording what finished."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    key: str  # "c1" ... used by --only and as the folder name
+    title: str
+    run: Callable[[LabContext], dict[str, Any]]
+    render: Callable[[dict[str, Any], "ReportContext"], list[Any]]
+    planned_epochs: Callable[[LabPreset, bool], int] = lambda preset, cuda: preset.epochs  # for the lab's ETA
+
+
+@dataclass
+class LabContext:
+    """What an experiment may use: the base config, the data (loaded once per lab), the device."""
+
+    base: TrainConfig  # the preset applied to TrainConfig defaults; classic pipeline
+    preset: LabPreset
+    data: DataBundle
+    device: Any  # torch.device
+    lab_dir: Path
+    fast_loader: str  # "device" when the fast path is installed, else "torch"
+    repeats: int
+    progress_hooks: Callable[[str, str, TrainConfig], Hooks]
+    should_stop: Callable[[], bool] = lambda: False  # Ctrl-C / SIGTERM seen: start no new run
+    shared: dict[str, Any] = field(default_factory=dict)  # e.g. C3's best worker count, for C4/C5
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # key -> finished run infos
+    _done: dict[TrainConfig, dict[str, Any]] = field(default_factory=dict)
+
+    def fast(self, cfg: TrainConfig) -> TrainConfig:
+        """The fast path (device-resident data when available, channels_last, auto precision,
+        synchronization only at epoch boundaries)."""
+        return cfg.replace(loader=self.fast_loader, channels_last=True, precision="auto", sync_timing=False)
+
+    @staticmethod
+    def classic(cfg: TrainConfig) -> TrainConfig:
+        """The lab's classic pipeline as written (DataLoader + PIL transforms, fp32, contiguous NCHW) with
+        the exact synchronized data/h2d/compute split."""
+        return cfg.replace(loader="torch", sync_timing=True, channels_last=False, precision="fp32")
+
+    def train(
+        self, key: str, label: str, cfg: TrainConfig, data: DataBundle | None = None,
+        hooks: Hooks | None = None, reuse: bool = True,
+    ) -> dict[str, Any]:
+        """One run through runner.run_training into <lab>/<key>/<time>-<label>. A config already run in
+        this lab (e.g. C6's SGD = C1) is reused, not trained twice, unless reuse=False."""
+
+        if self.should_stop():
+            raise LabInterrupted(f"{key}/{label} not started")
+        identity = cfg.replace(name="run", out_dir="", tags=())
+        if reuse and data is None and identity in self._done:
+            info = {**self._done[identity], "label": label, "reused": True}
+            self.runs.setdefault(key, []).append(info)
+            return info
+        cfg = cfg.replace(out_dir=str(self.lab_dir / key), name=label)
+        with warnings.catch_warnings():
+            # torch's multi-line "excessive worker creation" warning; the report states it per point
+            warnings.filterwarnings("ignore", message="This DataLoader will create")
+            result = run_training(cfg, hooks=_merge(self.progress_hooks(key, label, cfg), hooks),
+                                  data=data or self.data)
+        rows = [r.to_dict() for r in result.records]
+        info = {
+            "label": label,
+            "path": os.path.relpath(result.path, self.lab_dir),
+            "status": result.status,
+            "config": cfg.to_dict(),
+            "device": result.device_label,
+            "precision": result.precision,
+            "data": result.data_description,
+            "summary": summarize(rows),
+            "records": rows,
+        }
+        self.runs.setdefault(key, []).append(info)
+        if data is None:
+            self._done[identity] = info
+        if result.status == "interrupted":
+            raise LabInterrupted(f"{key}/{label}")
+        return info
+
+    def best_workers(self) -> tuple[int, str]:
+        if "best_workers" in self.shared:
+            return self.shared["best_workers"], "C3's best count"
+        return self.base.workers, f"C3 not run in this lab; the default {self.base.workers} workers"
+
+
+def _merge(a: Hooks, b: Hooks | None) -> Hooks:
+
+    if b is None:
+        return a
+
+    def both(f: Any, g: Any) -> Any:
+        if f is None or g is None:
+            return f or g
+        return lambda *args: (f(*args), g(*args))[-1]
+
+    stop = None
+    if a.should_stop or b.should_stop:
+        stop = lambda: bool((a.should_stop and a.should_stop()) or (b.should_stop and b.should_stop()))  # noqa: E731
+    return Hooks(on_step=both(a.on_step, b.on_step), on_epoch=both(a.on_epoch, b.on_epoch), should_stop=stop)
+
+
+def median_of(values: list[float | None]) -> float:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else float("inf")

@@ -1,0 +1,104 @@
+"""results.json -> the lab report: the header, one section per item (its ITEM.render, or a generic
+section for items that did not complete), written as report.md, report.html, csv/ and plots/.
+`build_report(lab_dir)` is what both `cifarlab lab` and `cifarlab report LAB_DIR` call, so a rebuilt
+report is the same report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cifarlab.errors import UsageError
+from cifarlab.fileio import read_json
+from cifarlab.lab.registry import EXPERIMENTS
+from cifarlab.lab.sections import REF
+from cifarlab.report.blocks import Block, Heading, Note, Para, Table, fs, pct, runs_of
+from cifarlab.report.document import write_report
+from cifarlab.report.plots import ReportContext
+
+SUPPORTED_SCHEMAS = ("cifarlab.lab/1",)
+
+
+def generic_blocks(entry: dict[str, Any]) -> list[Block]:
+    """Sections that did not complete (not run, interrupted, failed) or whose renderer is missing."""
+    status = entry.get("status", "not run")
+    blocks: list[Block] = []
+    if status == "not run":
+        blocks.append(Note("Not run: the lab stopped before this experiment (or it was not selected)."))
+    elif status == "interrupted":
+        blocks.append(Note("Interrupted (Ctrl-C): the runs that finished are listed; the rest did not run."))
+    elif status == "failed":
+        blocks.append(Note(f"Failed: {entry.get('error')}. The other experiments went on."))
+    else:
+        blocks.append(Note("No renderer is installed for this section; its results are in results.json."))
+    rows = [[r["label"], r["status"], r["summary"].get("epochs_completed", 0), fs(r["summary"].get("mean_epoch_s"), 3),
+             pct(r["summary"].get("final_train_acc"))] for r in runs_of(entry)]
+    if rows:
+        blocks.append(Table(["run", "status", "epochs", "mean epoch s", "final train top-1"], rows))
+    return blocks
+
+
+def header_blocks(doc: dict[str, Any]) -> list[Block]:
+    m = doc.get("machine", {})
+    p = doc.get("preset", {})
+    blocks: list[Block] = [Heading(f"cifarlab {doc.get('suite', 'lab')} report", 1)]
+    if doc.get("data", {}).get("source") == "synthetic":
+        blocks.append(Note(f"**{doc['data']['banner']}**"))
+    blocks += [
+        Table(["", ""], [
+            ["status", f"{doc.get('status')} (started {doc.get('started')}, finished {doc.get('finished')}, "
+                       f"{fs(doc.get('elapsed_s'), 0)} s)"],
+            ["preset", f"{p.get('name')}: {p.get('about')}"],
+            ["runs", f"{p.get('epochs')} epoch(s), batch {p.get('batch_size')}, "
+                     f"{doc.get('data', {}).get('train_images')} train / {doc.get('data', {}).get('test_images')} test images"
+                     + (f", at most {p['max_steps']} steps per epoch" if p.get("max_steps") else "")],
+            ["data", doc.get("data", {}).get("description", "?")],
+            ["device", doc.get("device", "?")],
+            ["CPU", f"{m.get('cpu_model')}; {m.get('usable_cpus', m.get('cpu_count_usable'))} usable of "
+                    f"{m.get('cpu_count_host')} cores; {m.get('torch_threads')} torch threads"],
+            ["GPU", f"{m.get('gpu_name')} (x{m.get('gpu_count')})" if m.get("gpu_name") else "none"],
+            ["software", f"torch {m.get('torch')} (CUDA {m.get('cuda_version')}), torchvision {m.get('torchvision')}, "
+                         f"Python {m.get('python')}, {m.get('platform')}"],
+            ["fast path", "device-resident loader" if doc.get("fast_loader") == "device"
+             else "not installed: classic loader used where the fast path was meant"],
+        ]),
+        Para(f"Timings are seconds of wall-clock time, the device synchronized before each clock read; evaluation "
+             f"is never inside an epoch. The '{REF}' column holds a seed report's figures for orientation only."),
+    ]
+    return blocks
+
+
+def build_blocks(lab_dir: Path, doc: dict[str, Any]) -> tuple[list[Block], ReportContext]:
+    rc = ReportContext(lab_dir=lab_dir, doc=doc)
+    blocks = header_blocks(doc)
+    for key in doc.get("order", []):
+        entry = doc["experiments"].get(key, {"status": "not run"})
+        exp = EXPERIMENTS.get(key)
+        blocks.append(Heading(entry.get("title", key.upper())))
+        if exp is not None and entry.get("status") in ("completed", "skipped"):
+            blocks += exp.render(entry, rc)
+        else:
+            blocks += generic_blocks(entry)
+    return blocks, rc
+
+
+def load_results(lab_dir: Path) -> dict[str, Any]:
+    path = Path(lab_dir) / "results.json"
+    if not path.is_file():
+        raise UsageError(f"{str(lab_dir)!r} is not a lab folder (no results.json); give a folder made by 'cifarlab lab'")
+    try:
+        doc = read_json(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} cannot be read ({e}); the lab folder is damaged") from None
+    if not isinstance(doc, dict) or doc.get("schema") not in SUPPORTED_SCHEMAS:
+        raise UsageError(f"{path} has schema {doc.get('schema') if isinstance(doc, dict) else None!r}; "
+                         f"this cifarlab reads {', '.join(SUPPORTED_SCHEMAS)}")
+    return doc
+
+
+def build_report(lab_dir: Path) -> dict[str, Path]:
+    """results.json -> report.md, report.html, csv/*.csv, plots/*.png. Returns the written paths."""
+    lab_dir = Path(lab_dir)
+    doc = load_results(lab_dir)
+    blocks, _ = build_blocks(lab_dir, doc)
+    return write_report(lab_dir, blocks)

@@ -1,0 +1,99 @@
+"""`cifarlab train` under torchrun: with --nproc N start torchrun on this node with the user's own
+train flags; under torchrun join the process group and run the ordinary train command in it, with
+rank 0 alone printing. Multi-node: run torchrun yourself on every node (README)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+from typing import Callable, Sequence
+
+import torch
+
+from cifarlab.collectives import launched_by_torchrun
+from cifarlab.config import TrainConfig
+from cifarlab.ddp import session
+from cifarlab.errors import UsageError
+from cifarlab.runner import prepare
+from cifarlab.runtime import resolve_device, usable_cpus
+
+MAX_NPROC = 1024
+
+
+def run_train_command(
+    args: argparse.Namespace, cfg: TrainConfig, train_here: Callable[[argparse.Namespace], int]
+) -> int:
+    """With --nproc N launch torchrun; under torchrun join the process group and run `train_here` in
+    it, printing on rank 0 only; else just run it. `args.argv` holds the user's `train ...` words."""
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None:
+        if launched_by_torchrun():
+            raise UsageError("--nproc starts torchrun itself; under torchrun leave it out")
+        return launch(args, cfg, nproc)
+    if not launched_by_torchrun():
+        return train_here(args)
+    with session(cfg.device) as info:
+        if info.rank != 0:
+            # Only rank 0 prints. Errors still reach the user: cli.main prints them after this
+            # block has restored the streams.
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+                return train_here(args)
+        if getattr(args, "resume", None) is None:
+            print(f"dist:   {info.world_size} processes ({info.backend}); --batch-size {cfg.batch_size} per process "
+                  f"= global batch {cfg.batch_size * info.world_size}", flush=True)
+        return train_here(args)
+
+
+def without_nproc(argv: Sequence[str]) -> list[str]:
+    """The user's train flags minus --nproc N / --nproc=N (torchrun's processes must not launch again)."""
+    out: list[str] = []
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+            continue
+        if word == "--nproc":
+            skip = True
+            continue
+        if word.startswith("--nproc="):
+            continue
+        out.append(word)
+    return out
+
+
+def torchrun_command(nproc: int, flags: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc_per_node", str(nproc), "-m", "cifarlab", "train", *flags]
+
+
+def launch(args: argparse.Namespace, cfg: TrainConfig, nproc: int) -> int:
+    """`cifarlab train --nproc N`: check what can be checked here (so bad input is one line, not N
+    tracebacks), then run torchrun on this node with the user's own flags and return its exit code."""
+    if isinstance(nproc, bool) or not 1 <= nproc <= MAX_NPROC:
+        raise UsageError(f"--nproc must be between 1 and {MAX_NPROC} (got {nproc}); use the number of GPUs")
+    if getattr(args, "resume", None) is None:
+        device, _ = prepare(cfg)  # flags, --out and the dataset, once, before N processes start
+    else:
+        device = resolve_device(cfg.device)
+    env = dict(os.environ)
+    if device.type == "cuda":
+        if nproc > torch.cuda.device_count():
+            raise UsageError(f"--nproc {nproc} but only {torch.cuda.device_count()} GPU(s) here; "
+                             "use at most one process per GPU")
+    else:
+        # Each CPU process is one "device": the usable cores are split between them.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
+    words = list(getattr(args, "argv", None) or [])
+    flags = without_nproc(words[1:] if words[:1] == ["train"] else words)
+    proc = subprocess.Popen(torchrun_command(nproc, flags), env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the terminal sent SIGINT to torchrun and the workers too
+        try:
+            proc.wait(timeout=60)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+        return 130
