@@ -174,14 +174,17 @@ class StepRunner:
     # --- the interface the engine uses
     def setup(self, batch_sizes: Sequence[int] = (), sample_shape: Sequence[int] = (3, 32, 32),
               channels_last: bool = True, warm_up: bool = True) -> float:
-        """On CUDA: one warm-up step per batch shape (cuDNN autotune, compilation) that changes nothing.
+        """On CUDA: one forward + backward per batch shape (cuDNN autotune, compilation) that changes
+        nothing -- no optimizer step and no GradScaler update, BatchNorm statistics restored.
         Returns setup_s (device synchronized at both ends)."""
         t0 = _now(self.device)
         if warm_up and self.device.type == "cuda":
             with preserved_training_state(self.model, self.optimizer, keep_new_state=lambda: False):
                 for b in dict.fromkeys(batch_sizes):
                     x, y = _sample_batch(b, sample_shape, channels_last, self.device)
-                    self._eager_step(x, y, lr=None, sums=StepSums(self.device))
+                    with autocast_context(self.precision, self.device):
+                        loss = self.loss_fn(self.module(x), y)
+                    loss.backward()
             self.optimizer.zero_grad(set_to_none=True)
         self.setup_s = _now(self.device) - t0
         return self.setup_s
@@ -308,6 +311,8 @@ class CapturedStep(StepRunner):
                     s["step"] = steps_before[id(p)]
             if self.device.type == "cuda":
                 with contextlib.suppress(Exception):
+                    # a capture_end() that raised leaves torch.cuda.graph's side stream current
+                    torch.cuda.set_stream(torch.cuda.default_stream(self.device))
                     torch.cuda.synchronize(self.device)
         self.setup_s = _now(self.device) - t0
         return self.setup_s

@@ -232,11 +232,27 @@ def ensure_step_runner(cfg: TrainConfig, state: TrainState, loader: Any, hooks: 
     # as the lab wrote them (their first epoch pays its own one-time costs).
     warm_up = (cfg.loader == "device" or isinstance(runner, CapturedStep)) and not dist.is_active()
     runner.setup(_epoch_batch_sizes(loader, cfg), _sample_shape(loader), cfg.channels_last, warm_up=warm_up)
+    if warm_up and state.device.type == "cuda":
+        runner.setup_s = (runner.setup_s or 0.0) + _warm_device_loader(loader, state.device)
     state.step_runner = runner
     if runner.fallback_reason is not None:
         warn = (hooks.on_warning if hooks is not None else None) or _warn_stderr
         warn(f"CUDA graph step not used, training eagerly: {runner.fallback_reason}")
     return runner
+
+
+def _warm_device_loader(loader: Any, device: torch.device) -> float:
+    """Draw one batch from a device loader (its kernels' first launch: lazy module loading) and put
+    its generator back, so epoch 1 draws exactly what it would have drawn. Returns the seconds spent."""
+    generator = getattr(loader, "generator", None)
+    if not isinstance(generator, torch.Generator) or generator.device.type != device.type:
+        return 0.0
+    clock = DeviceClock(device)
+    t0 = clock.barrier_now()
+    saved = generator.get_state()
+    next(iter(loader), None)
+    generator.set_state(saved)
+    return clock.barrier_now() - t0
 
 
 def _warn_stderr(message: str) -> None:
