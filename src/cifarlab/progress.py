@@ -24,6 +24,8 @@ def epoch_line(r: EpochRecord, total_epochs: int) -> str:
         f"other {fmt_s(r.other_s)}  = epoch {fmt_s(r.epoch_s)}  ({r.images_per_s:,.0f} img/s)"
     )
     tail = "" if r.eval_s is None else f"  eval {fmt_s(r.eval_s)}"
+    if r.setup_s is not None:  # one-time warm-up / graph capture before this process's first epoch
+        tail += f"  | setup {fmt_s(r.setup_s)} not in epoch ({r.step_mode} step)"
     status = "" if r.status == "ok" else f"  [{r.status.upper()}" + (
         f" at step {r.diverged_step}]" if r.diverged_step is not None else "]")
     return f"{head}  | {parts}{tail}{status}"
@@ -86,8 +88,11 @@ class ConsoleProgress:
         print(self.prefix + epoch_line(record, self.total_epochs), file=self.out)
         self.out.flush()
 
+    def on_warning(self, message: str) -> None:
+        print(f"{self.prefix}warning: {message}", file=self.err, flush=True)
+
     def hooks(self) -> Hooks:
-        return Hooks(on_step=self.on_step, on_epoch=self.on_epoch)
+        return Hooks(on_step=self.on_step, on_epoch=self.on_epoch, on_warning=self.on_warning)
 
     def finish(self, result: Any) -> None:
         print(f"{self.prefix}{result.status}: {len(result.finished)} epoch(s); run folder {result.path}", file=self.out)
