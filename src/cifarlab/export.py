@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifarlab.checkpoint import CHECKPOINT_NAME, _gist, load_checkpoint
+from cifarlab.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, NORMS
 from cifarlab.data import cifar_present, load_cifar10, synthetic_split
 from cifarlab.errors import UsageError
@@ -81,6 +81,12 @@ class ExportMismatch(UsageError):
 # ------------------------------------------------------------------------------------- the source
 
 
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (torch's span many lines)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:limit]
+
+
 def onnx_missing() -> str | None:
     """Why the ONNX format cannot run here, or None. find_spec only looks, it imports nothing."""
     missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
@@ -125,7 +131,7 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         model.load_state_dict(ckpt["model"], strict=True)
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise UsageError(f"{path} does not hold cifarlab's ResNet-18 (norm={norm}) weights "
-                         f"({type(e).__name__}: {_gist(e)}); export only checkpoints written by cifarlab train") from None
+                         f"({type(e).__name__}: {one_line(e)}); export only checkpoints written by cifarlab train") from None
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise UsageError(f"{path}: weights hold NaN/inf (first: {bad[0]}); the run diverged -- export an earlier run")
@@ -228,6 +234,10 @@ def load_onnx(path: Path, device: torch.device) -> Callable[[torch.Tensor], torc
         providers.insert(0, "CUDAExecutionProvider")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
+    # As many threads as torch uses, and no spin-waiting after a run: in a benchmark where runtimes take
+    # turns, spinning threads would steal the cores of the next runtime's call.
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     name = session.get_inputs()[0].name
 

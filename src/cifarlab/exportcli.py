@@ -127,10 +127,10 @@ def add_infer_bench_parser(sub: Any) -> None:
                    help="a run folder (its export/ is used, or a temporary export is made) or an export folder")
     p.add_argument("--batch-sizes", default="1,100,128", metavar="B1,B2", help="batch sizes (default 1,100,128)")
     p.add_argument("--iters", type=int, default=20, metavar="N", help="timed calls per variant and batch size (default 20)")
-    p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed calls first (default 3)")
-    p.add_argument("--budget-s", type=float, default=1.5, metavar="S",
+    p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed calls first (default 2)")
+    p.add_argument("--budget-s", type=float, default=1.0, metavar="S",
                    help="stop timing a batch size once its variants took about S seconds each (after at least 5 "
-                        "calls; default 1.5)")
+                        "calls; default 1.0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (default): the CPU, and CUDA too when present")
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, default=None, metavar="MODE",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,16 +28,16 @@ import torch
 from torch import nn
 
 from cifarlab import export as ex
-from cifarlab.checkpoint import CHECKPOINT_NAME, _gist
+from cifarlab.checkpoint import CHECKPOINT_NAME
 from cifarlab.errors import UsageError
-from cifarlab.runs import ensure_writable_dir, utc_now, write_csv_atomic, write_json_atomic, write_text_atomic
-from cifarlab.runtime import environment
+from cifarlab.runs import ensure_writable_dir, utc_now, write_csv_atomic, write_json_atomic
+from cifarlab.runtime import environment, usable_cpus
 
 BENCH_SCHEMA = "cifarlab.inferbench/1"
 DEFAULT_BATCH_SIZES = (1, 100, 128)
 DEFAULT_ITERS = 20
-DEFAULT_WARMUP = 3
-DEFAULT_BUDGET_S = 1.5  # per variant and batch size; timing stops early past it (at least MIN_ITERS calls)
+DEFAULT_WARMUP = 2  # TorchScript's profiling executor: 1st call profiles, 2nd optimizes
+DEFAULT_BUDGET_S = 1.0  # per variant and batch size; timing stops early past it (at least MIN_ITERS calls)
 MIN_ITERS = 5
 MAX_BATCH = 4096
 TIMING_NOTE = ("latency of one forward call on a batch already on the device, gradients off; on CUDA the device "
@@ -89,7 +90,7 @@ def make_variants(model: nn.Module, device: torch.device, export_dir: str | Path
             try:
                 fn = ex.load_artifact(fmt, export_dir / entry["file"], device)
             except Exception as e:  # a format that cannot run on this device is reported, not fatal
-                skipped[name] = f"{type(e).__name__}: {_gist(e)}"
+                skipped[name] = f"{type(e).__name__}: {ex.one_line(e)}"
                 continue
             providers = getattr(fn, "providers", None)
             if providers is not None and device.type == "cuda" and "CUDAExecutionProvider" not in providers:
@@ -147,7 +148,7 @@ def bench(variants: list[Variant], batch_sizes: tuple[int, ...] | list[int] = DE
                             _timed_call(v.fn, x, cuda)
                         times[v.name] = []
                     except Exception as e:  # noqa: BLE001 -- recorded in the row, the others go on
-                        status[v.name] = f"failed: {type(e).__name__}: {_gist(e)}"
+                        status[v.name] = f"failed: {type(e).__name__}: {ex.one_line(e)}"
                         if cuda:
                             torch.cuda.empty_cache()
                 active = [v for v in group if v.name in times]
@@ -230,17 +231,34 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         plt.close(fig)
 
 
+def _write_text_atomic(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
+                                     suffix=".tmp", delete=False) as f:
+        f.write(text)
+    try:
+        Path(f.name).replace(path)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+
+
 def write_outputs(rows: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
     """inferbench.json (rows + meta), .csv, .txt (the table) and .png into out_dir, each atomically."""
     paths = {k: out_dir / f"inferbench.{k}" for k in ("json", "csv", "txt", "png")}
     write_csv_atomic(paths["csv"], rows)
-    write_text_atomic(paths["txt"], format_table(rows) + "\n")
+    _write_text_atomic(paths["txt"], format_table(rows) + "\n")
     plot(rows, paths["png"])
     write_json_atomic(paths["json"], {"schema": BENCH_SCHEMA, "created_utc": utc_now(), **meta, "rows": rows})
     return paths
 
 
 # ------------------------------------------------------------------------------ the command's core
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def resolve_devices(name: str) -> list[torch.device]:
@@ -290,6 +308,7 @@ def bench_path(path: str | Path, *, out_dir: str | Path | None, device: str = "a
                log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """`cifarlab infer-bench`: rows and the written files (default folder: <path>/inferbench)."""
     devices = resolve_devices(device)
+    load_before = _load_average()
     with export_source(path, log) as (model, source, export_dir):
         out = ensure_writable_dir(Path(out_dir) if out_dir is not None else Path(path) / "inferbench",
                                   "--out" if out_dir is not None else "the default --out")
@@ -301,10 +320,16 @@ def bench_path(path: str | Path, *, out_dir: str | Path | None, device: str = "a
         log(f"variants: {', '.join(dict.fromkeys(v.name for v in variants))}; devices: "
             f"{', '.join(str(d) for d in devices)}; batch sizes {', '.join(map(str, batch_sizes))}")
         rows = bench(variants, batch_sizes, iters=iters, warmup=warmup, budget_s=budget_s, log=log)
+    load_after = _load_average()
+    cores = usable_cpus()
+    if max(load_before or 0, load_after or 0) > cores:
+        log(f"warning: the machine was busy (1-minute load average {load_before} before, {load_after} after, on "
+            f"{cores} usable cores): CPU latencies are inflated by other processes")
     meta = {"source": source, "settings": {"batch_sizes": list(batch_sizes), "iters": iters, "warmup": warmup,
                                            "budget_s_per_variant": budget_s, "min_iters": MIN_ITERS,
                                            "compile_mode": compile_mode, "timing": TIMING_NOTE},
             "variants": [{"device": str(v.device), "name": v.name, "precision": v.precision, "note": v.note}
                          for v in variants],
-            "skipped": skipped, "environment": {str(d): environment(d) for d in devices}}
+            "skipped": skipped, "load_average_1min": {"before": load_before, "after": load_after},
+            "environment": {str(d): environment(d) for d in devices}}
     return rows, write_outputs(rows, out, meta)
