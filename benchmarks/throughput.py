@@ -5,8 +5,17 @@
 
 (a) classic: torchvision PIL transforms in a DataLoader with 2 workers, fp32, contiguous NCHW --
     the pipeline as the lab specifies it (loader "torch").
-(b) fast:    the split resident on the device with batched crop/flip (loader "device"), channels_last,
-    precision "auto" (bf16 on CUDA GPUs that support it, fp32 on CPUs), optional --compile.
+(b) typical: what a typical hand-written lab solution does: the same pipeline with min(8, usable cores)
+    workers, fp32, eager.
+(c) fast-eager (CUDA only): the fast path with the step run eagerly (--cuda-graph off).
+(d) fast:    the split resident on the device with batched crop/flip (loader "device"), channels_last,
+    precision "auto" (bf16 on CUDA GPUs that support it, fp32 on CPUs), optional --compile, and on CUDA
+    the whole training step captured as one CUDA graph (--cuda-graph auto).
+
+On CUDA nothing is warmed up by the benchmark: the engine's one-time setup (cuDNN autotuning, graph
+capture, compilation) runs before epoch 1's clock and is reported as setup_s; epoch 1 is reported
+apart (first_epoch_s) and the steady figures are the epochs after it. On a CPU a few warm-up steps run
+first and every timed epoch counts.
 
 Each (device, batch size, pipeline) gets a fresh model and optimizer, a short warm-up (not counted),
 then --repeats training epochs through the real engine (build_state + train_epoch). Per epoch:
@@ -38,7 +47,7 @@ from cifarlab.engine import build_state, resolve_precision, seed_epoch, train_ep
 from cifarlab.modelfacts import flop_facts
 from cifarlab.models import resnet18
 from cifarlab.runs import write_json_atomic
-from cifarlab.runtime import cpu_has_native_bf16, device_label, environment, resolve_device, seed_everything
+from cifarlab.runtime import cpu_has_native_bf16, device_label, environment, resolve_device, seed_everything, usable_cpus
 
 CPU_DEFAULT_SUBSET = 2048  # a full CPU epoch takes ~20 minutes on 2 cores
 MATMUL_N = {"cpu": 1024, "cuda": 8192}
@@ -52,13 +61,24 @@ class Pipeline:
     changes: dict[str, Any]  # TrainConfig fields that define it
 
 
-def pipelines(compile_mode: str) -> list[Pipeline]:
-    return [
+def pipelines(compile_mode: str, device: torch.device) -> list[Pipeline]:
+    typical_workers = min(8, usable_cpus())
+    rows = [
         Pipeline("classic", "DataLoader 2 workers + PIL transforms, fp32, contiguous",
-                 dict(loader="torch", workers=2, precision="fp32", channels_last=False, compile="none")),
-        Pipeline("fast", f"device-resident data + batched crop/flip, channels_last, precision auto, compile {compile_mode}",
-                 dict(loader="device", precision="auto", channels_last=True, compile=compile_mode)),
+                 dict(loader="torch", workers=2, precision="fp32", channels_last=False, compile="none", cuda_graph="off")),
+        Pipeline("typical", f"a typical lab solution: DataLoader {typical_workers} workers + PIL, fp32, eager",
+                 dict(loader="torch", workers=typical_workers, precision="fp32", channels_last=False, compile="none",
+                      cuda_graph="off")),
     ]
+    if device.type == "cuda":
+        rows.append(Pipeline("fast-eager", f"fast path with the step run eagerly, compile {compile_mode}",
+                             dict(loader="device", precision="auto", channels_last=True, compile=compile_mode,
+                                  cuda_graph="off")))
+    rows.append(Pipeline("fast", f"device-resident data + batched crop/flip, channels_last, precision auto, "
+                                 f"compile {compile_mode}, captured step where CUDA",
+                         dict(loader="device", precision="auto", channels_last=True, compile=compile_mode,
+                              cuda_graph="auto")))
+    return rows
 
 
 @dataclass
@@ -72,6 +92,9 @@ class Result:
     images_per_s: list[float] = field(default_factory=list)
     data_s: list[float] = field(default_factory=list)
     warmup_s: float = 0.0
+    setup_s: float | None = None  # the engine's one-time setup before epoch 1 (autotuning, capture)
+    first_epoch_s: float | None = None  # epoch 1 (CUDA: no warm-up before it; not in the steady figures)
+    step_mode: str = "eager"
     achieved_flop_s: float | None = None
     peak_flop_s: float | None = None
 
@@ -87,6 +110,7 @@ class Result:
         return {
             "device": self.device, "batch_size": self.batch_size, "pipeline": self.pipeline,
             "precision": self.precision, "images_per_epoch": self.images, "warmup_s": self.warmup_s,
+            "setup_s": self.setup_s, "first_epoch_s": self.first_epoch_s, "step_mode": self.step_mode,
             "epoch_s": self.epoch_s, "images_per_s": self.images_per_s, "data_s": self.data_s,
             "median_images_per_s": self.median_ips, "median_epoch_s": statistics.median(self.epoch_s),
             "median_data_fraction": self.data_fraction, "achieved_flop_s": self.achieved_flop_s,
@@ -135,14 +159,15 @@ class Contender:
 
 
 def prepare(pipe: Pipeline, cfg: TrainConfig, data: Any, device: torch.device, warmup_steps: int | None) -> Contender:
-    """Fresh model and loader, then a warm-up that is not counted: oneDNN/cuDNN algorithm choice,
-    allocator, compilation (a whole epoch when compiling, so the last partial batch's shape is too)."""
+    """Fresh model and loader; on a CPU a few warm-up steps that are not counted (allocator, oneDNN).
+    On CUDA none: the engine's setup runs before epoch 1 and reports itself (setup_s)."""
     seed_everything(cfg.seed)
     loader, _ = build_loaders(cfg, data, device)
     state = build_state(cfg, device)
     start = time.perf_counter()
-    seed_epoch(cfg.seed, 0, loader)
-    train_epoch(cfg.replace(max_steps=warmup_steps), state, loader, 0)
+    if warmup_steps:
+        seed_epoch(cfg.seed, 0, loader)
+        train_epoch(cfg.replace(max_steps=warmup_steps), state, loader, 0)
     synchronize(device)
     result = Result(device=device.type, batch_size=cfg.batch_size, pipeline=pipe.name, precision=state.precision,
                     images=0, warmup_s=time.perf_counter() - start)
@@ -155,6 +180,13 @@ def timed_epoch(c: Contender, epoch: int) -> None:
     if record.status != "ok":
         raise RuntimeError(f"{c.pipeline.name} batch {c.cfg.batch_size}: epoch {epoch} {record.status}")
     c.result.images = record.images
+    if record.setup_s is not None:
+        c.result.setup_s = record.setup_s
+    c.result.step_mode = record.step_mode
+    if c.result.first_epoch_s is None:
+        c.result.first_epoch_s = record.epoch_s
+        if c.result.warmup_s == 0.0 and epoch == 1:
+            return  # not warmed up (CUDA): epoch 1 is reported apart, not in the steady figures
     c.result.epoch_s.append(record.epoch_s)
     c.result.images_per_s.append(record.images_per_s)
     c.result.data_s.append(record.data_s)
@@ -165,21 +197,26 @@ def spread(values: list[float]) -> str:
 
 
 def table(results: list[Result]) -> str:
-    head = (f"{'device':<6} {'batch':>5} {'pipeline':<8} {'prec':<5} {'images':>6} {'img/s median':>12} "
-            f"{'img/s min-max':>15} {'epoch_s med':>11} {'data wait':>9} {'TFLOP/s':>8} {'% peak':>7} {'fast/classic':>12}")
+    head = (f"{'device':<6} {'batch':>5} {'pipeline':<10} {'step':<10} {'prec':<5} {'images':>6} {'img/s median':>12} "
+            f"{'img/s min-max':>15} {'epoch_s med':>11} {'1st epoch s':>11} {'setup s':>7} {'data wait':>9} "
+            f"{'TFLOP/s':>8} {'% peak':>7} {'vs classic':>10} {'vs typical':>10}")
     lines = [head, "-" * len(head)]
     by_key = {(r.device, r.batch_size, r.pipeline): r for r in results}
+
+    def ratio(r: Result, base: str) -> str:
+        other = by_key.get((r.device, r.batch_size, base))
+        return "" if other is None or other is r else f"{r.median_ips / other.median_ips:.2f}x"
+
     for r in results:
-        ratio = ""
-        classic = by_key.get((r.device, r.batch_size, "classic"))
-        if r.pipeline == "fast" and classic is not None:
-            ratio = f"{r.median_ips / classic.median_ips:.2f}x"
         tflops = f"{r.achieved_flop_s / 1e12:.3f}" if r.achieved_flop_s else "n/a"
         peak = f"{100 * r.achieved_flop_s / r.peak_flop_s:.1f}%" if r.achieved_flop_s and r.peak_flop_s else "n/a"
+        first = f"{r.first_epoch_s:.2f}" if r.first_epoch_s is not None else "n/a"
+        setup = f"{r.setup_s:.2f}" if r.setup_s is not None else "n/a"
         lines.append(
-            f"{r.device:<6} {r.batch_size:>5} {r.pipeline:<8} {r.precision:<5} {r.images:>6} {r.median_ips:>12,.1f} "
-            f"{spread(r.images_per_s):>15} {statistics.median(r.epoch_s):>11.2f} {100 * r.data_fraction:>8.2f}% "
-            f"{tflops:>8} {peak:>7} {ratio:>12}"
+            f"{r.device:<6} {r.batch_size:>5} {r.pipeline:<10} {r.step_mode:<10} {r.precision:<5} {r.images:>6} "
+            f"{r.median_ips:>12,.1f} {spread(r.images_per_s):>15} {statistics.median(r.epoch_s):>11.2f} {first:>11} "
+            f"{setup:>7} {100 * r.data_fraction:>8.2f}% {tflops:>8} {peak:>7} {ratio(r, 'classic'):>10} "
+            f"{ratio(r, 'typical'):>10}"
         )
     return "\n".join(lines)
 
@@ -191,7 +228,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--subset", type=int, metavar="N",
                    help=f"training images per epoch (default: {CPU_DEFAULT_SUBSET} on CPU, the whole split on CUDA)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512], metavar="N")
-    p.add_argument("--repeats", type=int, default=3, help="timed epochs per configuration (>= 3 for a spread)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed epochs per configuration (>= 3 for a spread; on CUDA epoch 1 is reported apart)")
+    p.add_argument("--pipelines", nargs="+", metavar="NAME",
+                   help="only these pipelines (classic, typical, fast-eager, fast); default all")
     p.add_argument("--warmup-steps", type=int, default=2,
                    help="CPU warm-up steps per configuration (CUDA and compiled runs warm up a whole epoch)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -241,17 +281,20 @@ def main(argv: list[str] | None = None) -> int:
                                         "torch_threads": torch.get_num_threads(), "peak_matmul_flop_s": peaks}
         for batch in args.batch_sizes:
             contenders = []
-            for pipe in pipelines(args.compile):
+            for pipe in pipelines(args.compile, device):
+                if args.pipelines and pipe.name not in args.pipelines:
+                    continue
                 cfg = base.replace(batch_size=batch, **pipe.changes).validate()
                 precision = resolve_precision(cfg.precision, device)
                 if precision not in peaks:
                     peaks[precision] = matmul_peak(device, precision)
                     print(f"  measured {precision} matmul peak: {peaks[precision] / 1e12:.3f} TFLOP/s")
-                warm = None if (device.type == "cuda" or cfg.compile != "none") else args.warmup_steps
+                warm = 0 if device.type == "cuda" else args.warmup_steps
                 contenders.append(prepare(pipe, cfg, data, device, warm))
             # Epochs alternate between the pipelines, so a change in the machine's load during the
             # run (other processes share these cores) lands on both rather than on one.
-            for epoch in range(1, args.repeats + 1):
+            # On CUDA epoch 1 (no warm-up before it) is reported apart: one more epoch keeps --repeats steady ones.
+            for epoch in range(1, args.repeats + (2 if device.type == "cuda" else 1)):
                 for c in contenders:
                     timed_epoch(c, epoch)
             for c in contenders:
