@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One-command GPU check (issue 10 item 9). Run from the repository root on a CUDA machine:
+#
+#     bash benchmarks/gpu_check.sh [OUT_DIR] [STEPS]
+#
+# STEPS is a comma-separated subset of: env,tests,train,throughput,doctor,export,lab (default: all).
+# Every step has its own time limit and writes <OUT_DIR>/<step>.log; a step that fails or runs out of time
+# does not stop the others. Needs torch, torchvision, numpy, matplotlib; runs cifarlab from src/ (no install).
+set -u
+OUT_DIR=${1:-gpu-check-$(date -u +%Y%m%d-%H%M%S)}
+STEPS=${2:-env,tests,train,throughput,doctor,export,lab}
+mkdir -p "$OUT_DIR"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+
+step() {  # step NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    case ",$STEPS," in *",$name,"*) ;; *) return 0 ;; esac
+    local start rc
+    start=$(date +%s)
+    echo "== $name (limit ${limit}s, check at $((start - T0))s)"
+    timeout "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+    rc=$?
+    echo "   $name: exit $rc after $(($(date +%s) - start))s"
+    tail -n "${TAIL:-30}" "$OUT_DIR/$name.log"
+}
+
+step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; \
+    $PY -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
+
+# CUDA-only tests skip on CPU machines; here they run (captured step = eager within bf16 noise, setup apart, ...).
+step tests 240 $PY -m pytest -q -rs -p no:cacheprovider tests/test_capture.py tests/test_precision.py tests/test_devicedata.py
+
+# The lab's C1 run, full-size synthetic split, 5 epochs: captured step (default) and eager, same seed.
+step train 240 bash -c "$PY -m cifarlab train --dataset synthetic --epochs 5 --out '$OUT_DIR/runs' --name captured \
+    && $PY -m cifarlab train --dataset synthetic --epochs 5 --cuda-graph off --out '$OUT_DIR/runs' --name eager \
+    && $PY benchmarks/compare_runs.py '$OUT_DIR/runs'"
+
+# classic vs typical lab solution vs fast eager vs fast captured, batch 128 and 512, ratios in one run.
+step throughput 300 $PY benchmarks/throughput.py --device cuda --dataset synthetic --batch-sizes 128 512 --repeats 2 \
+    --json-out "$OUT_DIR/throughput-cuda.json"
+
+step doctor 150 $PY -m cifarlab doctor --dataset synthetic --budget 60 --out "$OUT_DIR/doctor"
+
+step export 200 bash -c "run=\$(ls -d '$OUT_DIR'/runs/*-captured | head -1) && \
+    $PY -m cifarlab export \"\$run\" --out '$OUT_DIR/export' && \
+    $PY -m cifarlab infer-bench '$OUT_DIR/export' --device cuda --out '$OUT_DIR/inferbench'"
+
+# The lab's full preset, per-experiment times (results.json time table); LAB_ONLY narrows it.
+step lab "${LAB_LIMIT_S:-420}" $PY -m cifarlab lab --preset full --dataset synthetic ${LAB_ONLY:+--only $LAB_ONLY} \
+    --out "$OUT_DIR/lab"
+
+echo "gpu check done in $(($(date +%s) - T0))s; output in $OUT_DIR"
