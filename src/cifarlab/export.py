@@ -14,6 +14,7 @@ into the output folder (export.json last), so a failed or interrupted export lea
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import io
@@ -329,7 +330,7 @@ def export_model(model: nn.Module, out_dir: str | Path, formats: list[str] | tup
         raise UsageError(f"format {unknown[0]!r} is not known; choose from: {', '.join(FORMATS)}")
     created = not Path(out_dir).exists()
     out = ensure_writable_dir(Path(out_dir), out_flag)
-    model = model.eval().to(device)
+    model = copy.deepcopy(model).eval().to(device)  # the caller's model keeps its device and mode
     x = example_batch.to(device)
     with torch.no_grad():
         reference = model(x).float().cpu()

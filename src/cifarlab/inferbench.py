@@ -15,6 +15,7 @@ and images/s = batch / mean latency.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import tempfile
@@ -70,7 +71,7 @@ def make_variants(model: nn.Module, device: torch.device, export_dir: str | Path
     export.json loaded onto `device`, and torch.compile(mode=compile_mode) when given. Returns the variants
     and {variant: why it was skipped on this device}."""
     device = torch.device(device)
-    eager = model.eval().to(device)
+    eager = copy.deepcopy(model).eval().to(device)  # one copy per device: the caller's model stays where it is
     variants = [Variant("eager", eager, device)]
     skipped: dict[str, str] = {}
     if device.type == "cuda":
@@ -330,6 +331,8 @@ def bench_path(path: str | Path, *, out_dir: str | Path | None, device: str = "a
                                            "compile_mode": compile_mode, "timing": TIMING_NOTE},
             "variants": [{"device": str(v.device), "name": v.name, "precision": v.precision, "note": v.note}
                          for v in variants],
+            "cuda_tf32": {"cudnn_conv": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+            if any(d.type == "cuda" for d in devices) else None,
             "skipped": skipped, "load_average_1min": {"before": load_before, "after": load_after},
             "environment": {str(d): environment(d) for d in devices}}
     return rows, write_outputs(rows, out, meta)
