@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifarlab import capture, engine
+from cifarlab import capture, engine, steps
 from cifarlab.capture import CAPTURE_FLAGS, CapturedStep, StepRunner, StepSums, prepare_optimizer, preserved_training_state
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, TrainConfig
 from cifarlab.errors import UsageError
@@ -164,7 +164,7 @@ def _historical_epoch(model, optimizer, loader, precision="fp32"):
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.int64)
     first_bad = torch.full((), -1, dtype=torch.int64)
-    for steps, (inputs, targets) in enumerate(loader):
+    for step, (inputs, targets) in enumerate(loader):
         inputs = inputs.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
         with capture.autocast_context(precision, CPU):
@@ -176,7 +176,7 @@ def _historical_epoch(model, optimizer, loader, precision="fp32"):
         loss_sum += loss_d.double() * targets.shape[0]
         correct += (outputs.detach().argmax(dim=1) == targets).sum()
         bad = ~torch.isfinite(loss_d)
-        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, steps), first_bad)
+        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
     return float(loss_sum), int(correct), int(first_bad)
 
 
@@ -325,7 +325,7 @@ def test_failure_in_the_middle_of_setup_restores_everything(monkeypatch, cpu_cap
 
 
 def test_engine_warns_once_and_records_eager_when_capture_fails(monkeypatch):
-    monkeypatch.setattr(engine, "capture_blocker", lambda cfg, state: None)  # pretend CUDA is eligible
+    monkeypatch.setattr(steps, "capture_blocker", lambda *a: None)  # pretend CUDA is eligible
     warnings: list[str] = []
     model = TinyNet()
     state = engine.TrainState(model=model, optimizer=build_optimizer("sgd", model.parameters(), 0.1, 0.9, 5e-4),
@@ -350,28 +350,26 @@ def test_cuda_graph_on_needs_cuda():
     state = engine.TrainState(model=model, optimizer=build_optimizer("sgd", model.parameters(), 0.1, 0.9, 0.0),
                               scaler=None, device=CPU, precision="fp32")
     with pytest.raises(UsageError, match="CUDA device"):
-        engine.build_step_runner(TrainConfig(cuda_graph="on"), state, _device_loader())
+        engine.ensure_step_runner(TrainConfig(cuda_graph="on"), state, _device_loader())
 
 
 def test_why_a_run_steps_eagerly():
-    model = TinyNet()
-    opt = build_optimizer("sgd", model.parameters(), 0.1, 0.9, 0.0)
-    cuda_state = engine.TrainState(model=model, optimizer=opt, scaler=None, device=torch.device("cuda"), precision="bf16")
-    assert engine.capture_blocker(TrainConfig(), cuda_state) is None  # the fast path on CUDA captures
-    assert "off" in engine.capture_blocker(TrainConfig(cuda_graph="off"), cuda_state)
-    assert "classic" in engine.capture_blocker(TrainConfig(loader="torch"), cuda_state)
-    assert engine.capture_blocker(TrainConfig(loader="torch", cuda_graph="on"), cuda_state) is None
-    assert "own" in engine.capture_blocker(TrainConfig(compile="reduce-overhead"), cuda_state)
-    cuda_state.scaler = object()
-    assert "GradScaler" in engine.capture_blocker(TrainConfig(), cuda_state)
+    cuda = torch.device("cuda")  # only its type is looked at
+    assert steps.capture_blocker(TrainConfig(), cuda) is None  # the fast path on CUDA captures
+    assert "off" in steps.capture_blocker(TrainConfig(cuda_graph="off"), cuda)
+    assert "classic" in steps.capture_blocker(TrainConfig(loader="torch"), cuda)
+    assert steps.capture_blocker(TrainConfig(loader="torch", cuda_graph="on"), cuda) is None
+    assert "own" in steps.capture_blocker(TrainConfig(compile="reduce-overhead"), cuda)
+    assert "GradScaler" in steps.capture_blocker(TrainConfig(), cuda, object())
+    assert "CUDA device" in steps.capture_blocker(TrainConfig(), CPU)
 
 
 def test_epoch_batch_sizes_and_sample_shape():
     loader = _device_loader(n=10, batch=4)
-    assert engine._epoch_batch_sizes(loader, TrainConfig()) == [4, 2]
-    assert engine._epoch_batch_sizes(_device_loader(n=8, batch=4), TrainConfig()) == [4]
-    assert engine._epoch_batch_sizes(_device_loader(n=3, batch=4), TrainConfig()) == [3]
-    assert engine._sample_shape(loader) == (3, 32, 32)
+    assert steps.epoch_batch_sizes(loader, TrainConfig()) == [4, 2]
+    assert steps.epoch_batch_sizes(_device_loader(n=8, batch=4), TrainConfig()) == [4]
+    assert steps.epoch_batch_sizes(_device_loader(n=3, batch=4), TrainConfig()) == [3]
+    assert steps.sample_shape(loader) == (3, 32, 32)
 
 
 # ------------------------------------------------------------------- augmentation per epoch

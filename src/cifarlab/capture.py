@@ -2,17 +2,14 @@
 on-device loss / correct / first-non-finite-step sums) run eagerly (`StepRunner`) or replayed as one
 captured CUDA graph (`CapturedStep`), behind one interface so the engine has one code path.
 
-Interface, per epoch: `begin_epoch()`, then per batch `load(inputs, targets)` (the engine times it as
-h2d: for the graph it is the copy into the static input buffers) and `step(lr)` (timed as compute),
-then `sums()` once after the epoch's clock stopped. `setup()` runs once before epoch 1 and is timed
-apart (`setup_s`): on CUDA it runs warm-up steps so cuDNN autotuning (and torch.compile, when asked)
-happens there for every batch shape of the epoch, and `CapturedStep` captures its graph there.
+Per epoch: `begin_epoch()`; per batch `load(inputs, targets)` (timed as h2d: for the graph, the copy
+into its static input buffers) and `step(lr)` (timed as compute); `read_sums()` after the clock stops.
+`setup()` runs once before epoch 1, timed apart (`setup_s`): on CUDA, warm-up for every batch shape
+(cuDNN autotuning, torch.compile) and, for `CapturedStep`, the capture.
 
-Warm-up never changes the run: parameters, buffers and optimizer state are snapshotted before and
-copied back in place after (`preserved_training_state`), so a captured run starts from exactly the
-weights an eager run from the same seed starts from. Optimizer state that the warm-up created (SGD
-momentum, Adam moments, step counters) is zeroed, which for the lab's five optimizers is exactly a
-fresh state (their first step from zeros equals their first step without state).
+Warm-up never changes the run (`preserved_training_state`): weights, buffers and optimizer state are
+copied back in place, and state the warm-up created is zeroed -- for the lab's five optimizers exactly
+a fresh state -- so a captured run starts from the weights an eager run from the same seed starts from.
 
 Why each optimizer can be captured (torch >= 2.4; `CAPTURE_FLAGS`): the learning rate must be a device
 tensor the graph reads (so --warmup-epochs changes it without recapture) and no step may read a value
@@ -237,14 +234,10 @@ class StepRunner:
 # ------------------------------------------------------------------------------------ captured
 
 
-class CaptureFailed(RuntimeError):
-    pass
-
-
 def capture_flags(optimizer: torch.optim.Optimizer) -> dict[str, bool]:
     name = type(optimizer).__name__
     if name not in CAPTURE_FLAGS:
-        raise CaptureFailed(f"no capturable configuration known for {name}")
+        raise RuntimeError(f"no capturable configuration known for {name}")
     return CAPTURE_FLAGS[name]
 
 
@@ -319,7 +312,7 @@ class CapturedStep(StepRunner):
 
     def _warm_up_and_capture(self, other_batch_sizes: list[int]) -> None:
         if self.device.type != "cuda":
-            raise CaptureFailed(f"CUDA graphs need a CUDA device, not {self.device.type}")
+            raise RuntimeError(f"CUDA graphs need a CUDA device, not {self.device.type}")
         base_lr = float(self.optimizer.param_groups[0]["lr"])
         self.lr_tensor = torch.full((), base_lr, device=self.device, dtype=torch.float32)
         self._lr_value = base_lr

@@ -25,7 +25,6 @@ the step's CUDA graph. Recorded on the first epoch record of the process (EpochR
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -33,9 +32,9 @@ import torch
 from torch import nn
 
 from cifarlab import collectives as dist
-from cifarlab.capture import STEP_EAGER, CapturedStep, StepRunner, autocast_context
+from cifarlab import steps
+from cifarlab.capture import STEP_EAGER, StepRunner, autocast_context
 from cifarlab.config import TrainConfig
-from cifarlab.errors import UsageError
 from cifarlab.models import resnet18
 from cifarlab.optim import build_optimizer
 from cifarlab.timing import DeviceClock, SegmentTimer
@@ -159,104 +158,13 @@ def warmup_lr(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> 
     return cfg.lr * (f + (1.0 - f) * done / total)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def capture_blocker(cfg: TrainConfig, state: TrainState) -> str | None:
-    """Why this run's step cannot be one captured CUDA graph (None: it can)."""
-    if cfg.cuda_graph == "off":
-        return "--cuda-graph off"
-    if state.device.type != "cuda":
-        return f"CUDA graphs need a CUDA device (this run: {state.device.type})"
-    if cfg.loader != "device" and cfg.cuda_graph == "auto":
-        return "the classic pipeline (--loader torch) steps eagerly (--cuda-graph on captures it too)"
-    if dist.is_active():
-        return "data parallel (several processes): eager step, DDP's bucketed all-reduce is not captured"
-    if state.scaler is not None:
-        return "fp16 GradScaler: its overflow check reads the device every step; eager step"
-    if cfg.compile in ("reduce-overhead", "max-autotune"):
-        return f"--compile {cfg.compile} captures CUDA graphs of its own; eager step around them"
-    return None
-
-
-def _epoch_batch_sizes(loader: Any, cfg: TrainConfig) -> list[int]:
-    """The batch sizes one epoch of `loader` yields: the full one and the last, partial one (if any)."""
-    size = int(getattr(loader, "batch_size", None) or cfg.batch_size)
-    labels = getattr(loader, "labels", None)  # DeviceLoader (single process: its whole split)
-    dataset = getattr(loader, "dataset", None)  # DataLoader
-    n: int | None = None
-    if labels is not None and getattr(loader, "world", 1) == 1:
-        n = len(labels)
-    elif dataset is not None and hasattr(dataset, "__len__") and not getattr(loader, "drop_last", False):
-        n = len(dataset)
-    if not n:
-        return [size]
-    if n <= size:
-        return [n]
-    return [size] + ([n % size] if n % size else [])
-
-
-def _sample_shape(loader: Any) -> tuple[int, int, int]:
-    images = getattr(loader, "images", None)  # DeviceLoader: uint8 (N, H, W, C)
-    if torch.is_tensor(images) and images.ndim == 4:
-        return int(images.shape[3]), int(images.shape[1]), int(images.shape[2])
-    return (3, 32, 32)
-
-
-def build_step_runner(cfg: TrainConfig, state: TrainState, loader: Any) -> StepRunner:
-    """A CapturedStep where the run can be one CUDA graph per step, else the eager StepRunner."""
-    if cfg.cuda_graph == "on" and state.device.type != "cuda":
-        raise UsageError(f"--cuda-graph on needs a CUDA device (this run uses {state.device.type}); "
-                         f"use --cuda-graph auto or off")
-    common = dict(model=state.model)
-    blocker = capture_blocker(cfg, state)
-    if blocker is None:
-        return CapturedStep(state.step_module, state.optimizer, state.precision, state.device,
-                            batch_size=_epoch_batch_sizes(loader, cfg)[0], sample_shape=_sample_shape(loader),
-                            channels_last=cfg.channels_last, **common)
-    runner = StepRunner(state.step_module, state.optimizer, state.precision, state.device,
-                        scaler=state.scaler, note=blocker, **common)
-    if cfg.cuda_graph == "on":
-        runner.fallback_reason = blocker  # asked for and not possible: say so like a failed capture
-    return runner
-
-
 def ensure_step_runner(cfg: TrainConfig, state: TrainState, loader: Any, hooks: Hooks | None = None) -> StepRunner:
-    """Build and set up the step runner once (before epoch 1's clock; its time is setup_s)."""
-    if state.step_runner is not None:
-        return state.step_runner
-    runner = build_step_runner(cfg, state, loader)
-    # Warm-up (autotune, compile, capture) on the fast path; the classic pipeline and DDP runs stay
-    # as the lab wrote them (their first epoch pays its own one-time costs).
-    warm_up = (cfg.loader == "device" or isinstance(runner, CapturedStep)) and not dist.is_active()
-    runner.setup(_epoch_batch_sizes(loader, cfg), _sample_shape(loader), cfg.channels_last, warm_up=warm_up)
-    if warm_up and state.device.type == "cuda":
-        runner.setup_s = (runner.setup_s or 0.0) + _warm_device_loader(loader, state.device)
-    state.step_runner = runner
-    if runner.fallback_reason is not None:
-        warn = (hooks.on_warning if hooks is not None else None) or _warn_stderr
-        warn(f"CUDA graph step not used, training eagerly: {runner.fallback_reason}")
-    return runner
-
-
-def _warm_device_loader(loader: Any, device: torch.device) -> float:
-    """Draw one batch from a device loader (its kernels' first launch: lazy module loading) and put
-    its generator back, so epoch 1 draws exactly what it would have drawn. Returns the seconds spent."""
-    generator = getattr(loader, "generator", None)
-    if not isinstance(generator, torch.Generator) or generator.device.type != device.type:
-        return 0.0
-    clock = DeviceClock(device)
-    t0 = clock.barrier_now()
-    saved = generator.get_state()
-    next(iter(loader), None)
-    generator.set_state(saved)
-    return clock.barrier_now() - t0
-
-
-def _warn_stderr(message: str) -> None:
-    print(f"cifarlab: warning: {message}", file=sys.stderr, flush=True)
+    """Build and set up the step runner once, before epoch 1's clock (its time is setup_s)."""
+    if state.step_runner is None:
+        state.step_runner = steps.prepare_step_runner(
+            cfg, module=state.step_module, model=state.model, optimizer=state.optimizer, precision=state.precision,
+            device=state.device, scaler=state.scaler, loader=loader, warn=hooks.on_warning if hooks else None)
+    return state.step_runner
 
 
 def _steps_in(loader: Any, max_steps: int | None) -> int:
