@@ -24,7 +24,8 @@ def epoch_line(r: EpochRecord, total_epochs: int) -> str:
         f"other {fmt_s(r.other_s)}  = epoch {fmt_s(r.epoch_s)}  ({r.images_per_s:,.0f} img/s)"
     )
     tail = "" if r.eval_s is None else f"  eval {fmt_s(r.eval_s)}"
-    if r.setup_s is not None:  # one-time warm-up / graph capture before this process's first epoch
+    # one-time warm-up / graph capture before this process's first epoch (a CPU's ~0 s is not shown)
+    if r.setup_s is not None and (r.setup_s >= 0.005 or r.step_mode != "eager"):
         tail += f"  | setup {fmt_s(r.setup_s)} not in epoch ({r.step_mode} step)"
     status = "" if r.status == "ok" else f"  [{r.status.upper()}" + (
         f" at step {r.diverged_step}]" if r.diverged_step is not None else "]")
