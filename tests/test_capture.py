@@ -535,3 +535,12 @@ def test_cuda_train_reports_setup_and_epoch_one_is_not_taxed():
     steady = sorted(r.epoch_s for r in records[1:])[len(records[1:]) // 2]
     assert records[0].epoch_s <= 1.3 * steady + 0.05, [r.epoch_s for r in records]
     assert all(math.isfinite(r.train_loss) and r.images == n for r in records)
+
+
+def test_an_eager_run_resumed_from_a_captured_checkpoint_gets_the_eager_flags_back():
+    model, opt = _tiny("sgd")
+    prepare_optimizer(opt, torch.tensor(0.1))  # as a captured run's checkpoint would restore them
+    state = engine.TrainState(model=model, optimizer=opt, scaler=None, device=CPU, precision="fp32")
+    runner = engine.ensure_step_runner(TrainConfig(), state, _device_loader())
+    assert runner.mode == "eager"
+    assert opt.param_groups[0]["foreach"] is True and not opt.param_groups[0]["fused"]

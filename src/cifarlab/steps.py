@@ -71,6 +71,10 @@ def build_step_runner(cfg: TrainConfig, *, module: nn.Module, model: nn.Module, 
         return CapturedStep(module, optimizer, precision, device, model=model,
                             batch_size=epoch_batch_sizes(loader, cfg)[0], sample_shape=sample_shape(loader),
                             channels_last=cfg.channels_last)
+    # A checkpoint of a captured run carries the capturable flags (fused / capturable=True) in its
+    # param groups; an eager run goes back to the flags the optimizer was built with.
+    for group in optimizer.param_groups:
+        group.update({k: optimizer.defaults[k] for k in ("fused", "foreach", "capturable") if k in optimizer.defaults})
     runner = StepRunner(module, optimizer, precision, device, model=model, scaler=scaler, note=blocker)
     if cfg.cuda_graph == "on":
         runner.fallback_reason = blocker
