@@ -28,7 +28,7 @@ from cifarlab.runtime import resolve_device
 
 
 def _m(**kw) -> Measurement:
-    base = dict(label="t", steps=10, images=80, window_s=1.0, data_s=0.05, h2d_s=0.01, compute_s=0.9, other_s=0.04)
+    base = dict(label="t", steps=10, images=80, epoch_s=1.0, data_s=0.05, h2d_s=0.01, compute_s=0.9, other_s=0.04)
     base.update(kw)
     return Measurement(**base)
 
@@ -44,12 +44,12 @@ def test_classifier_on_constructed_measurements() -> None:
     assert classify(_m()).label == "compute-bound"
     # many tiny steps: 0.5 ms per step where one trivial op costs 5 us (a step = 100 dispatches); the
     # data wait is 40% of it, but in a step that cheap every part is host overhead
-    tiny = dict(steps=1000, images=8000, window_s=0.5, data_s=0.2, h2d_s=0.0, compute_s=0.26, other_s=0.04)
+    tiny = dict(steps=1000, images=8000, epoch_s=0.5, data_s=0.2, h2d_s=0.0, compute_s=0.26, other_s=0.04)
     assert classify(_m(**tiny, dispatch_us=5.0)).label == "launch/host-bound"
     assert classify(_m(**tiny, dispatch_us=0.1)).label == "data-bound"
     assert classify(_m(dispatch_us=5.0)).label == "compute-bound"  # 100 ms per step: 20,000 dispatches
-    # a slow loader outranks everything else; the amortized epoch start counts as data wait (C2)
-    assert classify(_m(data_s=0.15, epoch_start_s=2.0, steps_per_epoch=100, compute_s=0.8)).label == "data-bound"
+    # a slow loader outranks everything else
+    assert classify(_m(data_s=0.3, other_s=0.3, compute_s=0.39)).label == "data-bound"
 
 
 def test_contention_finding_names_the_workers() -> None:
@@ -111,20 +111,20 @@ def tiny(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> tup
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two threads on a tiny model measure OpenMP hand-offs on a shared machine
     request.addfinalizer(lambda: torch.set_num_threads(threads))
-    cfg = TrainConfig(dataset="synthetic", subset=64, test_subset=16, batch_size=8, device="cpu", loader="device")
+    cfg = TrainConfig(dataset="synthetic", subset=128, test_subset=16, batch_size=8, device="cpu", loader="device")
     return cfg, load_data(cfg), resolve_device("cpu")
 
 
 def test_real_sleeping_loader_is_data_bound_and_tiny_steps_are_host_bound(tiny, monkeypatch) -> None:
     cfg, data, device = tiny
-    fast = doctor.measure(cfg, data, device, steps=40, label="tiny")
-    assert fast.steps == 40 and fast.images == 320
+    fast = doctor.measure(cfg, data, device, steps=8, label="tiny")  # 16 steps per epoch, all of them timed
+    assert fast.steps == 16 and fast.images == 128 and [w["steps"] for w in fast.windows] == [8, 8]
     assert classify(fast).label == "launch/host-bound", (fast.step_ms, classify(fast).evidence)
     real_build = doctor.build_loaders
     monkeypatch.setattr(doctor, "build_loaders",
                         lambda c, d, dev: (_SleepyLoader(real_build(c, d, dev)[0], 0.02), None))
-    slow = doctor.measure(cfg, data, device, steps=5, label="sleepy")
-    assert slow.data_s >= 5 * 0.02 * 0.9
+    slow = doctor.measure(cfg, data, device, steps=5, label="sleepy")  # 5 + 5 steps stand for 16
+    assert [w["weight"] for w in slow.windows] == [1.0, 11 / 5] and slow.data_s >= 16 * 0.02 * 0.9
     diag = classify(slow)
     assert diag.label == "data-bound" and "data wait" in diag.evidence[0]
 
@@ -148,9 +148,10 @@ def test_every_ranked_figure_comes_from_its_own_rerun(tiny, monkeypatch, tmp_pat
     assert len(calls) == len(all_ms) == len({id(m) for m in all_ms})  # one measure() call per figure, no reuse
     for c in measured:
         assert len(c.measurements) == 2
-        for m in c.measurements:
-            assert m.steps == 4 and m.window_s > 0 and m.label.startswith(c.key)
-            assert m.images == 4 * (16 if c.key == "batch-16" else 8)
+        for m in c.measurements:  # each its own timed windows: 4 start steps + 4 steady ones
+            assert m.label.startswith(c.key) and m.images == 128 and m.epoch_s > 0
+            assert [w["steps"] for w in m.windows] == [4, 4] and all(w["window_s"] > 0 for w in m.windows)
+            assert m.steps == (8 if c.key == "batch-16" else 16)
         summary = summarize(c.measurements)
         assert summary.images_per_s_median == statistics.median(m.images_per_s for m in c.measurements)
     by_label = dict(calls)

@@ -26,7 +26,6 @@ from cifarlab import doctor_report
 from cifarlab.config import TrainConfig
 from cifarlab.data import DataBundle, build_loaders
 from cifarlab.doctor_advice import (
-    PARTS,
     Candidate,
     Diagnosis,
     HostFacts,
@@ -38,7 +37,7 @@ from cifarlab.doctor_advice import (
     rank,
     summarize,
 )
-from cifarlab.engine import build_state, resolve_precision, seed_epoch, train_epoch
+from cifarlab.engine import EpochRecord, build_state, resolve_precision, seed_epoch, train_epoch
 from cifarlab.errors import UsageError
 from cifarlab.runner import is_out_of_memory, prepare, release_device_memory
 from cifarlab.runtime import cpu_flags, cpu_has_native_bf16, environment, seed_everything, usable_cpus
@@ -47,7 +46,7 @@ DEFAULT_BUDGET_S = {"cuda": 60.0, "cpu": 180.0}
 WARMUP_STEPS = {"cuda": 5, "cpu": 1}  # untimed: cuDNN algorithm search, allocator, caches
 COMPILE_WARMUP_STEPS = 3  # compilation (and reduce-overhead's graph recording) happens in these
 TARGET_WINDOW_S = 1.5  # steps per window: enough for this much time by the first estimate ...
-MIN_STEPS, MAX_STEPS = 3, 100  # ... within these bounds
+MIN_STEPS, MAX_STEPS = 2, 100  # ... within these bounds
 DEFAULT_REPEATS = 3
 PROFILE_STEPS = 10  # CUDA busy fraction: steps recorded by torch.profiler (a window apart from the timed one)
 # Estimated one-off cost (s) of compilation before the first timed step, used only to plan the budget.
@@ -84,38 +83,41 @@ class DoctorResult:
 
 
 class _Stream:
-    """The train loader seen by train_epoch as one endless epoch: its iterator keeps running across
-    the warm-up and timed calls (workers start once, before warm-up), restarting -- reseeded as the
-    next epoch -- when the real epoch ends. len() is the steps train_epoch should plan for."""
+    """The train loader as train_epoch sees it across several calls: one iterator keeps running from
+    call to call until restart() (a new epoch: reseeded, workers started again, inside the next call's
+    data wait) or until the real epoch ends. len() is the steps the next call should plan for."""
 
-    def __init__(self, loader: Any, seed: int, device: torch.device) -> None:
-        self.loader, self.seed, self.device = loader, seed, device
-        self.epoch, self.restarts, self.steps = 1, 0, 0
-        seed_epoch(seed, 1, loader)
-        t0 = _sync_now(device)
-        self._it: Iterator = iter(loader)
-        self._pending = [next(self._it)]
-        self.start_s = _sync_now(device) - t0  # iterator (worker start-up) + first batch
+    def __init__(self, loader: Any, seed: int) -> None:
+        self.loader, self.seed = loader, seed
+        self.epoch, self.steps = 0, 0
+        self.loader_start_s = 0.0  # creating the latest iterator (worker start-up)
+        self._it: Iterator | None = None
 
     def __len__(self) -> int:
         return self.steps
 
+    def restart(self) -> None:
+        self._it = None  # drops the DataLoader iterator: non-persistent workers shut down
+
     def __iter__(self) -> Iterator:
         while True:
-            if self._pending:
-                yield self._pending.pop()
-                continue
+            fresh = self._it is None
+            if fresh:
+                self.epoch += 1
+                seed_epoch(self.seed, self.epoch, self.loader)
+                t0 = time.perf_counter()
+                self._it = iter(self.loader)
+                self.loader_start_s = time.perf_counter() - t0
             try:
                 yield next(self._it)
             except StopIteration:
-                self.epoch += 1
-                self.restarts += 1
-                seed_epoch(self.seed, self.epoch, self.loader)
-                self._it = iter(self.loader)
-                self._pending = [next(self._it)]
+                self._it = None
+                if fresh:
+                    return  # an empty loader
 
-    def close(self) -> None:
-        self._it = iter(())  # drops the DataLoader iterator: its workers shut down
+    def run(self, cfg: TrainConfig, state: Any, steps: int) -> EpochRecord:
+        self.steps = steps
+        return train_epoch(cfg.replace(max_steps=steps), state, self, self.epoch or 1)
 
 
 def _sync_now(device: torch.device) -> float:
@@ -125,16 +127,23 @@ def _sync_now(device: torch.device) -> float:
 
 
 def _children_cpu_s() -> float | None:
-    """CPU seconds used so far by this process's live child processes (the loader workers), from /proc."""
+    """CPU seconds used so far by this process's live descendants (the loader workers, also when a
+    forkserver or spawn parent sits between), from /proc; None where /proc does not tell."""
     try:
-        pids = set()
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/children") as f:
-                pids.update(f.read().split())
-        total = 0
-        for pid in pids:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+        total, todo, seen = 0, ["self"], set()
+        while todo:
+            pid = todo.pop()
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    kids = [k for k in f.read().split() if k not in seen]
+                seen.update(kids)
+                todo += kids
+        for pid in seen:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except FileNotFoundError:  # exited meanwhile
+                continue
             total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
         return total / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
@@ -164,9 +173,8 @@ def _peak_rss_bytes() -> int:
 def _gpu_busy_s(stream: _Stream, cfg: TrainConfig, state: Any, steps: int) -> float | None:
     """Union of the GPU's kernel and copy intervals over `steps` profiled steps (profiler overhead
     lands on the host, not in the kernels' own durations, so the busy time itself stays honest)."""
-    stream.steps = steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        train_epoch(cfg.replace(max_steps=steps), state, stream, 1)
+        stream.run(cfg, state, steps)
     spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
     if not spans:
@@ -181,53 +189,74 @@ def _gpu_busy_s(stream: _Stream, cfg: TrainConfig, state: Any, steps: int) -> fl
     return (busy_us + cur_end - cur_start) / 1e6
 
 
+def _window(name: str, rec: EpochRecord, weight: float) -> dict[str, Any]:
+    return {"window": name, "steps": rec.steps, "images": rec.images, "window_s": rec.epoch_s, "data_s": rec.data_s,
+            "h2d_s": rec.h2d_s, "compute_s": rec.compute_s, "other_s": rec.other_s, "weight": weight}
+
+
+def _weighted(windows: list[dict[str, Any]], key: str) -> float | None:
+    values = [w[key] for w in windows]
+    return None if any(v is None for v in values) else sum(v * w["weight"] for v, w in zip(values, windows))
+
+
 def measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int, label: str,
             warmup_steps: int | None = None, gpu_profile: bool = False) -> Measurement:
-    """One timed window: fresh seeded model and loaders, untimed warm-up, then `steps` timed steps."""
+    """One configuration as one estimated epoch: a fresh seeded model and loader, untimed warm-up
+    steps, then a new epoch's first min(steps, E) steps ('start': worker start-up and first batches
+    included) and up to `steps` more on the same iterator ('steady'), E = steps per epoch. When the two
+    windows do not cover the epoch, the steady one stands for the rest of it."""
     t_start = time.perf_counter()
     if warmup_steps is None:
         warmup_steps = COMPILE_WARMUP_STEPS if cfg.compile != "none" else WARMUP_STEPS[device.type]
     seed_everything(cfg.seed)
     train_loader, _ = build_loaders(cfg, data, device)
     state = build_state(cfg, device)
-    stream = _Stream(train_loader, cfg.seed, device)
+    stream = _Stream(train_loader, cfg.seed)
+    per_epoch = len(train_loader)
+    first_n = min(steps, per_epoch)
+    steady_n = min(steps, per_epoch - first_n)
     try:
-        stream.steps = warmup_steps
-        t0 = time.perf_counter()
-        train_epoch(cfg.replace(max_steps=warmup_steps), state, stream, 1)
-        warmup_s = time.perf_counter() - t0
+        stream.run(cfg, state, warmup_steps)
+        stream.restart()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        restarts0, cpu0, kids0 = stream.restarts, time.process_time(), _children_cpu_s()
-        stream.steps = steps
-        rec = train_epoch(cfg.replace(max_steps=steps), state, stream, 1)
+        cpu0, kids0 = time.process_time(), _children_cpu_s()
+        first = stream.run(cfg, state, first_n)
+        loader_start_s = stream.loader_start_s
+        steady = stream.run(cfg, state, steady_n) if steady_n else None
         cpu1, kids1 = time.process_time(), _children_cpu_s()
-        restarts = stream.restarts - restarts0
         load, op_us = os.getloadavg()[0], dispatch_us()
         if device.type == "cuda":
             peak, total = torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
         else:
             peak, total = _peak_rss_bytes(), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         cost_s = time.perf_counter() - t_start  # the profiled window below is not part of a rerun's cost
-        busy = None
+        busy_per_step = None
         if gpu_profile and device.type == "cuda":
             n = min(steps, PROFILE_STEPS)
             kernel_s = _gpu_busy_s(stream, cfg, state, n)
-            busy = None if kernel_s is None else kernel_s * steps / n
+            busy_per_step = None if kernel_s is None else kernel_s / n
     finally:
-        stream.close()
+        stream.restart()
+    windows = [_window("start", first, 1.0)]
+    if steady is not None:
+        windows.append(_window("steady", steady, (per_epoch - first.steps) / max(steady.steps, 1)))
     workers_cpu = None
-    if cfg.loader == "torch" and cfg.workers > 0 and kids0 is not None and kids1 is not None and restarts == 0:
-        workers_cpu = kids1 - kids0
+    if cfg.loader == "torch" and cfg.workers > 0 and kids0 is not None and kids1 is not None:
+        workers_cpu = kids1 - kids0  # workers started inside the start window, so kids0 holds none of theirs
+    epoch_steps = round(_weighted(windows, "steps") or 0)
     return Measurement(
-        label=label, steps=rec.steps, images=rec.images, window_s=rec.epoch_s, data_s=rec.data_s, h2d_s=rec.h2d_s,
-        compute_s=rec.compute_s, other_s=rec.other_s, device_type=device.type, torch_threads=torch.get_num_threads(),
+        label=label, steps=epoch_steps, images=_weighted(windows, "images") or 0.0,
+        epoch_s=_weighted(windows, "window_s") or 0.0, data_s=_weighted(windows, "data_s") or 0.0,
+        h2d_s=_weighted(windows, "h2d_s"), compute_s=_weighted(windows, "compute_s"),
+        other_s=_weighted(windows, "other_s") or 0.0, device_type=device.type, torch_threads=torch.get_num_threads(),
         usable_cpus=usable_cpus(), loader=cfg.loader, workers=cfg.workers if cfg.loader == "torch" else 0,
-        epoch_start_s=stream.start_s, warmup_steps=warmup_steps, warmup_s=warmup_s,
-        cost_s=cost_s, restarts=restarts, steps_per_epoch=len(train_loader), load_average=load,
-        dispatch_us=op_us, process_cpu_s=cpu1 - cpu0,
-        workers_cpu_s=workers_cpu, peak_memory_bytes=peak, memory_total_bytes=total, gpu_busy_s=busy,
-        status=rec.status,
+        windows=windows, timed_s=sum(w["window_s"] for w in windows), loader_start_s=loader_start_s,
+        warmup_steps=warmup_steps, cost_s=cost_s, process_cpu_s=cpu1 - cpu0, workers_cpu_s=workers_cpu,
+        peak_memory_bytes=peak, memory_total_bytes=total,
+        gpu_busy_s=None if busy_per_step is None else busy_per_step * epoch_steps,
+        dispatch_us=op_us, load_average=load,
+        status="diverged" if any(r is not None and r.status == "diverged" for r in (first, steady)) else "ok",
     )
 
 
@@ -270,18 +299,14 @@ def _say(stream: TextIO | None, text: str) -> None:
         print(text, file=stream, flush=True)
 
 
-def _one_line(m: Measurement) -> str:
-    parts = "  ".join(f"{p} {v:.1f}" for p in PARTS if (v := m.per_step_ms(p)) is not None)
-    return f"{m.images_per_s:7.1f} img/s  step {m.step_ms:8.1f} ms  ({parts} ms/step)  [{m.cost_s:.1f} s]"
-
-
 def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s: float | None = None,
              steps: int | None = None, only: list[str] | None = None, repeats: int = DEFAULT_REPEATS,
-             stream: TextIO | None = None) -> DoctorResult:
+             stream: TextIO | None = None, started_at: float | None = None) -> DoctorResult:
     """Baseline, classification, then each runnable candidate rerun for the same steps (round-robin
     over repeats, the baseline interleaved) within budget_s. `only`: candidate keys or key prefixes
-    to consider (e.g. ["workers", "loader-device"]); the rest are listed as not asked for."""
-    t0 = time.perf_counter()
+    to consider (e.g. ["workers", "loader-device"]); the rest are listed as not asked for.
+    started_at: time.perf_counter() when the budget started (default: now)."""
+    t0 = started_at if started_at is not None else time.perf_counter()
     budget_s = float(budget_s if budget_s is not None else DEFAULT_BUDGET_S[device.type])
     if not budget_s > 0 or not math.isfinite(budget_s):
         raise UsageError(f"--budget must be a positive number of seconds (got {budget_s})")
@@ -291,12 +316,13 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
     left = lambda: budget_s - (time.perf_counter() - t0)  # noqa: E731
     if steps is None:  # a first estimate of the step time from one untimed step
-        probe = measure(cfg, data, device, 1, "probe", warmup_steps=1)
-        steps = max(MIN_STEPS, min(MAX_STEPS, math.ceil(TARGET_WINDOW_S / max(probe.window_s, 1e-6))))
-        _say(stream, f"probe: one step {probe.step_ms:.1f} ms -> {steps} timed steps per window")
+        probe = measure(cfg, data, device, 1, "probe", warmup_steps=0)  # also pays the process's first-use costs
+        step_s = probe.windows[-1]["window_s"] / max(probe.windows[-1]["steps"], 1)
+        steps = max(MIN_STEPS, min(MAX_STEPS, math.ceil(TARGET_WINDOW_S / max(step_s, 1e-6))))
+        _say(stream, f"probe: one step {1000 * step_s:.1f} ms -> up to {steps} timed steps per window")
     _say(stream, "baseline r1 ...")
     baseline = [measure(cfg, data, device, steps, "baseline r1", gpu_profile=True)]
-    _say(stream, f"baseline r1: {_one_line(baseline[0])}")
+    _say(stream, f"baseline r1: {doctor_report.one_line(baseline[0])}")
     diag = classify(baseline[0])
     _say(stream, f"diagnosis: {diag.label}: " + "; ".join(diag.evidence + diag.findings))
     cands = propose(cfg, host_facts(cfg, device), diag, COMPILE_COST_S)
@@ -315,7 +341,8 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
         eligible = [c for c in runnable if c.status in ("proposed", "measured", "cut")]
         kept = set(plan_round([est(c) for c in eligible], base_cost(), left(), reps - r + 1))
         for i, c in enumerate(eligible):
-            if i not in kept or est(c) > left():
+            reserve = base_cost() * (reps - r)  # the baseline repeats still to come: the noise needs them
+            if i not in kept or est(c) + reserve > left():
                 if not c.measurements:
                     c.status, c.reason = "cut", f"budget: one run needs ~{est(c):.0f} s"
                 continue
@@ -329,10 +356,10 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
                 continue
             c.measurements.append(m)
             c.status, c.reason = "measured", ""
-            _say(stream, f"{c.key} r{r}: {_one_line(m)}")
+            _say(stream, f"{c.key} r{r}: {doctor_report.one_line(m)}")
         if r < reps and base_cost() <= left():
             baseline.append(measure(cfg, data, device, steps, f"baseline r{r + 1}"))
-            _say(stream, f"baseline r{r + 1}: {_one_line(baseline[-1])}")
+            _say(stream, f"baseline r{r + 1}: {doctor_report.one_line(baseline[-1])}")
     cuts = [f"{c.key} ({' '.join(c.flags)}): not run, {c.reason}" for c in cands if c.status == "cut"]
     cuts += [f"{c.key}: {len(c.measurements)} of {reps} repeat(s) (budget)" for c in cands
              if c.status == "measured" and len(c.measurements) < reps]
@@ -351,35 +378,23 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
         diagnosis=diag, candidates=cands, noise=noise, noise_note=noise_note, ranked=ranked, best=best,
         recommendation="", cuts=cuts,
     )
-    result.recommendation = recommendation(result)
+    result.recommendation = doctor_report.recommendation(result)
     result.elapsed_s = time.perf_counter() - t0
     return result
 
 
-def recommendation(result: DoctorResult) -> str:
-    base = result.baseline_summary
-    if result.best is None:
-        return (f"recommendation: no change found that helps by more than the noise ({result.noise:.0%}); "
-                f"keep the current flags ({base.images_per_s_median:.1f} img/s)")
-    s = summarize(result.best.measurements)
-    assert s is not None
-    g = s.images_per_s_median / base.images_per_s_median - 1.0
-    note = f"; {result.best.note}" if result.best.note else ""
-    return (f"recommendation: add {' '.join(result.best.flags)} -> {s.images_per_s_median:.1f} img/s vs "
-            f"{base.images_per_s_median:.1f} (+{g:.0%}, step {s.step_ms_median:.0f} vs {base.step_ms_median:.0f} ms; "
-            f"noise {result.noise:.0%}){note}")
-
-
 def run_doctor(cfg: TrainConfig, budget_s: float | None, out_dir: str | Path, stream: TextIO | None,
                steps: int | None = None, only: list[str] | None = None, repeats: int = DEFAULT_REPEATS) -> DoctorResult:
-    """`cifarlab doctor`: validate, load the data once, diagnose, print the table, write the folder."""
+    """`cifarlab doctor`: validate, load the data once, diagnose, print the table, write the folder.
+    The budget counts from here: loading the data is part of it."""
+    t0 = time.perf_counter()
     if budget_s is not None and (not math.isfinite(budget_s) or budget_s <= 0):
         raise UsageError(f"--budget must be a positive number of seconds (got {budget_s})")
     device, data = prepare(cfg.replace(out_dir=str(out_dir)))
     _say(stream, f"doctor: {data.description}")
     _say(stream, f"device: {device}; loader {cfg.loader}" + (f", workers {cfg.workers}" if cfg.loader == "torch" else "")
          + f", batch {cfg.batch_size}; budget {budget_s if budget_s is not None else DEFAULT_BUDGET_S[device.type]:.0f} s")
-    result = diagnose(cfg, data, device, budget_s, steps=steps, only=only, repeats=repeats, stream=stream)
+    result = diagnose(cfg, data, device, budget_s, steps=steps, only=only, repeats=repeats, stream=stream, started_at=t0)
     result.path = doctor_report.write_folder(result, out_dir)
     _say(stream, doctor_report.console_text(result))
     return result

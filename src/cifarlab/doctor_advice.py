@@ -41,41 +41,42 @@ CLASS_ORDER = ("data-bound", "copy-bound", "launch/host-bound", "memory-limited"
 MIN_NOISE_SHARE = 0.03  # a gain must beat the baseline's repeat spread, and never less than 3%
 UNKNOWN_NOISE_SHARE = 0.10  # noise assumed when the baseline has a single repeat
 
-PARTS = ("data", "h2d", "compute", "other", "start")  # the parts of a step; they add up to step_ms
+PARTS = ("data", "h2d", "compute", "other")  # the parts of a step; they add up to step_ms
 MEASUREMENT_NOTES: dict[str, str] = {
-    "window_s": "wall time of `steps` training steps on a loader that is already running (worker start-up and "
-                "warm-up steps excluded; loader restarts inside the window included), device synchronized at "
-                "both ends; evaluation never inside",
-    "start_s": "the epoch start (below) amortized over a full epoch: epoch_start_s x steps / steps_per_epoch "
-               "(0 when the loader restarted inside the window, which then holds that cost itself)",
-    "step_ms": "(window_s + start_s) / steps: what one step costs in a real epoch; data + h2d + compute + other + "
-               "start add up to it",
-    "data_s": "blocked waiting for the next batch, excl. the host-to-device copy",
+    "windows": "the timed windows, each engine.train_epoch itself on a fresh seeded model after untimed warm-up "
+               "step(s): 'start' = the first steps of a new epoch (creating the loader's iterator, i.e. starting "
+               "its workers, and their first batches included, as in a real epoch), 'steady' = the steps right "
+               "after it on the same iterator; weight = how many times a full epoch holds that window",
+    "epoch_s": "estimated training epoch: start window + steady window x its weight (exact, weight 1, when the two "
+               "windows are the whole epoch); evaluation never inside",
+    "data_s": "blocked waiting for the next batch (iterator creation included), excl. the host-to-device copy",
     "h2d_s": "host-to-device copy of the batch (and channels_last re-layout), device synchronized; "
              "null without sync timing",
     "compute_s": "zero_grad + forward + loss + backward + optimizer step, device synchronized; null without sync timing",
-    "other_s": "window_s minus the parts above: loss/accuracy bookkeeping between steps",
-    "epoch_start_s": "creating the loader's iterator (starting workers) plus its first batch, timed once before warm-up",
-    "images_per_s": "training images in the window / (window_s + start_s); candidates are ranked by it",
-    "process_cpu_s": "CPU time of the training process (all its threads) during the window",
-    "workers_cpu_s": "CPU time of the loader worker processes during the window (null: no workers, or unreadable)",
-    "peak_memory_bytes": "CUDA: torch.cuda.max_memory_allocated over the window; CPU: the process's peak RSS "
+    "other_s": "epoch_s minus the parts above: loss/accuracy bookkeeping between steps",
+    "step_ms": "epoch_s / steps per epoch; data + h2d + compute + other add up to it",
+    "images_per_s": "training images per epoch / epoch_s; candidates are ranked by it",
+    "loader_start_s": "creating the loader's iterator at the start window (part of data_s)",
+    "process_cpu_s": "CPU time of the training process (all its threads) during the timed windows (timed_s)",
+    "workers_cpu_s": "CPU time of the loader worker processes during the timed windows (null: no workers, or unreadable)",
+    "peak_memory_bytes": "CUDA: torch.cuda.max_memory_allocated over the timed windows; CPU: the process's peak RSS "
                          "so far (a high-water mark that includes the dataset and earlier measurements)",
     "dispatch_us": "median wall time of one trivial CPU torch op (x.add_(1) on one element), measured right after "
-                   "the window under the same load: the host's per-op floor",
+                   "the windows under the same load: the host's per-op floor",
     "gpu_busy_s": "CUDA only: union of GPU kernel/memcpy intervals per torch.profiler over a separate profiled "
-                  "window, scaled to the timed window's steps",
+                  "window, scaled to the epoch's steps",
 }
 
 
 @dataclass
 class Measurement:
-    """One timed window of one configuration: plain numbers, so the classifier is a pure function."""
+    """One configuration measured as one (estimated) training epoch: plain numbers, so the classifier
+    is a pure function. The parts are epoch totals in seconds; `windows` holds what was timed."""
 
     label: str
-    steps: int
-    images: int
-    window_s: float
+    steps: int  # steps per epoch
+    images: float  # training images per epoch
+    epoch_s: float
     data_s: float
     h2d_s: float | None
     compute_s: float | None
@@ -85,53 +86,52 @@ class Measurement:
     usable_cpus: int = 1
     loader: str = "device"
     workers: int = 0
-    epoch_start_s: float | None = None
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    timed_s: float | None = None  # wall time of the timed windows themselves (unweighted)
+    loader_start_s: float | None = None
     warmup_steps: int = 0
-    warmup_s: float | None = None
-    cost_s: float | None = None  # wall time of the whole measurement (setup + warm-up + window)
-    restarts: int = 0
+    cost_s: float | None = None  # wall time of the whole measurement (setup + warm-up + windows)
     process_cpu_s: float | None = None
     workers_cpu_s: float | None = None
     peak_memory_bytes: int | None = None
     memory_total_bytes: int | None = None
-    gpu_busy_s: float | None = None  # kernel busy time scaled to `steps` steps (CUDA)
-    steps_per_epoch: int | None = None
-    dispatch_us: float | None = None  # median host cost of one trivial torch op, measured after the window
-    load_average: float | None = None  # 1-minute load average at the end of the window (other processes too)
+    gpu_busy_s: float | None = None  # kernel busy time scaled to the epoch (CUDA)
+    dispatch_us: float | None = None  # median host cost of one trivial torch op, measured after the windows
+    load_average: float | None = None  # 1-minute load average at the end of the windows (other processes too)
     status: str = "ok"  # ok | diverged
 
     @property
-    def start_s(self) -> float:
-        if self.restarts or not self.epoch_start_s or not self.steps_per_epoch:
-            return 0.0
-        return self.epoch_start_s * self.steps / self.steps_per_epoch
-
-    @property
-    def total_s(self) -> float:
-        return self.window_s + self.start_s
-
-    @property
     def step_ms(self) -> float:
-        return 1000.0 * self.total_s / self.steps if self.steps else float("nan")
+        return 1000.0 * self.epoch_s / self.steps if self.steps else float("nan")
 
     @property
     def images_per_s(self) -> float:
-        return self.images / self.total_s if self.total_s > 0 else float("nan")
+        return self.images / self.epoch_s if self.epoch_s > 0 else float("nan")
 
     def share(self, part: str) -> float | None:
         value = getattr(self, f"{part}_s")
-        return None if value is None or self.total_s <= 0 else value / self.total_s
+        return None if value is None or self.epoch_s <= 0 else value / self.epoch_s
 
     def per_step_ms(self, part: str) -> float | None:
         value = getattr(self, f"{part}_s")
         return None if value is None or not self.steps else 1000.0 * value / self.steps
 
     @property
+    def timed_steps(self) -> int:
+        return sum(int(w["steps"]) for w in self.windows)
+
+    @property
     def cpu_share(self) -> float | None:
         """CPU training: core time the process got / core time its threads could have used."""
-        if self.process_cpu_s is None or self.device_type != "cpu" or self.window_s <= 0:
+        wall = self.timed_s if self.timed_s is not None else self.epoch_s
+        if self.process_cpu_s is None or self.device_type != "cpu" or wall <= 0:
             return None
-        return self.process_cpu_s / (self.window_s * max(1, min(self.torch_threads, self.usable_cpus)))
+        return self.process_cpu_s / (wall * max(1, min(self.torch_threads, self.usable_cpus)))
+
+    @property
+    def workers_cores(self) -> float | None:
+        wall = self.timed_s if self.timed_s is not None else self.epoch_s
+        return None if self.workers_cpu_s is None or wall <= 0 else self.workers_cpu_s / wall
 
     @property
     def gpu_busy_share(self) -> float | None:
@@ -147,7 +147,8 @@ class Measurement:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(start_s=self.start_s, step_ms=self.step_ms, images_per_s=self.images_per_s, cpu_share=self.cpu_share,
+        d.update(timed_steps=self.timed_steps, workers_cores=self.workers_cores,
+                 step_ms=self.step_ms, images_per_s=self.images_per_s, cpu_share=self.cpu_share,
                  gpu_busy_share=self.gpu_busy_share, memory_share=self.memory_share)
         return d
 
@@ -172,9 +173,8 @@ def classify(m: Measurement) -> Diagnosis:
     """The bottleneck class of one measurement: the first of CLASS_ORDER whose criterion fires."""
     fired: list[tuple[str, str, str]] = []  # (class, tag, evidence)
     data, copy, other = m.share("data"), m.share("h2d"), m.share("other")
-    data = None if data is None else data + (m.share("start") or 0.0)  # loader start-up is data wait too (C2)
     if data is not None and data >= DATA_BOUND_SHARE:
-        fired.append(("data-bound", "data", f"data wait (incl. the amortized epoch start) is {_pct(data)} of the step "
+        fired.append(("data-bound", "data", f"data wait (loader start-up included) is {_pct(data)} of the step "
                       f"(>= {_pct(DATA_BOUND_SHARE)})"))
     if copy is not None and copy >= COPY_BOUND_SHARE:
         fired.append(("copy-bound", "copy", f"host-to-device copy is {_pct(copy)} of the step (>= {_pct(COPY_BOUND_SHARE)})"))
@@ -199,16 +199,15 @@ def classify(m: Measurement) -> Diagnosis:
         tags.add("contention")
         text = (f"CPU contended: the training process got {_pct(cpu)} of the core time its "
                 f"{min(m.torch_threads, m.usable_cpus)} thread(s) could use (< {_pct(CPU_STARVED_SHARE)})")
-        if m.workers_cpu_s is not None and m.window_s > 0:
-            text += f"; its {m.workers} loader workers used {m.workers_cpu_s / m.window_s:.2f} cores meanwhile"
+        if m.workers_cores is not None:
+            text += f"; its {m.workers} loader workers used {m.workers_cores:.2f} cores meanwhile"
         if m.load_average is not None:
             text += f"; load average {m.load_average:.1f} on {m.usable_cpus} usable core(s) (all processes)"
         findings.append(text)
     if m.device_type == "cpu" and m.loader == "torch" and m.workers > 0 and m.workers + m.torch_threads > m.usable_cpus:
         tags.add("contention")
-        used = (f" (measured: they used {m.workers_cpu_s / m.window_s:.2f} cores during the window; their start-up "
-                f"costs {m.epoch_start_s:.2f} s per epoch)" if m.workers_cpu_s is not None and m.window_s > 0
-                and m.epoch_start_s is not None else "")
+        used = (f" (measured: they used {m.workers_cores:.2f} cores during the timed steps; starting them costs "
+                f"{m.loader_start_s:.2f} s per epoch)" if m.workers_cores is not None and m.loader_start_s is not None else "")
         findings.append(f"{m.workers} loader workers + {m.torch_threads} training threads on {m.usable_cpus} usable "
                         f"core(s): the workers can compete with training for the same cores{used}")
     if fired:

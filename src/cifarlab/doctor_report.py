@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cifarlab.doctor_advice import MEASUREMENT_NOTES, PARTS, THRESHOLDS, Candidate, Summary, summarize
+from cifarlab.doctor_advice import MEASUREMENT_NOTES, PARTS, THRESHOLDS, Candidate, Measurement, Summary, summarize
 from cifarlab.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 from cifarlab.runs import create_run_dir, utc_now
 
@@ -58,6 +58,26 @@ def to_json(result: "DoctorResult") -> dict[str, Any]:
     }
 
 
+def one_line(m: Measurement) -> str:
+    parts = "  ".join(f"{p} {v:.1f}" for p in PARTS if (v := m.per_step_ms(p)) is not None)
+    return f"{m.images_per_s:7.1f} img/s  step {m.step_ms:8.1f} ms  ({parts} ms/step)  [{m.cost_s:.1f} s]"
+
+
+def recommendation(result: "DoctorResult") -> str:
+    """One line: the exact flags and the measured gain of the best change beating the noise, or none."""
+    base = result.baseline_summary
+    if result.best is None:
+        return (f"recommendation: no change found that helps by more than the noise ({result.noise:.0%}); "
+                f"keep the current flags ({base.images_per_s_median:.1f} img/s)")
+    s = summarize(result.best.measurements)
+    assert s is not None
+    g = s.images_per_s_median / base.images_per_s_median - 1.0
+    note = f"; {result.best.note}" if result.best.note else ""
+    return (f"recommendation: add {' '.join(result.best.flags)} -> {s.images_per_s_median:.1f} img/s vs "
+            f"{base.images_per_s_median:.1f} (+{g:.0%}, step {s.step_ms_median:.0f} vs {base.step_ms_median:.0f} ms; "
+            f"noise {result.noise:.0%}){note}")
+
+
 def _ms(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f}"
 
@@ -83,12 +103,14 @@ def _listed(result: "DoctorResult") -> list[str]:
 
 def _measured_facts(result: "DoctorResult") -> list[str]:
     m = result.baseline[0]
-    out = [f"steps per window: {result.steps} (after {result.warmup_steps} untimed warm-up step(s)); "
-           f"epoch start (iterator + first batch): {m.epoch_start_s:.2f} s, not in the window"]
+    windows = ", ".join(f"{w['window']} {w['steps']} step(s) x{w['weight']:.3g}" for w in m.windows)
+    out = [f"each measurement: {result.warmup_steps} untimed warm-up step(s), then timed windows {windows} "
+           f"= one epoch of {m.steps} steps; starting the loader's iterator took {m.loader_start_s:.2f} s (in data)"]
     if m.cpu_share is not None:
-        out.append(f"training process CPU: {m.process_cpu_s / m.window_s:.2f} cores busy of "
+        out.append(f"training process CPU: {m.process_cpu_s / m.timed_s:.2f} cores busy of "
                    f"{min(m.torch_threads, m.usable_cpus)} its threads could use ({m.cpu_share:.0%})"
-                   + (f"; loader workers: {m.workers_cpu_s / m.window_s:.2f} cores" if m.workers_cpu_s is not None else ""))
+                   + (f"; loader workers: {m.workers_cores:.2f} cores" if m.workers_cores is not None else "")
+                   + (f"; load average {m.load_average:.1f}" if m.load_average is not None else ""))
     if m.gpu_busy_share is not None:
         out.append(f"GPU busy: {m.gpu_busy_share:.0%} of the compute segment (kernels per torch.profiler)")
     elif m.device_type == "cuda":
