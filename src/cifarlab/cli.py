@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 from cifarlab import __version__
 from cifarlab.config import DATASETS, DEVICES, LAB_PRESETS
 from cifarlab.errors import UsageError
+from cifarlab.exportcli import add_export_parser, add_infer_bench_parser
 from cifarlab.flags import PROG, Parser, add_train_options, config_from_args
 
 __all__ = ["PROG", "SUBCOMMANDS", "add_train_options", "build_parser", "config_from_args", "main"]
@@ -79,9 +80,19 @@ def _add_report(sub: Any) -> None:
     p.set_defaults(func=run_command("report"))
 
 
+def _add_doctor(sub: Any) -> None:
+    p = sub.add_parser("doctor", help="measure where a config's step time goes, try the changes that address it, "
+                                      "recommend the best measured one", argument_default=argparse.SUPPRESS)
+    add_train_options(p)
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="time for the whole diagnosis (default about 60 s on a GPU, 180 s on a CPU)")
+    p.set_defaults(func=run_command("doctor"))
+
+
 # name -> function that adds the subcommand's parser
 SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
-    "train": _add_train, "inspect": _add_inspect, "lab": _add_lab, "report": _add_report,
+    "train": _add_train, "inspect": _add_inspect, "lab": _add_lab, "report": _add_report, "doctor": _add_doctor,
+    "export": add_export_parser, "infer-bench": add_infer_bench_parser,
 }
 
 

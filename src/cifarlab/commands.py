@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from cifarlab.checkpoint import CHECKPOINT_NAME, resume_config
 from cifarlab.config import LabConfig, TrainConfig
+from cifarlab.doctor import run_doctor
 from cifarlab.errors import UsageError
 from cifarlab.flags import PROG, config_from_args
 from cifarlab.interrupt import StopOnSignal
@@ -140,7 +141,13 @@ def train_entry(args: argparse.Namespace) -> int:
     return run_train_command(args, config_from_args(args), cmd_train)
 
 
-# subcommand name -> what runs it (the parsers live in cli.py)
+def cmd_doctor(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    run_doctor(cfg, getattr(args, "budget", None), cfg.out_dir, sys.stdout)
+    return 0
+
+
+# subcommand name -> what runs it (the parsers live in cli.py; export's and infer-bench's in exportcli.py)
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": train_entry, "inspect": cmd_inspect, "lab": cmd_lab, "report": cmd_report,
+    "train": train_entry, "inspect": cmd_inspect, "lab": cmd_lab, "report": cmd_report, "doctor": cmd_doctor,
 }

@@ -125,7 +125,8 @@ def run_training(
         if user_hooks.on_epoch is not None:
             user_hooks.on_epoch(record, st)
 
-    engine_hooks = Hooks(on_step=user_hooks.on_step, on_epoch=on_epoch, should_stop=user_hooks.should_stop)
+    engine_hooks = Hooks(on_step=user_hooks.on_step, on_epoch=on_epoch, should_stop=user_hooks.should_stop,
+                         on_warning=user_hooks.on_warning)
     error = None
     try:
         status = train(cfg, state, train_loader, test_loader if cfg.evaluate else None, engine_hooks)
@@ -140,6 +141,8 @@ def run_training(
                 raise UsageError(disk_error_message(e, writer.path)) from None
             raise
         status, error = "oom", oom_message(cfg, e, device)
+    if state.step_runner is not None:  # eager or captured step, and why (a capture that fell back says so)
+        extra["step"] = state.step_runner.describe()
     if status == "oom":
         release_device_memory(device)
     last = state.records[-1] if state.records else None

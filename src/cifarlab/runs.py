@@ -136,6 +136,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "final_train_acc": last["train_acc"],
         "final_test_loss": last.get("test_loss"),
         "final_test_acc": last.get("test_acc"),
+        "setup_s": done[0].get("setup_s"),  # one-time setup before epoch 1 (autotuning, capture), not in any epoch
+        "step_mode": last.get("step_mode"),
         "first_epoch_s": done[0]["epoch_s"],
         "mean_epoch_s": mean("epoch_s", done),
         "mean_epoch_s_after_first": mean("epoch_s", steady),
