@@ -15,24 +15,13 @@ import torch
 from cifarlab import cli
 from cifarlab import export as ex
 from cifarlab import inferbench as ib
-from cifarlab.exportcli import add_export_parser, add_infer_bench_parser
 from cifarlab.models import resnet18
 
 CI_FORMATS = [f for f in ("torchscript-trace", "torchscript-script", "export", "onnx") if f != "onnx" or not ex.onnx_missing()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    """Until cli.py registers the two commands itself, register them for these tests (and undo it after)."""
-    added = [name for name in ("export", "infer-bench") if name not in cli.SUBCOMMANDS]
-    cli.SUBCOMMANDS.update({n: {"export": add_export_parser, "infer-bench": add_infer_bench_parser}[n] for n in added})
-    yield
-    for name in added:
-        del cli.SUBCOMMANDS[name]
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, registered) -> Path:
+def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
     code = cli.main(["train", "--dataset", "synthetic", "--subset", "32", "--test-subset", "16", "--epochs", "1",
                      "--batch-size", "16", "--max-steps", "1", "--out", str(out), "--device", "cpu"])

@@ -92,7 +92,8 @@ def _add_doctor(sub: Any) -> None:
 # name -> function that adds the subcommand's parser
 SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
     "train": _add_train, "inspect": _add_inspect, "lab": _add_lab, "report": _add_report, "doctor": _add_doctor,
-    "export": add_export_parser, "infer-bench": add_infer_bench_parser,
+    "export": lambda sub: add_export_parser(sub, run_command("export")),
+    "infer-bench": lambda sub: add_infer_bench_parser(sub, run_command("infer-bench")),
 }
 
 

@@ -16,6 +16,7 @@ from cifarlab.checkpoint import CHECKPOINT_NAME, resume_config
 from cifarlab.config import LabConfig, TrainConfig
 from cifarlab.doctor import run_doctor
 from cifarlab.errors import UsageError
+from cifarlab.exportcmds import cmd_export, cmd_infer_bench
 from cifarlab.flags import PROG, config_from_args
 from cifarlab.interrupt import StopOnSignal
 from cifarlab.lab.driver import run_lab
@@ -150,4 +151,5 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # subcommand name -> what runs it (the parsers live in cli.py; export's and infer-bench's in exportcli.py)
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": train_entry, "inspect": cmd_inspect, "lab": cmd_lab, "report": cmd_report, "doctor": cmd_doctor,
+    "export": cmd_export, "infer-bench": cmd_infer_bench,
 }

@@ -34,8 +34,9 @@ from cifarlab.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, NORMS
 from cifarlab.data import cifar_present, load_cifar10, synthetic_split
 from cifarlab.errors import UsageError
+from cifarlab.fileio import write_json_atomic
 from cifarlab.models import resnet18
-from cifarlab.runs import ensure_writable_dir, utc_now, write_json_atomic
+from cifarlab.runs import ensure_writable_dir, utc_now
 from cifarlab.runtime import environment
 
 EXPORT_SCHEMA = "cifarlab.export/1"

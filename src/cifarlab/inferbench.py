@@ -31,7 +31,8 @@ from torch import nn
 from cifarlab import export as ex
 from cifarlab.checkpoint import CHECKPOINT_NAME
 from cifarlab.errors import UsageError
-from cifarlab.runs import ensure_writable_dir, utc_now, write_csv_atomic, write_json_atomic
+from cifarlab.fileio import write_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
+from cifarlab.runs import ensure_writable_dir, utc_now
 from cifarlab.runtime import environment, usable_cpus
 
 BENCH_SCHEMA = "cifarlab.inferbench/1"
@@ -222,31 +223,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         axrow[0].set_yscale("log")
         axrow[1].legend(fontsize=8)
     fig.tight_layout()
-    with tempfile.NamedTemporaryFile(suffix=".png", dir=path.parent, delete=False) as f:
-        tmp = Path(f.name)
     try:
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(path)
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
-                                     suffix=".tmp", delete=False) as f:
-        f.write(text)
-    try:
-        Path(f.name).replace(path)
-    finally:
-        Path(f.name).unlink(missing_ok=True)
 
 
 def write_outputs(rows: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
     """inferbench.json (rows + meta), .csv, .txt (the table) and .png into out_dir, each atomically."""
     paths = {k: out_dir / f"inferbench.{k}" for k in ("json", "csv", "txt", "png")}
     write_csv_atomic(paths["csv"], rows)
-    _write_text_atomic(paths["txt"], format_table(rows) + "\n")
+    write_text_atomic(paths["txt"], format_table(rows) + "\n")
     plot(rows, paths["png"])
     write_json_atomic(paths["json"], {"schema": BENCH_SCHEMA, "created_utc": utc_now(), **meta, "rows": rows})
     return paths
