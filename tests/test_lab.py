@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,15 @@ from cifarlab.report.blocks import pct
 
 SECTIONS = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8")
 QUESTIONS = ("Q1", "Q2", "Q3", "Q4")
+SMOKE_WALL_S: dict[str, float] = {}  # the smoke lab's wall time measured around main()
 
 
 @pytest.fixture(scope="module")
 def smoke_lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, str]:
     out = tmp_path_factory.mktemp("labs")
+    t0 = time.perf_counter()
     code = main(["lab", "--preset", "smoke", "--out", str(out), "--data", str(out / "no-data")])
+    SMOKE_WALL_S["main"] = time.perf_counter() - t0
     (lab,) = out.glob("*-lab-lab-smoke")
     return code, lab, (lab / "report.md").read_text()
 
@@ -113,6 +117,28 @@ def test_report_has_every_section_with_its_measured_numbers(smoke_lab: tuple[int
     assert "11,173,962" in section(md, "Q3") and "22,347,924" in section(md, "Q4")  # Adam keeps 2x state
 
 
+def test_time_table_rows_add_up_to_the_lab_wall_time(smoke_lab: tuple[int, Path, str]) -> None:
+    """Issue 11: per item and per piece of lab overhead, the rows add up to the wall time (within 5%), the
+    plan before the work is stored beside it, and the report's header shows both."""
+    _, lab, md = smoke_lab
+    doc = results(lab)
+    rows = doc["time_table"]
+    assert [r["key"] for r in rows if "key" in r] == doc["order"]
+    assert any("setup" in r["part"] for r in rows) and any("report" in r["part"] for r in rows)
+    total = sum(r["elapsed_s"] for r in rows)
+    assert math.isclose(total, doc["elapsed_s"], rel_tol=0.05), (total, doc["elapsed_s"])
+    assert math.isclose(total, SMOKE_WALL_S["main"], rel_tol=0.05), (total, SMOKE_WALL_S["main"])
+    plan = {i["key"]: i for i in doc["plan"]["items"]}
+    assert list(plan) == doc["order"]
+    assert plan["c1"]["estimate_s"] > 0 and plan["c1"]["runs"] == 1 and plan["c6"]["runs"] == 4
+    assert all(doc["plan"]["calibration"][p]["step_s"] > 0 for p in ("fast", "classic"))
+    header = md.split("## C1")[0]
+    assert "| part of the lab | status | runs trained | planned s | elapsed s | share of wall time |" in header
+    c6 = next(r for r in rows if r.get("key") == "c6")
+    assert f"| {c6['part']} | completed | 4 (+1 reused) | {c6['planned_s']:.1f} | {c6['elapsed_s']:.1f} |" in header
+    assert (lab / "csv" / "time_table.csv").is_file()
+
+
 def test_html_plots_and_csvs_are_written(smoke_lab: tuple[int, Path, str]) -> None:
     _, lab, md = smoke_lab
     plots = sorted(p.name for p in (lab / "plots").glob("*.png"))
@@ -165,6 +191,7 @@ def test_ctrl_c_keeps_finished_work_and_marks_the_rest_not_run(tmp_path: Path, m
     assert [r["epoch"] for r in c7["runs"][0]["records"] if r["status"] == "ok"] == [1]  # epoch 1 kept
     assert doc["experiments"]["c8"]["status"] == doc["experiments"]["q"]["status"] == "not run"
     md = (lab / "report.md").read_text()
+    assert "stopped_by" not in c7  # a KeyboardInterrupt raised in the process, no signal
     assert "Interrupted (Ctrl-C)" in section(md, "C7") and "Not run" in section(md, "C8")
 
 
@@ -185,9 +212,11 @@ def test_bad_lab_input_exits_2_with_one_line(argv: list[str], needle: str, tmp_p
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-def test_sigint_to_a_running_lab_stops_it_cleanly(tmp_path: Path) -> None:
-    """A real Ctrl-C (SIGINT) to a `cifarlab lab` process: the run in progress keeps its finished epoch,
-    nothing new starts, the report says what did not run, exit code 130."""
+@pytest.mark.parametrize("signame, exit_code, wording", [("SIGINT", 130, "Interrupted (Ctrl-C)"),
+                                                          ("SIGTERM", 143, "Interrupted (SIGTERM)")])
+def test_a_signal_to_a_running_lab_stops_it_cleanly(tmp_path: Path, signame: str, exit_code: int, wording: str) -> None:
+    """A real Ctrl-C (SIGINT) or SIGTERM to a `cifarlab lab` process: the run in progress keeps its finished
+    epoch, nothing new starts, the report says what did not run and names the signal, exit code 128 + signal."""
     import signal
     import subprocess
     import sys
@@ -199,12 +228,12 @@ def test_sigint_to_a_running_lab_stops_it_cleanly(tmp_path: Path) -> None:
     try:
         for line in proc.stdout:  # type: ignore[union-attr]
             if "batchnorm: epoch 1/2" in line:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(getattr(signal, signame))
                 break
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == exit_code, err
     assert "Traceback" not in err
     (lab,) = tmp_path.glob("*-lab-*")
     doc = results(lab)
@@ -213,4 +242,6 @@ def test_sigint_to_a_running_lab_stops_it_cleanly(tmp_path: Path) -> None:
     assert run["status"] == "interrupted" and [r["epoch"] for r in run["records"] if r["status"] == "ok"] == [1]
     assert len(doc["experiments"]["c7"]["runs"]) == 1  # the no-BN run never started
     assert doc["experiments"]["q"]["status"] == "not run"
-    assert "Not run" in section((lab / "report.md").read_text(), "Q1-Q4")
+    md = (lab / "report.md").read_text()
+    assert "Not run" in section(md, "Q1-Q4") and wording in section(md, "C7")
+    assert doc["stopped_by"] == signame

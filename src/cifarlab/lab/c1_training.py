@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cifarlab.lab.context import Experiment, LabContext
+from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
 from cifarlab.lab.sections import REF, REFERENCE, pipelines_para, runs_para
 from cifarlab.report.blocks import Block, Table, finite, fs, ok_records, pct, runs_of
 from cifarlab.report.plots import ReportContext, curves
@@ -36,4 +36,5 @@ def render_c1(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     ]
 
 
-ITEM = Experiment("c1", "C1 Training: per-epoch loss and top-1", c1_training, render_c1)
+ITEM = Experiment("c1", "C1 Training: per-epoch loss and top-1", c1_training, render_c1,
+                  plan=lambda ctx: [PlannedRuns("fast", 1, ctx.preset.epochs)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cifarlab.lab.context import Experiment, LabContext
+from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
 from cifarlab.lab.sections import REF, REFERENCE, pipelines_para, runs_para
 from cifarlab.report.blocks import Block, Bullets, Para, Table, finite, fs, mean, ok_records, runs_of
 from cifarlab.report.plots import ReportContext, stacked
@@ -44,4 +44,5 @@ def render_c2(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     ]
 
 
-ITEM = Experiment("c2", "C2 Where an epoch's time goes", c2_breakdown, render_c2)
+ITEM = Experiment("c2", "C2 Where an epoch's time goes", c2_breakdown, render_c2,
+                  plan=lambda ctx: [PlannedRuns("classic", 1, ctx.preset.epochs)])

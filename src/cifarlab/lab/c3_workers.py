@@ -6,7 +6,7 @@ import statistics
 from typing import Any
 
 from cifarlab.config import MAX_WORKERS, LabPreset
-from cifarlab.lab.context import Experiment, LabContext, median_of
+from cifarlab.lab.context import Experiment, LabContext, PlannedRuns, median_of
 from cifarlab.lab.sections import REF, REFERENCE, pipelines_para, runs_para
 from cifarlab.report.blocks import Block, Note, Para, Table, finite, fs, run_named
 from cifarlab.report.plots import ReportContext
@@ -126,4 +126,10 @@ def sweep_epochs(p: LabPreset, cuda: bool) -> int:
     return p.epochs * p.repeats * min(p.sweep_max_points or 4, 4)
 
 
-ITEM = Experiment("c3", "C3 Data-loader worker sweep", c3_workers, render_c3, sweep_epochs)
+def plan_c3(ctx: LabContext) -> list[PlannedRuns]:
+    points = min(ctx.preset.sweep_max_points or 4, 4)
+    return [PlannedRuns("classic", ctx.repeats * points, ctx.preset.epochs, evaluate=False,
+                        note=f"{points} worker counts assumed; the stop rule decides")]
+
+
+ITEM = Experiment("c3", "C3 Data-loader worker sweep", c3_workers, render_c3, sweep_epochs, plan=plan_c3)

@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 
 from cifarlab.config import TrainConfig
 from cifarlab.engine import Hooks
-from cifarlab.lab.context import Experiment, LabContext
+from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
 from cifarlab.lab.sections import pipelines_para, runs_para
 from cifarlab.report.blocks import Block, Para, Table, finite, fs, pct, runs_of
 from cifarlab.report.plots import ReportContext, stacked
@@ -141,4 +141,5 @@ def c4_explanation(runs: list[dict[str, Any]], cores: Any) -> str:
     return text
 
 
-ITEM = Experiment("c4", "C4 Profiling 1 worker vs the best", c4_profile, render_c4, lambda p, c: 2 * p.epochs)
+ITEM = Experiment("c4", "C4 Profiling 1 worker vs the best", c4_profile, render_c4, lambda p, c: 2 * p.epochs,
+                  plan=lambda ctx: [PlannedRuns("classic", 2, ctx.preset.epochs, evaluate=False, note="profiler overhead not included")])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cifarlab.data import DataBundle, take
-from cifarlab.lab.context import FULL_EPOCH_IMAGES, Experiment, LabContext
+from cifarlab.lab.context import FULL_EPOCH_IMAGES, Experiment, LabContext, PlannedRuns
 from cifarlab.lab.sections import REF, REFERENCE, pipeline_label, runs_para
 from cifarlab.report.blocks import Block, Note, Para, Table, finite, fs, mean, ok_records, run_named
 from cifarlab.report.plots import ReportContext
@@ -82,4 +82,6 @@ def render_c5(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     return blocks
 
 
-ITEM = Experiment("c5", "C5 CPU vs GPU epoch time", c5_cpu_gpu, render_c5, lambda p, cuda: p.cpu_epochs + (p.epochs if cuda else 0))
+ITEM = Experiment("c5", "C5 CPU vs GPU epoch time", c5_cpu_gpu, render_c5, lambda p, cuda: p.cpu_epochs + (p.epochs if cuda else 0),
+                  plan=lambda ctx: [PlannedRuns("cpu-classic", 1, ctx.preset.cpu_epochs, evaluate=False, images=ctx.preset.cpu_subset,
+                                                note="the GPU run is C1's, reused")])

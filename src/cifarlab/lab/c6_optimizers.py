@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cifarlab.lab.context import Experiment, LabContext
+from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
 from cifarlab.lab.sections import REF, REFERENCE, c6_flag, pipelines_para, runs_para
 from cifarlab.optim import OPTIMIZERS
 from cifarlab.report.blocks import Block, Note, Para, Table, fs, pct, runs_of
@@ -51,4 +51,5 @@ def render_c6(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     return blocks
 
 
-ITEM = Experiment("c6", "C6 Optimizers", c6_optimizers, render_c6, lambda p, c: 4 * p.epochs)
+ITEM = Experiment("c6", "C6 Optimizers", c6_optimizers, render_c6, lambda p, c: 4 * p.epochs,
+                  plan=lambda ctx: [PlannedRuns("fast", 4, ctx.preset.epochs, note="SGD is C1's run, reused")])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cifarlab.lab.context import Experiment, LabContext
+from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
 from cifarlab.lab.sections import REF, REFERENCE, c6_flag, pipelines_para, runs_para
 from cifarlab.report.blocks import Block, Para, Table, finite, fs, pct, run_named
 from cifarlab.report.plots import ReportContext, curves
@@ -46,4 +46,5 @@ def render_c7(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     return blocks
 
 
-ITEM = Experiment("c7", "C7 Without batch normalization", c7_batchnorm, render_c7, lambda p, c: p.epochs)
+ITEM = Experiment("c7", "C7 Without batch normalization", c7_batchnorm, render_c7, lambda p, c: p.epochs,
+                  plan=lambda ctx: [PlannedRuns("fast", 1, ctx.preset.epochs, note="the BatchNorm run is C1's, reused")])

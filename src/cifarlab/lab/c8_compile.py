@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cifarlab.config import COMPILE_MODES
-from cifarlab.lab.context import Experiment, LabContext, LabInterrupted
+from cifarlab.lab.context import Experiment, LabContext, LabInterrupted, PlannedRuns
 from cifarlab.lab.sections import REF, REFERENCE, pipelines_para, runs_para
 from cifarlab.report.blocks import Block, Note, Para, Table, finite, fs, mean, ok_records, run_named, runs_of
 from cifarlab.report.plots import ReportContext
@@ -78,4 +78,11 @@ def render_c8(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     return blocks
 
 
-ITEM = Experiment("c8", "C8 torch.compile", c8_compile, render_c8, lambda p, cuda: 4 * p.compile_epochs if (cuda or p.compile_on_cpu) else 0)
+def plan_c8(ctx: LabContext) -> list[PlannedRuns]:
+    if ctx.device.type == "cpu" and not ctx.preset.compile_on_cpu:
+        return []
+    return [PlannedRuns("fast", 4, ctx.preset.compile_epochs, evaluate=False, note="compilation not included")]
+
+
+ITEM = Experiment("c8", "C8 torch.compile", c8_compile, render_c8,
+                  lambda p, cuda: 4 * p.compile_epochs if (cuda or p.compile_on_cpu) else 0, plan=plan_c8)

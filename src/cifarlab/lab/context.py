@@ -26,12 +26,27 @@ class LabInterrupted(KeyboardInterrupt):
 
 
 @dataclass(frozen=True)
+class PlannedRuns:
+    """Part of an item's plan, for the lab's estimate before the work: `runs` runs of `epochs` epochs on
+    one pipeline ("fast", "classic", "cpu-classic": the classic pipeline on the CPU, or "none": no
+    training, not estimated)."""
+
+    pipeline: str
+    runs: int
+    epochs: int
+    evaluate: bool = True
+    images: int | None = None  # training images per epoch when not the preset's subset (C5's CPU subset)
+    note: str = ""  # what the estimate leaves out (compilation, the stop rule)
+
+
+@dataclass(frozen=True)
 class Experiment:
     key: str  # "c1" ... used by --only and as the folder name
     title: str
     run: Callable[[LabContext], dict[str, Any]]
     render: Callable[[dict[str, Any], "ReportContext"], list[Any]]
     planned_epochs: Callable[[LabPreset, bool], int] = lambda preset, cuda: preset.epochs  # for the lab's ETA
+    plan: Callable[[LabContext], list[PlannedRuns]] | None = None  # for the plan's estimate (None: not estimated)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from cifarlab.interrupt import StopOnSignal
 from cifarlab.lab.context import LabContext
 from cifarlab.lab.registry import EXPERIMENTS, SUITES
 from cifarlab.lab.render import build_report
+from cifarlab.lab.timing import make_plan, print_plan, print_time_table, time_table
 from cifarlab.progress import epoch_line
 from cifarlab.runner import prepare
 from cifarlab.runs import TIMING_NOTES, create_run_dir, utc_now
@@ -159,6 +160,7 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
     """Run the suite; returns (lab folder, exit code: 0 done, 3 an experiment failed, 130 interrupted)."""
 
     out = out or sys.stdout
+    t_start = time.perf_counter()  # the lab's wall time: from here to the report written
     if lab.repeats is not None and (isinstance(lab.repeats, bool) or not 1 <= lab.repeats <= 100):
         raise UsageError(f"--repeats must be between 1 and 100 (got {lab.repeats}); the full preset uses 3")
     keys = resolve_keys(lab.suite, lab.only)
@@ -202,28 +204,50 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
           + ("device-resident loader" if fast_loader == "device" else "not installed, classic loader used instead"),
           file=out)
     print(f"lab folder: {lab_dir}", file=out, flush=True)
-    t0 = time.perf_counter()
-    write_json_atomic(lab_dir / RESULTS_FILE, doc)
+    overhead: dict[str, float] = {"setup": time.perf_counter() - t_start}
     # Ctrl-C / SIGTERM: the running step finishes, its run keeps its finished epochs, no new run starts;
     # a second signal raises KeyboardInterrupt at once (still caught per experiment).
     with StopOnSignal() as stop:
         progress.should_stop = ctx.should_stop = stop.should_stop
+        t_plan = time.perf_counter()
+        doc["plan"] = make_plan(ctx, keys, EXPERIMENTS)
+        print_plan(doc["plan"], out, fmt_duration)
+        overhead["plan"] = time.perf_counter() - t_plan
+        t0 = time.perf_counter()
+        write_json_atomic(lab_dir / RESULTS_FILE, doc)
+        overhead["bookkeeping"] = time.perf_counter() - t0
+        progress.t0 = t0  # the ETA covers the items, not the setup
         try:
-            exit_code = _run_experiments(keys, EXPERIMENTS, ctx, doc, progress, stop, lab_dir, t0)
+            exit_code = _run_experiments(keys, EXPERIMENTS, ctx, doc, progress, stop, lab_dir, t_start, overhead)
         finally:
             if doc["status"] == "running":
                 doc["status"] = "partial"  # an exception we did not expect ended the loop
+            if stop.signal_name:
+                doc["stopped_by"] = stop.signal_name
+            t_write = time.perf_counter()
             doc["finished"] = utc_now()
-            doc["elapsed_s"] = time.perf_counter() - t0
+            doc["elapsed_s"] = time.perf_counter() - t_start
             write_json_atomic(lab_dir / RESULTS_FILE, doc)
-    paths = build_report(lab_dir)
+            overhead["bookkeeping"] += time.perf_counter() - t_write
+    t_report = time.perf_counter()
+    build_report(lab_dir)
+    overhead["report"] = time.perf_counter() - t_report
+    # The time table goes into results.json and the report's header; this last rewrite reuses the plots
+    # just drawn (milliseconds), so the wall time ends with the report written.
+    wall_s = time.perf_counter() - t_start
+    doc["elapsed_s"] = wall_s
+    doc["overhead_s"] = overhead
+    doc["time_table"] = time_table(doc, overhead, wall_s)
+    write_json_atomic(lab_dir / RESULTS_FILE, doc)
+    paths = build_report(lab_dir, reuse_plots=True)
+    print_time_table(doc["time_table"], wall_s, out)
     print(f"\nlab {doc['status']} in {fmt_duration(doc['elapsed_s'])}; report: {paths['md']} (also report.html, "
           f"results.json, csv/, plots/)", file=out)
     return lab_dir, exit_code
 
 
 def _run_experiments(keys: list[str], registry: dict[str, Any], ctx: Any, doc: dict[str, Any],
-                     progress: LabProgress, stop: Any, lab_dir: Path, t0: float) -> int:
+                     progress: LabProgress, stop: Any, lab_dir: Path, t0: float, overhead: dict[str, float]) -> int:
     """Run each experiment, rewriting results.json after each; returns the lab's exit code."""
 
     exit_code = 0
@@ -245,11 +269,15 @@ def _run_experiments(keys: list[str], registry: dict[str, Any], ctx: Any, doc: d
             print(f"   {key} FAILED: {entry['error']}", file=sys.stderr)
             exit_code = 3
         entry["runs"] = ctx.runs.get(key, [])
-        entry["elapsed_s"] = time.perf_counter() - t_exp
+        t_write = time.perf_counter()
+        entry["elapsed_s"] = t_write - t_exp
+        if entry["status"] == "interrupted" and stop.signal_name:
+            entry["stopped_by"] = stop.signal_name  # the report names it (SIGTERM is not a Ctrl-C)
         doc["experiments"][key] = entry
         doc["elapsed_s"] = time.perf_counter() - t0
         write_json_atomic(lab_dir / RESULTS_FILE, doc)
         progress.finish(key, entry["status"], entry["elapsed_s"])
+        overhead["bookkeeping"] += time.perf_counter() - t_write
         if entry["status"] == "interrupted" or stop.should_stop():
             doc["status"] = "interrupted"
             print("lab interrupted: finished experiments are kept; the rest are marked 'not run'", file=progress.out)

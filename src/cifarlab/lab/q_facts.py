@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cifarlab.lab.context import Experiment, LabContext
+from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
 from cifarlab.lab.sections import REF, REFERENCE
 from cifarlab.modelfacts import explain, inspect_model, structure_facts
 from cifarlab.models import resnet18
@@ -59,4 +59,5 @@ def render_q(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     ]
 
 
-ITEM = Experiment("q", "Q1-Q4 Model facts", q_facts, render_q, lambda p, c: 1)
+ITEM = Experiment("q", "Q1-Q4 Model facts", q_facts, render_q, lambda p, c: 1,
+                  plan=lambda ctx: [PlannedRuns("none", 0, 0, note="one model inspection, not estimated")])

@@ -5,14 +5,16 @@ report is the same report."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cifarlab.errors import UsageError
 from cifarlab.fileio import read_json
 from cifarlab.lab.registry import EXPERIMENTS
 from cifarlab.lab.sections import REF
-from cifarlab.report.blocks import Block, Heading, Note, Para, Table, fs, pct, runs_of
+from cifarlab.lab.timing import time_table_blocks
+from cifarlab.report.blocks import Block, Heading, Image, Note, Para, Table, fs, pct, runs_of
 from cifarlab.report.document import write_report
 from cifarlab.report.plots import ReportContext
 
@@ -26,7 +28,9 @@ def generic_blocks(entry: dict[str, Any]) -> list[Block]:
     if status == "not run":
         blocks.append(Note("Not run: the lab stopped before this experiment (or it was not selected)."))
     elif status == "interrupted":
-        blocks.append(Note("Interrupted (Ctrl-C): the runs that finished are listed; the rest did not run."))
+        # folders written before the signal was recorded say Ctrl-C, as they always did
+        by = "Ctrl-C" if entry.get("stopped_by") in (None, "SIGINT") else entry["stopped_by"]
+        blocks.append(Note(f"Interrupted ({by}): the runs that finished are listed; the rest did not run."))
     elif status == "failed":
         blocks.append(Note(f"Failed: {entry.get('error')}. The other experiments went on."))
     else:
@@ -65,11 +69,23 @@ def header_blocks(doc: dict[str, Any]) -> list[Block]:
         Para(f"Timings are seconds of wall-clock time, the device synchronized before each clock read; evaluation "
              f"is never inside an epoch. The '{REF}' column holds a seed report's figures for orientation only."),
     ]
-    return blocks
+    return blocks + time_table_blocks(doc)
 
 
-def build_blocks(lab_dir: Path, doc: dict[str, Any]) -> tuple[list[Block], ReportContext]:
-    rc = ReportContext(lab_dir=lab_dir, doc=doc)
+@dataclass
+class KeptPlots(ReportContext):
+    """A report context that keeps the plots already in plots/ instead of drawing them again (the lab's
+    last rewrite of its report, which only adds the time table to the header)."""
+
+    def plot(self, name: str, alt: str, draw: Callable[[Any], None], size: tuple[float, float] = (8, 3.6)) -> Image:
+        if (self.lab_dir / "plots" / f"{name}.png").is_file():
+            self.plots.append(f"plots/{name}.png")
+            return Image(f"plots/{name}.png", alt)
+        return super().plot(name, alt, draw, size)
+
+
+def build_blocks(lab_dir: Path, doc: dict[str, Any], reuse_plots: bool = False) -> tuple[list[Block], ReportContext]:
+    rc = (KeptPlots if reuse_plots else ReportContext)(lab_dir=lab_dir, doc=doc)
     blocks = header_blocks(doc)
     for key in doc.get("order", []):
         entry = doc["experiments"].get(key, {"status": "not run"})
@@ -96,9 +112,10 @@ def load_results(lab_dir: Path) -> dict[str, Any]:
     return doc
 
 
-def build_report(lab_dir: Path) -> dict[str, Path]:
-    """results.json -> report.md, report.html, csv/*.csv, plots/*.png. Returns the written paths."""
+def build_report(lab_dir: Path, reuse_plots: bool = False) -> dict[str, Path]:
+    """results.json -> report.md, report.html, csv/*.csv, plots/*.png. Returns the written paths.
+    reuse_plots: keep plots/*.png that exist (they were drawn from the same results a moment ago)."""
     lab_dir = Path(lab_dir)
     doc = load_results(lab_dir)
-    blocks, _ = build_blocks(lab_dir, doc)
+    blocks, _ = build_blocks(lab_dir, doc, reuse_plots)
     return write_report(lab_dir, blocks)

@@ -1,0 +1,179 @@
+"""The lab's plan and its time table.
+
+Before the work: a quick calibration (a few steps of the fast and the classic pipeline with the lab's
+base config) and, per item, its runs and epochs with an estimated time = runs x (per-run overhead +
+first-epoch warm-up + epochs x (iterator start + steps x step time + evaluation)), all from the
+calibration. After the work: per item its status, runs, planned and elapsed seconds and share of the
+lab's wall time, with the lab's own overhead (setup and data loading, the calibration, results.json
+writes, report writing) as rows of their own, so the rows add up to the wall time."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, TextIO
+
+from cifarlab.engine import Hooks
+from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
+from cifarlab.report.blocks import Block, Para, Table, fs
+from cifarlab.runner import run_training
+
+CALIBRATION_STEPS = 3  # steps of one epoch per pipeline; steps 2.. give the step time, step 1 the warm-up
+
+
+def calibrate(ctx: LabContext) -> dict[str, Any]:
+    """Time one epoch of CALIBRATION_STEPS steps of each pipeline (run folders in <lab>/plan/). The step
+    time is the clock from the end of step 1 to the end of the epoch (synchronized), over steps 2..n;
+    what step 1 took beyond that is the run's warm-up."""
+
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"steps": CALIBRATION_STEPS, "epochs": 1}
+    for name, cfg in (("classic", ctx.classic(ctx.base)), ("fast", ctx.fast(ctx.base))):
+        cfg = cfg.replace(epochs=1, max_steps=CALIBRATION_STEPS, out_dir=str(ctx.lab_dir / "plan"), name=f"calibrate-{name}")
+        marks: dict[str, float] = {}
+
+        def on_step(epoch: int, step: int, total: int) -> None:
+            marks.setdefault("step1", time.perf_counter())
+
+        def on_epoch(record: Any, state: Any) -> None:
+            marks["epoch_end"] = time.perf_counter() - (record.eval_s or 0.0)
+
+        t_run = time.perf_counter()
+        result = run_training(cfg, hooks=Hooks(on_step=on_step, on_epoch=on_epoch, should_stop=ctx.should_stop),
+                              data=ctx.data)
+        run_s = time.perf_counter() - t_run
+        recs = [r for r in result.records if r.status == "ok"]
+        if not recs or "step1" not in marks or "epoch_end" not in marks:
+            out[name] = None
+            continue
+        rec = recs[0]
+        steady_steps = max(1, rec.steps - 1)
+        step_s = max(0.0, marks["epoch_end"] - marks["step1"]) / steady_steps
+        out[name] = {
+            "step_s": step_s,
+            "start_s": rec.loader_start_s,
+            "eval_s": rec.eval_s or 0.0,
+            "warmup_s": max(0.0, rec.epoch_s - rec.loader_start_s - rec.steps * step_s) + (rec.setup_s or 0.0),
+            "run_overhead_s": max(0.0, run_s - rec.epoch_s - (rec.eval_s or 0.0) - (rec.setup_s or 0.0)),
+        }
+    out["elapsed_s"] = time.perf_counter() - t0
+    return out
+
+
+def _group_estimate_s(ctx: LabContext, g: PlannedRuns, cal: dict[str, Any]) -> float | None:
+    name = {"fast": "fast", "classic": "classic", "cpu-classic": "classic" if ctx.device.type == "cpu" else None}.get(g.pipeline)
+    c = cal.get(name) if name else None
+    if g.runs == 0:
+        return 0.0 if g.pipeline != "none" else None
+    if not c:
+        return None
+    steps = math.ceil((g.images or len(ctx.data.train)) / ctx.base.batch_size)
+    if ctx.base.max_steps:
+        steps = min(steps, ctx.base.max_steps)
+    epoch_s = c["start_s"] + steps * c["step_s"] + (c["eval_s"] if g.evaluate else 0.0)
+    return g.runs * (c["run_overhead_s"] + c["warmup_s"] + g.epochs * epoch_s)
+
+
+def make_plan(ctx: LabContext, keys: list[str], registry: dict[str, Experiment]) -> dict[str, Any]:
+    """Calibrate (when any item has a plan) and estimate each item; stored in results.json as "plan"."""
+
+    planned = {k: registry[k].plan(ctx) if registry[k].plan else None for k in keys}
+    cal = calibrate(ctx) if any(p for p in planned.values()) else {"elapsed_s": 0.0}
+    items = []
+    for k in keys:
+        groups = planned[k]
+        if groups is None:
+            items.append({"key": k, "title": registry[k].title, "runs": None, "describe": "not planned",
+                          "estimate_s": None, "note": "this item has no plan"})
+            continue
+        estimates = [_group_estimate_s(ctx, g, cal) for g in groups]
+        describe = "; ".join(f"{g.runs} run(s) x {g.epochs} epoch(s), {g.pipeline}" for g in groups if g.runs) or "no runs"
+        items.append({
+            "key": k, "title": registry[k].title, "runs": sum(g.runs for g in groups), "describe": describe,
+            "estimate_s": sum(estimates) if estimates and all(e is not None for e in estimates) else (0.0 if not groups else None),
+            "note": "; ".join(g.note for g in groups if g.note),
+        })
+    known = [i["estimate_s"] for i in items if i["estimate_s"] is not None]
+    return {"calibration": cal, "items": items, "estimate_s": sum(known),
+            "unestimated": [i["key"] for i in items if i["estimate_s"] is None]}
+
+
+def print_plan(plan: dict[str, Any], out: TextIO, fmt: Any) -> None:
+    cal = plan["calibration"]
+    print(f"\nplan (estimates from {cal.get('steps', 0)} steps of each pipeline, "
+          f"calibrated in {cal['elapsed_s']:.1f} s; rough):", file=out)
+    for i in plan["items"]:
+        est = "?" if i["estimate_s"] is None else f"~{fmt(i['estimate_s'])}"
+        note = f"  ({i['note']})" if i["note"] else ""
+        print(f"   {i['key']:<4} {i['describe']:<44} {est:>8}{note}", file=out)
+    rest = f" + what is not estimated ({', '.join(plan['unestimated'])})" if plan["unestimated"] else ""
+    print(f"   total ~{fmt(plan['estimate_s'])}{rest}", file=out, flush=True)
+
+
+def time_table(doc: dict[str, Any], overhead_s: dict[str, float], wall_s: float) -> list[dict[str, Any]]:
+    """Rows in the lab's order: setup, calibration, each item, bookkeeping, report; shares of wall_s."""
+
+    plan = {i["key"]: i for i in doc.get("plan", {}).get("items", [])}
+    rows: list[dict[str, Any]] = [
+        {"part": "lab setup (data loading, device, lab folder)", "status": "", "runs": None, "planned_s": None,
+         "elapsed_s": overhead_s.get("setup", 0.0)},
+        {"part": "plan (calibration runs)", "status": "", "runs": None, "planned_s": None,
+         "elapsed_s": overhead_s.get("plan", 0.0)},
+    ]
+    for key in doc.get("order", []):
+        e = doc["experiments"].get(key, {})
+        runs = e.get("runs", [])
+        reused = sum(1 for r in runs if r.get("reused"))
+        rows.append({"part": e.get("title", key), "key": key, "status": e.get("status", "not run"),
+                     "runs": len(runs) - reused, "reused_runs": reused,
+                     "planned_s": plan.get(key, {}).get("estimate_s"), "elapsed_s": e.get("elapsed_s", 0.0)})
+    rows += [
+        {"part": "lab bookkeeping (results.json writes, progress)", "status": "", "runs": None, "planned_s": None,
+         "elapsed_s": overhead_s.get("bookkeeping", 0.0)},
+        {"part": "report writing (report.md/.html, csv, plots)", "status": "", "runs": None, "planned_s": None,
+         "elapsed_s": overhead_s.get("report", 0.0)},
+    ]
+    for r in rows:
+        r["share"] = r["elapsed_s"] / wall_s if wall_s > 0 else None
+    return rows
+
+
+def _cells(r: dict[str, Any]) -> list[str]:
+    runs = "" if r["runs"] is None else str(r["runs"]) + (f" (+{r['reused_runs']} reused)" if r.get("reused_runs") else "")
+    share = "" if r["share"] is None else f"{r['share']:.0%}"
+    return [r["part"], r["status"], runs, fs(r["planned_s"], 1) if r["planned_s"] is not None else "",
+            fs(r["elapsed_s"], 1), share]
+
+
+COLUMNS = ["part of the lab", "status", "runs trained", "planned s", "elapsed s", "share of wall time"]
+
+
+def print_time_table(rows: list[dict[str, Any]], wall_s: float, out: TextIO) -> None:
+    cells = [COLUMNS] + [_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    print(f"\ntime table (lab wall time {wall_s:.1f} s):", file=out)
+    for c in cells:
+        print("   " + "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))), file=out)
+    total = sum(r["elapsed_s"] for r in rows)
+    print(f"   {'sum of rows'.ljust(widths[0])}  {''.ljust(widths[1])}  {''.rjust(widths[2])}  {''.rjust(widths[3])}  "
+          f"{fs(total, 1).rjust(widths[4])}  {total / wall_s if wall_s else 0:.0%}", file=out, flush=True)
+
+
+def time_table_blocks(doc: dict[str, Any]) -> list[Block]:
+    """The header's time table; nothing for lab folders written before it existed."""
+
+    rows = doc.get("time_table")
+    if not rows:
+        return []
+    wall = doc.get("elapsed_s") or 0.0
+    total = sum(r["elapsed_s"] for r in rows)
+    plan = doc.get("plan", {})
+    cal = plan.get("calibration", {})
+    text = (f"Where the lab's {fs(wall, 1)} s of wall time went (from the start of `cifarlab lab` to the report "
+            f"written; the rows add up to {fs(total, 1)} s). 'Planned s' is the estimate printed before the work, "
+            f"from {cal.get('steps', 0)} timed steps of the fast and the classic "
+            f"pipeline with this lab's base config: runs x (per-run overhead + first-epoch warm-up + epochs x "
+            f"(iterator start + steps x step time + evaluation)); it leaves out "
+            + ("; ".join(f"{i['key']}: {i['note']}" for i in plan.get("items", []) if i.get("note")) or "nothing")
+            + ". Reused runs (same config as an earlier item's) cost no time.")
+    return [Para(text), Table(COLUMNS, [_cells(r) for r in rows], csv="time_table")]
