@@ -17,13 +17,7 @@ import cifarlab.doctor as doctor
 import cifarlab.engine as engine
 from cifarlab.config import TrainConfig
 from cifarlab.data import DataBundle, load_data
-from cifarlab.doctor_advice import (
-    HostFacts,
-    Measurement,
-    classify,
-    propose,
-    summarize,
-)
+from cifarlab.doctor_advice import HostFacts, Measurement, classify, noise_share, propose, summarize, verdict
 from cifarlab.runtime import resolve_device
 
 
@@ -73,6 +67,20 @@ def test_cpu_lists_cuda_only_changes_as_not_applicable_with_reasons() -> None:
     assert cands["batch-256"].changes == {"batch_size": 256, "lr": 0.2}
     first = list(cands)[:4]  # contention is the finding: fewer workers / device loader come first
     assert set(first) <= {"workers-2", "workers-1", "workers-0", "loader-device"}
+
+
+def test_verdict_needs_two_repeats_and_separated_ranges() -> None:
+    def runs(*ips: float):
+        return summarize([_m(images=ip, epoch_s=1.0) for ip in ips])
+
+    base = runs(100, 104, 102)
+    noise, _ = noise_share(base)
+    assert noise == pytest.approx(0.04 / 1.02, rel=1e-3)
+    assert verdict(runs(130, 128), base, noise) == "helps"
+    assert verdict(runs(130), base, noise).startswith("unconfirmed")  # one repeat proves nothing
+    assert verdict(runs(150, 101), base, noise) == "within noise"  # median up, but the ranges overlap
+    assert verdict(runs(80, 82), base, noise) == "slower"
+    assert noise_share(runs(100))[0] == 0.10  # a single baseline run: noise assumed, and said so
 
 
 def test_budget_planner_cuts_repeats_before_candidates() -> None:

@@ -36,6 +36,7 @@ from cifarlab.doctor_advice import (
     propose,
     rank,
     summarize,
+    verdict,
 )
 from cifarlab.engine import EpochRecord, build_state, resolve_precision, seed_epoch, train_epoch
 from cifarlab.errors import UsageError
@@ -199,12 +200,13 @@ def _weighted(windows: list[dict[str, Any]], key: str) -> float | None:
     return None if any(v is None for v in values) else sum(v * w["weight"] for v, w in zip(values, windows))
 
 
-def measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int, label: str,
+def measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int | None, label: str,
             warmup_steps: int | None = None, gpu_profile: bool = False) -> Measurement:
     """One configuration as one estimated epoch: a fresh seeded model and loader, untimed warm-up
     steps, then a new epoch's first min(steps, E) steps ('start': worker start-up and first batches
     included) and up to `steps` more on the same iterator ('steady'), E = steps per epoch. When the two
-    windows do not cover the epoch, the steady one stands for the rest of it."""
+    windows do not cover the epoch, the steady one stands for the rest of it. steps None: chosen from
+    the last warm-up step's time (TARGET_WINDOW_S within MIN_STEPS..MAX_STEPS)."""
     t_start = time.perf_counter()
     if warmup_steps is None:
         warmup_steps = COMPILE_WARMUP_STEPS if cfg.compile != "none" else WARMUP_STEPS[device.type]
@@ -213,10 +215,15 @@ def measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int
     state = build_state(cfg, device)
     stream = _Stream(train_loader, cfg.seed)
     per_epoch = len(train_loader)
-    first_n = min(steps, per_epoch)
-    steady_n = min(steps, per_epoch - first_n)
     try:
-        stream.run(cfg, state, warmup_steps)
+        if warmup_steps > 1:
+            stream.run(cfg, state, warmup_steps - 1)
+        last = stream.run(cfg, state, 1) if warmup_steps else None
+        if steps is None:
+            step_s = last.epoch_s if last is not None else TARGET_WINDOW_S
+            steps = max(MIN_STEPS, min(MAX_STEPS, math.ceil(TARGET_WINDOW_S / max(step_s, 1e-6))))
+        first_n = min(steps, per_epoch)
+        steady_n = min(steps, per_epoch - first_n)
         stream.restart()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -252,7 +259,7 @@ def measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int
         other_s=_weighted(windows, "other_s") or 0.0, device_type=device.type, torch_threads=torch.get_num_threads(),
         usable_cpus=usable_cpus(), loader=cfg.loader, workers=cfg.workers if cfg.loader == "torch" else 0,
         windows=windows, timed_s=sum(w["window_s"] for w in windows), loader_start_s=loader_start_s,
-        warmup_steps=warmup_steps, cost_s=cost_s, process_cpu_s=cpu1 - cpu0, workers_cpu_s=workers_cpu,
+        warmup_steps=warmup_steps, window_steps=steps, cost_s=cost_s, process_cpu_s=cpu1 - cpu0, workers_cpu_s=workers_cpu,
         peak_memory_bytes=peak, memory_total_bytes=total,
         gpu_busy_s=None if busy_per_step is None else busy_per_step * epoch_steps,
         dispatch_us=op_us, load_average=load,
@@ -315,14 +322,10 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
     if cfg.loader == "torch":  # torch repeats our contention finding as a multi-line warning per loader start
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
     left = lambda: budget_s - (time.perf_counter() - t0)  # noqa: E731
-    if steps is None:  # a first estimate of the step time from one untimed step
-        probe = measure(cfg, data, device, 1, "probe", warmup_steps=0)  # also pays the process's first-use costs
-        step_s = probe.windows[-1]["window_s"] / max(probe.windows[-1]["steps"], 1)
-        steps = max(MIN_STEPS, min(MAX_STEPS, math.ceil(TARGET_WINDOW_S / max(step_s, 1e-6))))
-        _say(stream, f"probe: one step {1000 * step_s:.1f} ms -> up to {steps} timed steps per window")
-    _say(stream, "baseline r1 ...")
+    _say(stream, "baseline r1 ..." + ("" if steps else " (its last warm-up step sets the steps per window)"))
     baseline = [measure(cfg, data, device, steps, "baseline r1", gpu_profile=True)]
-    _say(stream, f"baseline r1: {doctor_report.one_line(baseline[0])}")
+    steps = baseline[0].window_steps
+    _say(stream, f"baseline r1: {doctor_report.one_line(baseline[0])}; windows of up to {steps} steps")
     diag = classify(baseline[0])
     _say(stream, f"diagnosis: {diag.label}: " + "; ".join(diag.evidence + diag.findings))
     cands = propose(cfg, host_facts(cfg, device), diag, COMPILE_COST_S)
@@ -371,7 +374,7 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
     assert base is not None
     noise, noise_note = noise_share(base)
     ranked = rank(cands, base)
-    best = next((c for c, _, g in ranked if g > noise), None)
+    best = next((c for c, s, _ in ranked if verdict(s, base, noise) == "helps"), None)
     result = DoctorResult(
         config=cfg, device=str(device), environment=environment(device), data_description=data.description,
         budget_s=budget_s, steps=steps, warmup_steps=baseline[0].warmup_steps, repeats=reps, baseline=baseline,

@@ -42,30 +42,6 @@ MIN_NOISE_SHARE = 0.03  # a gain must beat the baseline's repeat spread, and nev
 UNKNOWN_NOISE_SHARE = 0.10  # noise assumed when the baseline has a single repeat
 
 PARTS = ("data", "h2d", "compute", "other")  # the parts of a step; they add up to step_ms
-MEASUREMENT_NOTES: dict[str, str] = {
-    "windows": "the timed windows, each engine.train_epoch itself on a fresh seeded model after untimed warm-up "
-               "step(s): 'start' = the first steps of a new epoch (creating the loader's iterator, i.e. starting "
-               "its workers, and their first batches included, as in a real epoch), 'steady' = the steps right "
-               "after it on the same iterator; weight = how many times a full epoch holds that window",
-    "epoch_s": "estimated training epoch: start window + steady window x its weight (exact, weight 1, when the two "
-               "windows are the whole epoch); evaluation never inside",
-    "data_s": "blocked waiting for the next batch (iterator creation included), excl. the host-to-device copy",
-    "h2d_s": "host-to-device copy of the batch (and channels_last re-layout), device synchronized; "
-             "null without sync timing",
-    "compute_s": "zero_grad + forward + loss + backward + optimizer step, device synchronized; null without sync timing",
-    "other_s": "epoch_s minus the parts above: loss/accuracy bookkeeping between steps",
-    "step_ms": "epoch_s / steps per epoch; data + h2d + compute + other add up to it",
-    "images_per_s": "training images per epoch / epoch_s; candidates are ranked by it",
-    "loader_start_s": "creating the loader's iterator at the start window (part of data_s)",
-    "process_cpu_s": "CPU time of the training process (all its threads) during the timed windows (timed_s)",
-    "workers_cpu_s": "CPU time of the loader worker processes during the timed windows (null: no workers, or unreadable)",
-    "peak_memory_bytes": "CUDA: torch.cuda.max_memory_allocated over the timed windows; CPU: the process's peak RSS "
-                         "so far (a high-water mark that includes the dataset and earlier measurements)",
-    "dispatch_us": "median wall time of one trivial CPU torch op (x.add_(1) on one element), measured right after "
-                   "the windows under the same load: the host's per-op floor",
-    "gpu_busy_s": "CUDA only: union of GPU kernel/memcpy intervals per torch.profiler over a separate profiled "
-                  "window, scaled to the epoch's steps",
-}
 
 
 @dataclass
@@ -90,6 +66,7 @@ class Measurement:
     timed_s: float | None = None  # wall time of the timed windows themselves (unweighted)
     loader_start_s: float | None = None
     warmup_steps: int = 0
+    window_steps: int = 0  # the steps asked of each window (a window is shorter when the epoch is)
     cost_s: float | None = None  # wall time of the whole measurement (setup + warm-up + windows)
     process_cpu_s: float | None = None
     workers_cpu_s: float | None = None
@@ -270,8 +247,11 @@ def propose(cfg: TrainConfig, host: HostFacts, diagnosis: Diagnosis, compile_s: 
     add = out.append
     if cfg.loader == "torch":
         cores = host.usable_cpus
+        add(Candidate("loader-device", ["--loader device"], {"loader": "device"},
+                      "device-resident data with batched crop/flip: no workers, no per-image PIL work, no copy",
+                      ("data", "copy", "contention", "host")))
         down = sorted({0, max(cores - 1, 0), cores} - {cfg.workers})
-        for w in [w for w in down if w < cfg.workers][::-1]:
+        for w in [w for w in down if w < cfg.workers]:
             add(Candidate(f"workers-{w}", [_flag("workers", w)], {"workers": w},
                           f"fewer loader workers ({cfg.workers} -> {w}) leave cores to training", ("contention", "host", "compute")))
         up = min(max(1, 2 * cfg.workers), max(cores - 1, 1))
@@ -281,9 +261,6 @@ def propose(cfg: TrainConfig, host: HostFacts, diagnosis: Diagnosis, compile_s: 
         elif "data" in diagnosis.tags:
             add(Candidate("workers-up", ["--workers N"], {}, "more loader workers", ("data",), status="not applicable here",
                           reason=f"already {cfg.workers} workers on {cores} usable core(s); more would only compete"))
-        add(Candidate("loader-device", ["--loader device"], {"loader": "device"},
-                      "device-resident data with batched crop/flip: no workers, no per-image PIL work, no copy",
-                      ("data", "copy", "contention", "host")))
         if not cuda:
             add(Candidate("pin-memory", ["--pin-memory"], {}, "page-locked batches for faster copies", ("copy",),
                           status="not applicable here", reason="pinned memory speeds host-to-CUDA copies; this run trains on the CPU"))
@@ -396,6 +373,19 @@ def noise_share(baseline: Summary) -> tuple[float, str]:
 
 def gain(candidate: Summary, baseline: Summary) -> float:
     return candidate.images_per_s_median / baseline.images_per_s_median - 1.0
+
+
+def verdict(candidate: Summary, baseline: Summary, noise: float) -> str:
+    """helps / slower need two repeats of both and a median gain beyond the noise with min-max ranges
+    apart; one repeat can only be 'unconfirmed'."""
+    g = gain(candidate, baseline)
+    if candidate.repeats < 2 or baseline.repeats < 2:
+        return "unconfirmed (1 repeat)" if abs(g) > noise else "within noise (1 repeat)"
+    if g > noise and candidate.images_per_s_min > baseline.images_per_s_max:
+        return "helps"
+    if g < -noise and candidate.images_per_s_max < baseline.images_per_s_min:
+        return "slower"
+    return "within noise"
 
 
 def rank(candidates: list[Candidate], baseline: Summary) -> list[tuple[Candidate, Summary, float]]:

@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cifarlab.doctor_advice import MEASUREMENT_NOTES, PARTS, THRESHOLDS, Candidate, Measurement, Summary, summarize
+from cifarlab.doctor_advice import PARTS, THRESHOLDS, Candidate, Measurement, Summary, summarize, verdict
 from cifarlab.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 from cifarlab.runs import create_run_dir, utc_now
 
@@ -16,6 +16,31 @@ if TYPE_CHECKING:
 
 DOCTOR_SCHEMA = "cifarlab.doctor/1"
 CHART_NAME = "doctor_step_split.png"
+
+MEASUREMENT_NOTES: dict[str, str] = {
+    "windows": "the timed windows, each engine.train_epoch itself on a fresh seeded model after untimed warm-up "
+               "step(s): 'start' = the first steps of a new epoch (creating the loader's iterator, i.e. starting "
+               "its workers, and their first batches included, as in a real epoch), 'steady' = the steps right "
+               "after it on the same iterator; weight = how many times a full epoch holds that window",
+    "epoch_s": "estimated training epoch: start window + steady window x its weight (exact, weight 1, when the two "
+               "windows are the whole epoch); evaluation never inside",
+    "data_s": "blocked waiting for the next batch (iterator creation included), excl. the host-to-device copy",
+    "h2d_s": "host-to-device copy of the batch (and channels_last re-layout), device synchronized; "
+             "null without sync timing",
+    "compute_s": "zero_grad + forward + loss + backward + optimizer step, device synchronized; null without sync timing",
+    "other_s": "epoch_s minus the parts above: loss/accuracy bookkeeping between steps",
+    "step_ms": "epoch_s / steps per epoch; data + h2d + compute + other add up to it",
+    "images_per_s": "training images per epoch / epoch_s; candidates are ranked by it",
+    "loader_start_s": "creating the loader's iterator at the start window (part of data_s)",
+    "process_cpu_s": "CPU time of the training process (all its threads) during the timed windows (timed_s)",
+    "workers_cpu_s": "CPU time of the loader worker processes during the timed windows (null: no workers, or unreadable)",
+    "peak_memory_bytes": "CUDA: torch.cuda.max_memory_allocated over the timed windows; CPU: the process's peak RSS "
+                         "so far (a high-water mark that includes the dataset and earlier measurements)",
+    "dispatch_us": "median wall time of one trivial CPU torch op (x.add_(1) on one element), measured right after "
+                   "the windows under the same load: the host's per-op floor",
+    "gpu_busy_s": "CUDA only: union of GPU kernel/memcpy intervals per torch.profiler over a separate profiled "
+                  "window, scaled to the epoch's steps",
+}
 
 
 def current_setting(result: "DoctorResult") -> str:
@@ -67,8 +92,10 @@ def recommendation(result: "DoctorResult") -> str:
     """One line: the exact flags and the measured gain of the best change beating the noise, or none."""
     base = result.baseline_summary
     if result.best is None:
+        hint = [f"{' '.join(c.flags)} ({g:+.0%})" for c, s, g in result.ranked if verdict(s, base, result.noise).startswith("unconfirmed")]
+        more = (f"; unconfirmed with one repeat: {', '.join(hint)} -- rerun with a larger --budget to confirm" if hint else "")
         return (f"recommendation: no change found that helps by more than the noise ({result.noise:.0%}); "
-                f"keep the current flags ({base.images_per_s_median:.1f} img/s)")
+                f"keep the current flags ({base.images_per_s_median:.1f} img/s){more}")
     s = summarize(result.best.measurements)
     assert s is not None
     g = s.images_per_s_median / base.images_per_s_median - 1.0
@@ -89,10 +116,10 @@ def table_rows(result: "DoctorResult") -> list[list[str]]:
                    f"{base.images_per_s_min:.1f}-{base.images_per_s_max:.1f}", f"{base.step_ms_median:.1f}",
                    *(_ms(base.parts_ms[p]) for p in PARTS), "", f"{base.repeats} repeat(s)"]]
     for i, (c, s, g) in enumerate(result.ranked, 1):
-        verdict = "helps" if g > result.noise else ("slower" if g < -result.noise else "within noise")
+        says = verdict(s, base, result.noise)
         rows.append([str(i), " ".join(c.flags), f"{s.images_per_s_median:.1f}",
                      f"{s.images_per_s_min:.1f}-{s.images_per_s_max:.1f}", f"{s.step_ms_median:.1f}",
-                     *(_ms(s.parts_ms[p]) for p in PARTS), f"{g:+.0%}", f"{verdict} ({s.repeats} rep)"])
+                     *(_ms(s.parts_ms[p]) for p in PARTS), f"{g:+.0%}", f"{says} ({s.repeats} rep)"])
     return rows
 
 
