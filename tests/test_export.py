@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from cifarlab import cli
 from cifarlab import export as ex
 from cifarlab import inferbench as ib
 from cifarlab.models import resnet18
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CI_FORMATS = [f for f in ("torchscript-trace", "torchscript-script", "export", "onnx") if f != "onnx" or not ex.onnx_missing()]
 
@@ -205,3 +209,52 @@ def test_bench_api_on_in_memory_callables():
     assert broken["status"].startswith("failed: ZeroDivisionError") and broken.get("p50_ms") is None
     assert calls and "batch 2" in calls[0]
     assert "failed: ZeroDivisionError" in ib.format_table(rows)
+
+
+def _cmake_hints() -> list[str]:
+    """Where a CUDA build of the torch wheel finds the CUDA toolkit and NVRTC its CMake config asks for."""
+    if torch.version.cuda is None:
+        return []
+    hints = []
+    toolkits = [Path(os.environ["CUDA_HOME"])] if os.environ.get("CUDA_HOME") else sorted(Path("/usr/local").glob("cuda*"))
+    toolkit = next((t for t in toolkits if (t / "include" / "cuda_runtime.h").is_file()), None)
+    if toolkit:
+        hints.append(f"-DCUDA_TOOLKIT_ROOT_DIR={toolkit}")
+    lib_dirs = [toolkit / "lib64"] if toolkit else []
+    lib_dirs += [d for p in sys.path for d in sorted(Path(p).glob("nvidia/*/lib"))]  # the nvidia-* pip packages
+    libs = [lib for d in lib_dirs if d.is_dir() for lib in sorted(d.glob("libnvrtc.so*"))]
+    if libs:
+        hints.append(f"-DCUDA_nvrtc_LIBRARY={libs[0]}")
+    return hints
+
+
+@pytest.mark.skipif(os.environ.get("CIFARLAB_BUILD_LIBTORCH") != "1",
+                    reason="building examples/libtorch against the wheel's LibTorch takes ~30 s on 2 cores; set CIFARLAB_BUILD_LIBTORCH=1")
+def test_libtorch_example_loads_the_torchscript_file(exported, tmp_path):
+    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"no {' or '.join(missing)} on PATH")
+    prefix = Path(torch.utils.cmake_prefix_path)
+    if not (prefix / "Torch" / "TorchConfig.cmake").is_file():
+        pytest.skip(f"the torch wheel ships no CMake config under {prefix}")
+    build = tmp_path / "build"
+    configure = subprocess.run(["cmake", "-S", str(ROOT / "examples" / "libtorch"), "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}",
+                                "-DCMAKE_BUILD_TYPE=Release", *_cmake_hints()], capture_output=True, text=True)
+    if configure.returncode != 0:
+        first = next((line for line in configure.stderr.splitlines() if "rror" in line), configure.stderr[-200:])
+        pytest.skip(f"LibTorch's CMake config does not configure here: {first.strip()}")
+    built = subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-2000:]
+    x, _ = ex.check_batch({"dataset": "synthetic", "seed": 0}, 5)
+    x.numpy().astype("<f4").tofile(tmp_path / "images.f32")
+    ran = subprocess.run([str(build / "infer"), str(exported / ex.ARTIFACTS["torchscript-trace"]), str(tmp_path / "images.f32"), "5"],
+                         capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    with torch.no_grad():
+        logits = ex.load_artifact("torchscript-trace", exported / ex.ARTIFACTS["torchscript-trace"], torch.device("cpu"))(x)
+    lines = ran.stdout.splitlines()
+    assert len(lines) == 5
+    for i, line in enumerate(lines):
+        top1 = int(logits[i].argmax())
+        assert line.startswith(f"image {i}: top-1 {top1} (logit "), line
+        assert abs(float(line.split("logit ")[1].rstrip(")")) - float(logits[i, top1])) < 1e-4
