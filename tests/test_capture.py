@@ -443,15 +443,22 @@ def _cuda_pair(name: str, batch: int = 32, n: int = 80):
 @needs_cuda
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_cuda_captured_step_matches_eager(name):
-    """Replays of the captured step (and the eager partial batch) track eager training within bf16
-    noise over a few steps, for every optimizer; the weights before the first step are identical."""
+    """Replays of the captured step (and the eager partial batch) track eager training over a few steps,
+    for every optimizer; the weights before the first step are identical. fp32, so what is compared is
+    the capture, not bf16 rounding (Adam's and Adadelta's normalized first steps turn a bf16 sign flip of
+    a tiny gradient into a full step: on an H200 bf16 runs differed by a third of the weights' norm).
+    Adagrad has no CUDA-capturable implementation in some torch releases (fused Adagrad is CPU-only
+    there): then the runner must fall back to eager and say why."""
     torch.backends.cudnn.benchmark = True
     device, ((m_c, o_c), (m_e, o_e)), data = _cuda_pair(name)
-    captured = CapturedStep(m_c, o_c, "bf16", device, batch_size=32)
+    captured = CapturedStep(m_c, o_c, "fp32", device, batch_size=32)
     captured.setup([32, 16])
-    assert captured.captured, captured.fallback_reason
+    if name == "adagrad" and not captured.captured:
+        assert "fused" in (captured.fallback_reason or "") and captured.mode == "eager", captured.fallback_reason
+    else:
+        assert captured.captured, captured.fallback_reason
     assert all(torch.equal(a, b) for a, b in zip(_params(m_c), _params(m_e)))  # warm-up changed nothing
-    eager = StepRunner(m_e, o_e, "bf16", device)
+    eager = StepRunner(m_e, o_e, "fp32", device)
     for runner in (captured, eager):
         runner.begin_epoch()
         for epoch in range(2):
@@ -463,8 +470,8 @@ def test_cuda_captured_step_matches_eager(name):
     assert bc == be == -1
     assert lc == pytest.approx(le, rel=0.05)
     for a, b in zip(_params(m_c), _params(m_e)):
-        if a.is_floating_point():  # bf16 noise: per tensor, the difference is small against the tensor
-            assert float((a - b).norm()) <= 0.05 * float(b.norm()) + 1e-3, name
+        if a.is_floating_point():  # kernel-order noise only: per tensor, small against the tensor
+            assert float((a - b).norm()) <= 0.01 * float(b.norm()) + 1e-4, name
         else:
             assert torch.equal(a, b)  # num_batches_tracked: every step counted once
 

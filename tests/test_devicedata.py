@@ -14,7 +14,8 @@ from cifarlab.cli import main
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, TrainConfig
 from cifarlab.data import build_loaders, classic_train_transform, load_data
 from cifarlab.data.device import PAD, DeviceLoader, crop_flip, normalize
-from cifarlab.engine import seed_epoch
+from cifarlab.engine import resolve_precision, seed_epoch
+from cifarlab.runtime import resolve_device
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
@@ -194,7 +195,8 @@ def test_cli_trains_with_the_device_loader_and_records_sane_timings(tmp_path, ca
     code = main(args)
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert "loader device" in out and "--workers does not apply" in out and "precision fp32 (auto)" in out
+    expected = resolve_precision("auto", resolve_device("auto"))  # fp32 on a CPU, bf16 on a CUDA GPU that has it
+    assert "loader device" in out and "--workers does not apply" in out and f"precision {expected} (auto)" in out
     (run_dir,) = list(tmp_path.iterdir())
     config = json.loads((run_dir / "config.json").read_text())
     assert config["loader"] == "device" and config["channels_last"] is True
