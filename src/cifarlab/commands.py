@@ -88,8 +88,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name in names:
         if name not in OPTIMIZERS:
             raise UsageError(f"--optimizer {name!r} is not known; choose one of: {', '.join(OPTIMIZERS)}")
-    if args.batch_size < 2:
-        raise UsageError(f"--batch-size must be >= 2 for a BatchNorm forward pass (got {args.batch_size})")
+    # BatchNorm in training mode needs more than one value per channel; every layer here has at least
+    # 4x4 positions per image, so one image is enough (issue 11: the seed report's counts are one image's)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1 (got {args.batch_size})")
     facts = inspect_model(names, norm="none" if args.no_batchnorm else "batch", batch_size=args.batch_size)
     if args.json:
         print(json.dumps(facts, indent=2))
