@@ -115,7 +115,7 @@ BAD = [
     (["train", "--lr", "0.1", "0.2"], "unrecognized arguments: 0.2"),
     (["train", "junk\nmore"], "unrecognized arguments: junk\\nmore"),
     (["train", "--epochs=3=4"], "invalid int value: '3=4'"),
-    (["inspect", "--batch-size", "1"], "--batch-size must be >= 2 for a BatchNorm forward pass (got 1)"),
+    (["inspect", "--batch-size", "0"], "--batch-size must be >= 1 (got 0)"),
     (["inspect", "--batch-size", "two"], "invalid int value: 'two'"),
     # --resume: every way a run folder can be unusable
     (["train", "--resume", "{tmp}/nope"], "--resume '{tmp}/nope' is not a folder"),
