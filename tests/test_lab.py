@@ -103,6 +103,8 @@ def test_report_has_every_section_with_its_measured_numbers(smoke_lab: tuple[int
         assert math.isfinite(r["summary"]["mean_epoch_s"])
         assert f"| {r['label']} | {r['summary']['mean_epoch_s']:.3f} |" in section(md, "C6")
 
+    for name in ("C1", "C6", "C7"):  # smoke runs see 32 images: one sentence, no "stuck at chance" flags
+        assert "Accuracies here cannot mean anything" in section(md, name) and "stuck at chance (" not in section(md, name)
     assert {r["config"]["norm"] for r in exps["c7"]["runs"]} == {"batch", "none"}
     assert "Epoch time without BatchNorm" in section(md, "C7")
 
@@ -115,6 +117,9 @@ def test_report_has_every_section_with_its_measured_numbers(smoke_lab: tuple[int
     assert facts["conv_layers"] == 20 and "| Conv2d modules | 20 |" in section(md, "Q1")
     assert "| last Linear in_features | 512 |" in section(md, "Q2")
     assert "11,173,962" in section(md, "Q3") and "22,347,924" in section(md, "Q4")  # Adam keeps 2x state
+    one = exps["q"]["result"]["one_image"]  # one image, both variants, beside the element counts
+    assert f"| without BatchNorm (C7's model) | 11,164,362 | {one['none']['nonzero']:,} |" in section(md, "Q3")
+    assert "8,920,240 of 11,164,362" in section(md, "Q3")
 
 
 def test_time_table_rows_add_up_to_the_lab_wall_time(smoke_lab: tuple[int, Path, str]) -> None:

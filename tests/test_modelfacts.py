@@ -1,4 +1,4 @@
-from cifarlab.modelfacts import explain, inspect_model
+from cifarlab.modelfacts import explain, inspect_model, one_image_gradients
 
 
 def test_q1_to_q4_are_computed_from_the_model():
@@ -29,3 +29,17 @@ def test_no_batchnorm_facts():
     assert facts["batchnorm_layers"] == 0
     assert facts["trainable_parameters"] == 11_164_362
     assert facts["optimizers"]["sgd"]["gradient_elements"] == 11_164_362
+
+
+def test_one_image_is_a_valid_batch_for_both_variants():
+    """Issue 11: BatchNorm in training mode needs more than one value per channel; the smallest map here is
+    4x4, so a batch of one works, and the seed report's one-image non-zero counts can be reproduced."""
+    counts = one_image_gradients()
+    assert counts["batch"]["parameters"] == counts["batch"]["gradient_elements"] == 11_173_962
+    assert counts["none"]["parameters"] == counts["none"]["gradient_elements"] == 11_164_362
+    for c in counts.values():
+        assert 0 < c["nonzero"] <= c["gradient_elements"]
+    # without BatchNorm dead ReLUs zero whole filters' gradients for one image: far fewer non-zero entries
+    assert counts["none"]["nonzero"] < 0.9 * counts["none"]["gradient_elements"]
+    facts = inspect_model(("sgd",), norm="batch", batch_size=1)
+    assert facts["optimizers"]["sgd"]["backward_batch_size"] == 1

@@ -67,6 +67,24 @@ def test_diverged_and_chance_optimizers_are_flagged_not_crashed(tmp_path: Path) 
     assert (lab / "plots" / "c6_optimizers.png").is_file()
 
 
+def test_runs_too_short_to_learn_get_one_sentence_not_a_chance_flag(tmp_path: Path) -> None:
+    """Issue 11: a lab whose runs see fewer than SHORT_RUN_IMAGES images says once that its accuracies mean
+    nothing (C1, C6, C7) instead of flagging every optimizer; divergence is still flagged."""
+    runs = [fake_run("sgd", [record(1, 2.3, 0.11), record(2, 2.3, 0.12)]),
+            fake_run("adam", [record(1, 2.3, 0.10), record(2, float("nan"), float("nan"), "diverged", step=3)],
+                     status="diverged", optimizer="adam")]
+    lab = write_lab(tmp_path, {"c6": {"title": "C6 Optimizers", "status": "completed", "runs": runs,
+                                      "result": {"chance_margin": 0.05}}}, ["c6"])
+    doc = json.loads((lab / "results.json").read_text())
+    doc["run_size"] = {"images_per_run": 512, "steps_per_run": 8}
+    (lab / "results.json").write_text(json.dumps(doc))
+    build_report(lab)
+    md = (lab / "report.md").read_text()
+    assert "Accuracies here cannot mean anything" in md and "512 training images (8 optimizer steps)" in md
+    assert "stuck at chance (" not in md  # the flag carries the top-1 in brackets; the note only names it
+    assert "DIVERGED" in md and "Flagged: adam." in md
+
+
 def test_other_suites_contribute_sections_and_unknown_ones_fall_back(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     def render_s1(entry: dict, rc: ReportContext) -> list:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
-from cifarlab.lab.sections import REF, REFERENCE, pipelines_para, runs_para
+from cifarlab.lab.sections import REF, REFERENCE, pipelines_para, runs_para, short_run_note
 from cifarlab.report.blocks import Block, Table, finite, fs, ok_records, pct, runs_of
 from cifarlab.report.plots import ReportContext, curves
 
@@ -24,6 +24,7 @@ def render_c1(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     s = run["summary"]
     n = s.get("epochs_completed", 0)
     return [
+        *short_run_note(rc.doc),
         pipelines_para(entry, rc.doc),
         Table(["epoch", "train loss", "train top-1", "test loss", "test top-1", "epoch s", "eval s (separate)",
                "images/s"], rows, csv="c1_epochs"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
-from cifarlab.lab.sections import REF, REFERENCE, c6_flag, pipelines_para, runs_para
+from cifarlab.lab.sections import REF, REFERENCE, c6_flag, pipelines_para, runs_para, short_run_note, short_runs
 from cifarlab.optim import OPTIMIZERS
 from cifarlab.report.blocks import Block, Note, Para, Table, fs, pct, runs_of
 from cifarlab.report.plots import ReportContext, curves
@@ -25,13 +25,14 @@ def render_c6(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     rows, flagged = [], []
     for r in runs_of(entry):
         s = r["summary"]
-        flag = c6_flag(r, margin)
+        flag = c6_flag(r, margin, short_runs(rc.doc))
         if flag:
             flagged.append(r["label"])
         ref = REFERENCE["c6_acc"].get(r["label"])
         rows.append([r["label"], fs(s.get("mean_epoch_s"), 3), fs(s.get("final_train_loss"), 4), pct(s.get("final_train_acc")),
                      pct(s.get("final_test_acc")), flag or "ok", f"{pct(ref)} (epoch 5)" if ref is not None else ""])
     blocks: list[Block] = [
+        *short_run_note(rc.doc),
         pipelines_para(entry, rc.doc),
         Para("All five with lr 0.1 and weight decay 5e-4; momentum 0.9 for SGD and SGD-nesterov (the others "
              "take none). 'Final' is the last finished epoch."),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
-from cifarlab.lab.sections import REF, REFERENCE, c6_flag, pipelines_para, runs_para
+from cifarlab.lab.sections import REF, REFERENCE, c6_flag, pipelines_para, runs_para, short_run_note, short_runs
 from cifarlab.report.blocks import Block, Para, Table, finite, fs, pct, run_named
 from cifarlab.report.plots import ReportContext, curves
 
@@ -25,9 +25,10 @@ def render_c7(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
             continue
         s = r["summary"]
         rows.append([label, fs(s.get("mean_epoch_s"), 3), fs(s.get("final_train_loss"), 4), pct(s.get("final_train_acc")),
-                     pct(s.get("final_test_acc")), c6_flag(r, rc.preset.get("chance_margin", 0.05)) or "ok",
+                     pct(s.get("final_test_acc")), c6_flag(r, rc.preset.get("chance_margin", 0.05), short_runs(rc.doc)) or "ok",
                      f"{pct(ref)} train (epoch 5)" if ref else ""])
     blocks: list[Block] = [
+        *short_run_note(rc.doc),
         pipelines_para(entry, rc.doc),
         Table(["model", "mean epoch s", "final train loss", "final train top-1", "final test top-1", "flag", REF],
               rows, csv="c7_batchnorm"),

@@ -149,6 +149,15 @@ def base_config(lab: LabConfig, preset: LabPreset) -> TrainConfig:
     ).validate()
 
 
+def run_size(base: TrainConfig, train_images: int) -> dict[str, int]:
+    """Training images and steps one of the lab's runs sees (the report's 'too short to learn' test)."""
+    steps = -(-train_images // base.batch_size)
+    if base.max_steps:
+        steps = min(steps, base.max_steps)
+    images = min(train_images, steps * base.batch_size)
+    return {"images_per_run": base.epochs * images, "steps_per_run": base.epochs * steps}
+
+
 def data_banner(source: str) -> str:
     if source == "synthetic":
         return ("SYNTHETIC DATA: CIFAR-10 was not available (or not asked for), so this lab ran on a deterministic "
@@ -192,6 +201,7 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
         "data": {"source": data.source, "description": data.description, "banner": banner,
                  "train_images": len(data.train), "test_images": len(data.test)},
         "fast_loader": fast_loader,
+        "run_size": run_size(base, len(data.train)),
         "timing_notes": TIMING_NOTES,
         "order": keys,
         "experiments": {k: {"title": EXPERIMENTS[k].title, "status": "not run", "runs": []} for k in keys},

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cifarlab.report.blocks import Para, finite, pct, runs_of
+from cifarlab.report.blocks import Block, Note, Para, finite, pct, runs_of
 
 REF = "reference (past run, unknown hardware, known timing mistakes)"
 
@@ -59,14 +59,39 @@ def runs_para(entry: dict[str, Any]) -> Para:
     return Para("Run folders: " + ", ".join(items) + "." if items else "Run folders: none.")
 
 
-def c6_flag(run: dict[str, Any], chance_margin: float) -> str:
-    """'diverged at ...', 'stuck at chance' or '' -- computed from the records, never assumed."""
+# A run that sees fewer training images than this (a fifth of one CIFAR-10 epoch, ~80 steps of batch 128)
+# is too short for its accuracy to mean anything: the report says so once instead of flagging every run.
+SHORT_RUN_IMAGES = 10_000
+
+
+def short_runs(doc: dict[str, Any]) -> bool:
+    """True for labs whose runs are too short to learn (decided from the run size stored in results.json;
+    labs written before it was stored: False, their report unchanged)."""
+    size = doc.get("run_size") or {}
+    return size.get("images_per_run") is not None and size["images_per_run"] < SHORT_RUN_IMAGES
+
+
+def short_run_note(doc: dict[str, Any]) -> list[Block]:
+    if not short_runs(doc):
+        return []
+    size = doc["run_size"]
+    return [Note(f"**Accuracies here cannot mean anything.** Each run sees {size['images_per_run']:,} training "
+                 f"images ({size['steps_per_run']} optimizer steps) in the {doc.get('preset', {}).get('name')} "
+                 f"preset, below the {SHORT_RUN_IMAGES:,} images (a fifth of one CIFAR-10 epoch) this report "
+                 f"requires: ResNet-18 from a random start stays near chance (10%) for far more steps than that, "
+                 f"so a top-1 near 10% says nothing about the optimizer or the model, and no run is flagged "
+                 f"'stuck at chance'. Losses, divergence (NaN/inf) and the timings are still real.")]
+
+
+def c6_flag(run: dict[str, Any], chance_margin: float, short: bool = False) -> str:
+    """'diverged at ...', 'stuck at chance' (not for runs too short to learn) or '' -- computed from the
+    records, never assumed."""
     recs = run.get("records", [])
     bad = next((r for r in recs if r.get("status") == "diverged"), None)
     if run.get("status") == "diverged" or bad is not None:
         where = f" at epoch {bad['epoch']}, step {bad.get('diverged_step')}" if bad else ""
         return f"DIVERGED (NaN/inf loss{where})"
     acc = run.get("summary", {}).get("final_train_acc")
-    if finite(acc) and acc < 0.10 + chance_margin:
+    if not short and finite(acc) and acc < 0.10 + chance_margin:
         return f"stuck at chance (train top-1 {pct(acc)} < {pct(0.10 + chance_margin)})"
     return ""
