@@ -212,6 +212,8 @@ class LabPreset:
     sweep_step: int = 4  # C3: workers 0, 4, 8, ...
     sweep_min_gain: float = 0.05  # C3 stop rule: a count must cut the data wait by >= 5% vs the best so far
     chance_margin: float = 0.05  # C6: final train top-1 below chance + this is flagged "stuck at chance"
+    sweep_timed_steps: int | None = None  # C3: time this many steps per run after the iterator start and
+    # extrapolate per epoch (None: whole epochs, as before)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -234,7 +236,7 @@ LAB_PRESETS: dict[str, LabPreset] = {
         name="full", about="the lab as written: 5 epochs of full CIFAR-10 per run, batch 128",
         dataset=None, subset=None, test_subset=None, epochs=5, batch_size=128, test_batch_size=100,
         max_steps=None, repeats=3, sweep_max_points=None, profile_steps=20, cpu_subset=2560, cpu_epochs=2,
-        compile_epochs=10, compile_on_cpu=True,
+        compile_epochs=10, compile_on_cpu=True, sweep_timed_steps=100,
     ),
 }
 
