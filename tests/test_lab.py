@@ -250,3 +250,33 @@ def test_a_signal_to_a_running_lab_stops_it_cleanly(tmp_path: Path, signame: str
     md = (lab / "report.md").read_text()
     assert "Not run" in section(md, "Q1-Q4") and wording in section(md, "C7")
     assert doc["stopped_by"] == signame
+
+
+def test_c3_sized_by_timed_steps_extrapolates_and_states_its_protocol(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11: with sweep_timed_steps each C3 run times that many steps after the iterator start (start-up
+    apart), is extrapolated per epoch and labelled so; a fresh seeded model per run; the stop rule kept."""
+    from cifarlab.config import LAB_PRESETS
+    from cifarlab.lab.c3_workers import overlaps, timed_run
+
+    rec = {"status": "ok", "steps": 2, "loader_start_s": 0.5, "data_s": 0.7, "epoch_s": 1.5}
+    t = timed_run([rec], steps_per_epoch=10)
+    assert t["startup_s"] == 0.5 and math.isclose(t["wait_per_step_s"], 0.1)
+    assert math.isclose(t["epoch_data_s"], 0.5 + 10 * 0.1) and math.isclose(t["epoch_s"], 0.5 + 10 * 0.5)
+    assert overlaps([1.0, 2.0], [1.5, 3.0]) and not overlaps([1.0, 1.1], [2.0, 2.2])
+
+    monkeypatch.setitem(LAB_PRESETS, "smoke", dataclasses.replace(LAB_PRESETS["smoke"], sweep_timed_steps=1))
+    assert main(["lab", "--preset", "smoke", "--only", "c3", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    (lab,) = tmp_path.glob("*-lab-*")
+    doc = results(lab)
+    c3 = doc["experiments"]["c3"]
+    res = c3["result"]
+    assert res["steps_per_epoch"] == 2 and "extrapolated" in res["protocol"]
+    for point in res["points"]:
+        assert 1 <= len(point["runs"]) <= 2 and len(point["timed"]) == len(point["runs"])
+        assert all(t["timed_steps"] == 1 for t in point["timed"])
+    runs = {r["label"]: r for r in c3["runs"]}
+    assert runs["workers-0-r1"]["config"]["seed"] != runs["workers-0-r2"]["config"]["seed"]
+    assert all(r["config"]["max_steps"] == 1 and r["config"]["epochs"] == 1 for r in runs.values())
+    md = section((lab / "report.md").read_text(), "C3")
+    assert "Protocol: each run" in md and "**extrapolated**" in md and "Stop rule" in md

@@ -13,23 +13,63 @@ from cifarlab.report.plots import ReportContext
 from cifarlab.runtime import usable_cpus
 
 
+def timed_run(records: list[dict[str, Any]], steps_per_epoch: int) -> dict[str, Any]:
+    """A run of a few timed steps -> worker start-up (iterator creation), data wait and time per step after
+    it, and both extrapolated to a whole epoch (start-up + per step x steps per epoch)."""
+    recs = [r for r in records if r.get("status") == "ok" and r.get("steps")]
+    steps = sum(r["steps"] for r in recs)
+    if not steps:
+        return {"timed_steps": 0, "startup_s": None, "wait_per_step_s": None, "epoch_data_s": None, "epoch_s": None}
+    startup = sum(r["loader_start_s"] for r in recs) / len(recs)
+    wait = sum(r["data_s"] - r["loader_start_s"] for r in recs) / steps
+    step = sum(r["epoch_s"] - r["loader_start_s"] for r in recs) / steps
+    return {"timed_steps": steps, "startup_s": startup, "wait_per_step_s": wait,
+            "epoch_data_s": startup + wait * steps_per_epoch, "epoch_s": startup + step * steps_per_epoch}
+
+
+def overlaps(a: list[float], b: list[float]) -> bool:
+    """Do the min-max intervals of two samples overlap?"""
+    return bool(a) and bool(b) and min(a) <= max(b) and min(b) <= max(a)
+
+
 def c3_workers(ctx: LabContext) -> dict[str, Any]:
-    """Workers 0, 4, 8, ... until the data wait stops improving; every point a fresh, seeded model."""
+    """Workers 0, 4, 8, ... until the data wait stops improving; every point a fresh, seeded model. With the
+    preset's sweep_timed_steps (and epochs longer than that) each run times that many steps after the
+    iterator start and is extrapolated per epoch; a point whose first two repeats do not overlap the best
+    point's interval needs no more repeats."""
 
     p = ctx.preset
     base = ctx.classic(ctx.base).replace(evaluate=False)
+    steps_per_epoch = -(-len(ctx.data.train) // base.batch_size)
+    if base.max_steps:
+        steps_per_epoch = min(steps_per_epoch, base.max_steps)
+    sized = p.sweep_timed_steps is not None and steps_per_epoch > p.sweep_timed_steps
+    if sized:
+        base = base.replace(epochs=1, max_steps=p.sweep_timed_steps)
     points: list[dict[str, Any]] = []
-    best: tuple[int, float] | None = None
+    best: tuple[int, float, list[float]] | None = None
     workers = 0
     while True:
-        runs = [ctx.train("c3", f"workers-{workers}-r{r + 1}", base.replace(workers=workers, seed=base.seed + r))
-                for r in range(ctx.repeats)]
-        data_s = median_of([r["summary"].get("mean_data_s") for r in runs])
-        points.append({"workers": workers, "runs": [r["label"] for r in runs], "median_data_s": data_s})
+        runs: list[dict[str, Any]] = []
+        values: list[float] = []
+        for r in range(ctx.repeats):
+            info = ctx.train("c3", f"workers-{workers}-r{r + 1}", base.replace(workers=workers, seed=base.seed + r))
+            runs.append(info)
+            v = timed_run(info["records"], steps_per_epoch)["epoch_data_s"] if sized else info["summary"].get("mean_data_s")
+            if v is not None:
+                values.append(v)
+            if best is not None and len(values) >= 2 and not overlaps(values, best[2]):
+                break  # clearly apart from the best: more repeats would not change the decision
+        data_s = median_of(values)
+        point: dict[str, Any] = {"workers": workers, "runs": [r["label"] for r in runs], "median_data_s": data_s}
+        if sized:
+            point["timed"] = [timed_run(r["records"], steps_per_epoch) for r in runs]
+            point["repeats_skipped"] = ctx.repeats - len(runs)
+        points.append(point)
         if best is not None and not data_s < best[1] * (1 - p.sweep_min_gain):
             stop = f"{workers} workers did not cut the data wait by {p.sweep_min_gain:.0%} vs {best[0]} workers"
             break
-        best = (workers, data_s)
+        best = (workers, data_s, values)
         if p.sweep_max_points is not None and len(points) >= p.sweep_max_points:
             stop = f"the {p.name} preset caps the sweep at {p.sweep_max_points} worker counts"
             break
@@ -38,7 +78,17 @@ def c3_workers(ctx: LabContext) -> dict[str, Any]:
             stop = f"reached the {MAX_WORKERS}-worker limit"
             break
     ctx.shared["best_workers"] = best[0]
+    extra: dict[str, Any] = {}
+    if sized:
+        extra["protocol"] = (
+            f"each run: a fresh seeded model, one epoch of {p.sweep_timed_steps} timed steps; worker start-up "
+            f"(creating the iterator) is reported apart; data wait per epoch = start-up + mean wait per step x "
+            f"{steps_per_epoch} steps per epoch (**extrapolated**, not a measured whole epoch); up to "
+            f"{ctx.repeats} repeats per point, stopping after 2 when the point's min-max interval does not "
+            f"overlap the best point's")
+        extra["steps_per_epoch"] = steps_per_epoch
     return {
+        **extra,
         "points": points,
         "best_workers": best[0],
         "usable_cpus": usable_cpus(),
@@ -59,6 +109,9 @@ def c3_points(entry: dict[str, Any]) -> list[dict[str, Any]]:
         runs = [r for r in runs if r is not None]
         data = [r["summary"].get("mean_data_s") for r in runs]
         epoch = [r["summary"].get("mean_epoch_s") for r in runs]
+        if "timed" in p:  # sized points: per-epoch figures extrapolated from the timed steps
+            data = [t["epoch_data_s"] for t in p["timed"]]
+            epoch = [t["epoch_s"] for t in p["timed"]]
         data = [d for d in data if finite(d)]
         epoch = [e for e in epoch if finite(e)]
         out.append({
@@ -67,6 +120,7 @@ def c3_points(entry: dict[str, Any]) -> list[dict[str, Any]]:
             "data_max": max(data, default=None), "data_std": statistics.stdev(data) if len(data) > 1 else None,
             "epoch_s": statistics.median(epoch) if epoch else None, "epoch_min": min(epoch, default=None),
             "epoch_max": max(epoch, default=None),
+            "startup_s": statistics.median(s) if (s := [t["startup_s"] for t in p.get("timed", []) if finite(t["startup_s"])]) else None,
         })
     return out
 
@@ -92,6 +146,9 @@ def render_c3(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
              f"are means per epoch of each run, then the median over repeats; spread is min-max over repeats."),
         Table(["workers", "repeats", "data wait s/epoch", "spread", "epoch s", "spread", f"{REF}: data-loading s",
                "warning"], rows, csv="c3_workers"),
+        *([Para(f"Protocol: {res['protocol']}. Worker start-up per point (median): "
+                + ", ".join(f"{q['workers']} workers {fs(q['startup_s'], 3)} s" for q in pts) + ".")]
+          if res.get("protocol") else []),
         Para(f"Stop rule: {res['stop_rule']}. Stopped because {res['stop_reason']}. "
              f"**Best count: {res['best_workers']} workers** (used by C4 and C5)."),
     ]
