@@ -207,6 +207,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ok = [r for r in rows if r.get("p50_ms") is not None]
     devices = list(dict.fromkeys(r["device"] for r in ok)) or ["none"]
     fig, axes = plt.subplots(len(devices), 2, figsize=(12, 4 * len(devices)), squeeze=False)
+    every = list(dict.fromkeys(r["variant"] for r in ok))
+    colour = {name: f"C{i % 10}" for i, name in enumerate(every)}  # one colour per variant on every device
     for axrow, device in zip(axes, devices):
         mine = [r for r in ok if r["device"] == device]
         variants = list(dict.fromkeys(r["variant"] for r in mine))
@@ -216,7 +218,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             by_batch = {r["batch_size"]: r for r in mine if r["variant"] == variant}
             xs = [i + k * width for i, b in enumerate(batches) if b in by_batch]
             for ax, key in zip(axrow, ("p50_ms", "images_per_s")):
-                ax.bar(xs, [by_batch[b][key] for b in batches if b in by_batch], width, label=variant)
+                ax.bar(xs, [by_batch[b][key] for b in batches if b in by_batch], width, label=variant, color=colour[variant])
         for ax, title in zip(axrow, ("p50 latency per batch (ms, log scale)", "images/s (from mean latency)")):
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
             ax.set_title(f"{device}: {title}")
