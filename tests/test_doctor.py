@@ -17,7 +17,8 @@ import cifarlab.doctor as doctor
 import cifarlab.engine as engine
 from cifarlab.config import TrainConfig
 from cifarlab.data import DataBundle, load_data
-from cifarlab.doctor_advice import HostFacts, Measurement, classify, noise_share, propose, summarize, verdict
+from cifarlab.doctor_advice import HostFacts, Measurement, choose_repeats, classify, plan_round, propose
+from cifarlab.doctor_report import noise_share, summarize, verdict
 from cifarlab.runtime import resolve_device
 
 
@@ -50,7 +51,8 @@ def test_contention_finding_names_the_workers() -> None:
     d = classify(_m(process_cpu_s=0.8, torch_threads=2, usable_cpus=2, loader="torch", workers=4, workers_cpu_s=0.6))
     assert d.label == "compute-bound" and "contention" in d.tags
     text = " ".join(d.findings)
-    assert "40%" in text and "0.60 cores" in text and "4 loader workers + 2 training threads on 2" in text
+    assert "42%" in text and "0.60 cores" in text  # 0.8 s of CPU / (0.95 s not waiting on workers x 2 threads)
+    assert "4 loader workers + 2 training threads on 2" in text
 
 
 def test_cpu_lists_cuda_only_changes_as_not_applicable_with_reasons() -> None:
@@ -84,11 +86,11 @@ def test_verdict_needs_two_repeats_and_separated_ranges() -> None:
 
 
 def test_budget_planner_cuts_repeats_before_candidates() -> None:
-    assert doctor.plan_round([10, 10, 10], 10, 100, 3) == [0, 1]  # 2 baseline repeats + 3 x 10 per candidate
-    assert doctor.plan_round([50, 5], 5, 30, 1) == [1]  # an expensive one is skipped, a cheaper later one still runs
-    assert doctor.choose_repeats([10, 10, 10], 10, 1000, 3) == 3
-    assert doctor.choose_repeats([10, 10, 10], 10, 70, 3) == 2
-    assert doctor.choose_repeats([10, 10, 10], 10, 25, 3) == 1
+    assert plan_round([10, 10, 10], 10, 100, 3) == [0, 1]  # 2 baseline repeats + 3 x 10 per candidate
+    assert plan_round([50, 5], 5, 30, 1) == [1]  # an expensive one is skipped, a cheaper later one still runs
+    assert choose_repeats([10, 10, 10], 10, 1000, 3) == 3
+    assert choose_repeats([10, 10, 10], 10, 70, 3) == 2
+    assert choose_repeats([10, 10, 10], 10, 25, 3) == 1
 
 
 class _Tiny(nn.Module):

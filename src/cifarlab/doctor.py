@@ -25,19 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 from cifarlab import doctor_report
 from cifarlab.config import TrainConfig
 from cifarlab.data import DataBundle, build_loaders
-from cifarlab.doctor_advice import (
-    Candidate,
-    Diagnosis,
-    HostFacts,
-    Measurement,
-    Summary,
-    classify,
-    noise_share,
-    propose,
-    rank,
-    summarize,
-    verdict,
-)
+from cifarlab.doctor_advice import Candidate, Diagnosis, HostFacts, Measurement, choose_repeats, classify, plan_round, propose
+from cifarlab.doctor_report import Summary, noise_share, rank, summarize, verdict
 from cifarlab.engine import EpochRecord, build_state, resolve_precision, seed_epoch, train_epoch
 from cifarlab.errors import UsageError
 from cifarlab.runner import is_out_of_memory, prepare, release_device_memory
@@ -151,20 +140,30 @@ def _children_cpu_s() -> float | None:
         return None
 
 
-DISPATCH_OPS, DISPATCH_ROUNDS = 200, 9
+DISPATCH_OPS, DISPATCH_ROUNDS = 2000, 5
 
 
 def dispatch_us() -> float:
-    """Median host cost of one trivial torch op now (the median, not the minimum: it must reflect the
-    load the window just ran under)."""
+    """Median CPU time (this thread's, so preemption by other processes is not in it) of one trivial
+    torch op: the host's per-op floor, to compare a step's CPU time with."""
     x = torch.zeros(1)
     rounds = []
     for _ in range(DISPATCH_ROUNDS):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         for _ in range(DISPATCH_OPS):
             x.add_(1.0)
-        rounds.append((time.perf_counter() - t0) / DISPATCH_OPS)
+        rounds.append((time.thread_time() - t0) / DISPATCH_OPS)
     return 1e6 * statistics.median(rounds)
+
+
+def _main_thread_sched_s() -> tuple[float, float] | None:
+    """(on-CPU, waiting-for-a-CPU) seconds of this process's main thread so far (/proc schedstat)."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/schedstat") as f:
+            run_ns, wait_ns = f.read().split()[:2]
+        return int(run_ns) / 1e9, int(wait_ns) / 1e9
+    except (OSError, ValueError):
+        return None
 
 
 def _peak_rss_bytes() -> int:
@@ -227,11 +226,11 @@ def measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int
         stream.restart()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        cpu0, kids0 = time.process_time(), _children_cpu_s()
+        cpu0, kids0, sched0 = time.process_time(), _children_cpu_s(), _main_thread_sched_s()
         first = stream.run(cfg, state, first_n)
         loader_start_s = stream.loader_start_s
         steady = stream.run(cfg, state, steady_n) if steady_n else None
-        cpu1, kids1 = time.process_time(), _children_cpu_s()
+        cpu1, kids1, sched1 = time.process_time(), _children_cpu_s(), _main_thread_sched_s()
         load, op_us = os.getloadavg()[0], dispatch_us()
         if device.type == "cuda":
             peak, total = torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
@@ -263,31 +262,10 @@ def measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int
         peak_memory_bytes=peak, memory_total_bytes=total,
         gpu_busy_s=None if busy_per_step is None else busy_per_step * epoch_steps,
         dispatch_us=op_us, load_average=load,
+        main_run_s=sched1[0] - sched0[0] if sched0 and sched1 else None,
+        main_wait_s=sched1[1] - sched0[1] if sched0 and sched1 else None,
         status="diverged" if any(r is not None and r.status == "diverged" for r in (first, steady)) else "ok",
     )
-
-
-def plan_round(costs_s: list[float], baseline_cost_s: float, left_s: float, rounds: int) -> list[int]:
-    """Indices of the candidates (costs in priority order) to run in each of the `rounds` rounds left,
-    keeping room for rounds-1 baseline repeats; one that does not fit is skipped, cheaper ones after it
-    may still fit."""
-    total, kept = (rounds - 1) * baseline_cost_s, []
-    for i, cost in enumerate(costs_s):
-        if total + rounds * cost <= left_s:
-            total += rounds * cost
-            kept.append(i)
-    return kept
-
-
-MIN_CANDIDATES = 3  # repeats are cut (down to 2) before the candidates measured fall below this many
-
-
-def choose_repeats(costs_s: list[float], baseline_cost_s: float, left_s: float, repeats: int) -> int:
-    need = min(MIN_CANDIDATES, len(costs_s))
-    for r in range(repeats, 1, -1):
-        if len(plan_round(costs_s, baseline_cost_s, left_s, r)) >= need:
-            return r
-    return 1
 
 
 def host_facts(cfg: TrainConfig, device: torch.device) -> HostFacts:

@@ -5,7 +5,6 @@ doctor.py measures, doctor_report.py writes."""
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +19,7 @@ HOST_OTHER_SHARE = 0.25  # host bookkeeping between steps (other) >= 25% of the 
 # 1,000 of the cheapest ops is dispatch, Python and bookkeeping in every part (its data wait included),
 # and this criterion outranks the others.
 HOST_BOUND_DISPATCHES = 1000
+HOST_BUSY_SHARE = 0.5  # ... provided the main thread ran or was ready to run >= 50% of the wall step (not waiting on a loader)
 LAUNCH_BOUND_BUSY = 0.60  # CUDA: GPU kernels busy < 60% of the compute segment: launch-bound
 MEMORY_LIMITED_SHARE = 0.90  # peak memory >= 90% of the GPU's (CPU: physical) memory: memory-limited
 CPU_STARVED_SHARE = 0.75  # CPU training got < 75% of the core time its threads could use: contended
@@ -27,8 +27,8 @@ CPU_STARVED_SHARE = 0.75  # CPU training got < 75% of the core time its threads 
 THRESHOLDS: dict[str, str] = {
     "data-bound": f"data wait >= {DATA_BOUND_SHARE:.0%} of the step",
     "copy-bound": f"host-to-device copy >= {COPY_BOUND_SHARE:.0%} of the step",
-    "launch/host-bound": f"host bookkeeping (other) >= {HOST_OTHER_SHARE:.0%} of the step, or a step cheaper than "
-                         f"{HOST_BOUND_DISPATCHES} trivial op dispatches measured on this host, or on CUDA GPU kernels "
+    "launch/host-bound": f"host bookkeeping (other) >= {HOST_OTHER_SHARE:.0%} of the step, or a step cheaper (in CPU "
+                         f"time) than {HOST_BOUND_DISPATCHES} trivial op dispatches measured on this host, or on CUDA GPU kernels "
                          f"busy < {LAUNCH_BOUND_BUSY:.0%} of the compute segment",
     "memory-limited": f"peak memory >= {MEMORY_LIMITED_SHARE:.0%} of the device's memory",
     "compute-bound": "none of the above: the step is the model's own work",
@@ -38,8 +38,6 @@ THRESHOLDS: dict[str, str] = {
 CLASS_ORDER = ("data-bound", "copy-bound", "launch/host-bound", "memory-limited", "compute-bound")
 
 # ------------------------------------------------------------------------------------ noise and ranking
-MIN_NOISE_SHARE = 0.03  # a gain must beat the baseline's repeat spread, and never less than 3%
-UNKNOWN_NOISE_SHARE = 0.10  # noise assumed when the baseline has a single repeat
 
 PARTS = ("data", "h2d", "compute", "other")  # the parts of a step; they add up to step_ms
 
@@ -73,7 +71,9 @@ class Measurement:
     peak_memory_bytes: int | None = None
     memory_total_bytes: int | None = None
     gpu_busy_s: float | None = None  # kernel busy time scaled to the epoch (CUDA)
-    dispatch_us: float | None = None  # median host cost of one trivial torch op, measured after the windows
+    dispatch_us: float | None = None  # median CPU time of one trivial torch op, measured after the windows
+    main_run_s: float | None = None  # the training (main) thread on a CPU during the timed windows
+    main_wait_s: float | None = None  # ... runnable but waiting for a free CPU (taken by other threads/processes)
     load_average: float | None = None  # 1-minute load average at the end of the windows (other processes too)
     status: str = "ok"  # ok | diverged
 
@@ -99,11 +99,28 @@ class Measurement:
 
     @property
     def cpu_share(self) -> float | None:
-        """CPU training: core time the process got / core time its threads could have used."""
+        """CPU training: core time the process got / core time its threads could have used. Waiting on
+        loader workers (torch loader, workers > 0) is idle by design and not counted as usable time."""
         wall = self.timed_s if self.timed_s is not None else self.epoch_s
+        if self.loader == "torch" and self.workers > 0:
+            wall -= sum(w["data_s"] for w in self.windows) if self.windows else self.data_s
         if self.process_cpu_s is None or self.device_type != "cpu" or wall <= 0:
             return None
         return self.process_cpu_s / (wall * max(1, min(self.torch_threads, self.usable_cpus)))
+
+    @property
+    def wanted_cpu_share(self) -> float | None:
+        """Share of the timed wall time the main thread was running or waiting for a CPU (not blocked)."""
+        if self.main_run_s is None or self.main_wait_s is None or not self.timed_s:
+            return None
+        return (self.main_run_s + self.main_wait_s) / self.timed_s
+
+    @property
+    def step_cpu_ms(self) -> float | None:
+        """CPU time of the training process per timed step, per thread: immune to preemption by others."""
+        if self.process_cpu_s is None or not self.timed_steps:
+            return None
+        return 1000.0 * self.process_cpu_s / self.timed_steps / max(1, min(self.torch_threads, self.usable_cpus))
 
     @property
     def workers_cores(self) -> float | None:
@@ -124,7 +141,7 @@ class Measurement:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(timed_steps=self.timed_steps, workers_cores=self.workers_cores,
+        d.update(timed_steps=self.timed_steps, workers_cores=self.workers_cores, step_cpu_ms=self.step_cpu_ms,
                  step_ms=self.step_ms, images_per_s=self.images_per_s, cpu_share=self.cpu_share,
                  gpu_busy_share=self.gpu_busy_share, memory_share=self.memory_share)
         return d
@@ -142,7 +159,7 @@ class Diagnosis:
                 "addresses": sorted(self.tags), "thresholds": THRESHOLDS}
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
@@ -151,33 +168,36 @@ def classify(m: Measurement) -> Diagnosis:
     fired: list[tuple[str, str, str]] = []  # (class, tag, evidence)
     data, copy, other = m.share("data"), m.share("h2d"), m.share("other")
     if data is not None and data >= DATA_BOUND_SHARE:
-        fired.append(("data-bound", "data", f"data wait (loader start-up included) is {_pct(data)} of the step "
-                      f"(>= {_pct(DATA_BOUND_SHARE)})"))
+        fired.append(("data-bound", "data", f"data wait (loader start-up included) is {pct(data)} of the step "
+                      f"(>= {pct(DATA_BOUND_SHARE)})"))
     if copy is not None and copy >= COPY_BOUND_SHARE:
-        fired.append(("copy-bound", "copy", f"host-to-device copy is {_pct(copy)} of the step (>= {_pct(COPY_BOUND_SHARE)})"))
+        fired.append(("copy-bound", "copy", f"host-to-device copy is {pct(copy)} of the step (>= {pct(COPY_BOUND_SHARE)})"))
     if other is not None and other >= HOST_OTHER_SHARE and m.compute_s is not None:
         fired.append(("launch/host-bound", "host",
-                      f"host bookkeeping between steps is {_pct(other)} of the step (>= {_pct(HOST_OTHER_SHARE)})"))
-    if m.dispatch_us and 1000.0 * m.step_ms < HOST_BOUND_DISPATCHES * m.dispatch_us:
-        fired.append(("launch/host-bound", "host", f"a step takes {m.step_ms:.2f} ms, the cost of "
-                      f"{1000.0 * m.step_ms / m.dispatch_us:.0f} trivial op dispatches ({m.dispatch_us:.1f} us each here; "
+                      f"host bookkeeping between steps is {pct(other)} of the step (>= {pct(HOST_OTHER_SHARE)})"))
+    cost_ms, what = (m.step_cpu_ms, "of CPU per thread") if m.step_cpu_ms is not None else (m.step_ms, "")
+    if m.dispatch_us and 1000.0 * cost_ms < HOST_BOUND_DISPATCHES * m.dispatch_us:
+        fired.append(("launch/host-bound", "host", f"a step costs {cost_ms:.2f} ms{' ' + what if what else ''}, as much as "
+                      f"{1000.0 * cost_ms / m.dispatch_us:.0f} trivial op dispatches ({m.dispatch_us:.1f} us each here; "
                       f"< {HOST_BOUND_DISPATCHES}): fixed per-op and per-step host costs outweigh the math"))
     busy = m.gpu_busy_share
     if busy is not None and busy < LAUNCH_BOUND_BUSY:
-        fired.append(("launch/host-bound", "host", f"GPU kernels are busy only {_pct(busy)} of the compute segment "
-                      f"(< {_pct(LAUNCH_BOUND_BUSY)}): the GPU waits for the host to launch work"))
+        fired.append(("launch/host-bound", "host", f"GPU kernels are busy only {pct(busy)} of the compute segment "
+                      f"(< {pct(LAUNCH_BOUND_BUSY)}): the GPU waits for the host to launch work"))
     mem = m.memory_share
     if mem is not None and mem >= MEMORY_LIMITED_SHARE:
-        fired.append(("memory-limited", "memory", f"peak memory is {_pct(mem)} of the device's (>= {_pct(MEMORY_LIMITED_SHARE)})"))
+        fired.append(("memory-limited", "memory", f"peak memory is {pct(mem)} of the device's (>= {pct(MEMORY_LIMITED_SHARE)})"))
     findings: list[str] = []
     tags: set[str] = set()
     cpu = m.cpu_share
     if cpu is not None and cpu < CPU_STARVED_SHARE:
         tags.add("contention")
-        text = (f"CPU contended: the training process got {_pct(cpu)} of the core time its "
-                f"{min(m.torch_threads, m.usable_cpus)} thread(s) could use (< {_pct(CPU_STARVED_SHARE)})")
+        text = (f"CPU contended: the training process got {pct(cpu)} of the core time its "
+                f"{min(m.torch_threads, m.usable_cpus)} thread(s) could use (< {pct(CPU_STARVED_SHARE)})")
         if m.workers_cores is not None:
             text += f"; its {m.workers} loader workers used {m.workers_cores:.2f} cores meanwhile"
+        if m.main_wait_s is not None and m.timed_s:
+            text += f"; its main thread waited for a free core {pct(m.main_wait_s / m.timed_s)} of the time"
         if m.load_average is not None:
             text += f"; load average {m.load_average:.1f} on {m.usable_cpus} usable core(s) (all processes)"
         findings.append(text)
@@ -189,17 +209,18 @@ def classify(m: Measurement) -> Diagnosis:
                         f"core(s): the workers can compete with training for the same cores{used}")
     if fired:
         label = min(fired, key=lambda f: CLASS_ORDER.index(f[0]))[0]
-        if any("trivial op dispatches" in f[2] for f in fired):
+        busy_enough = m.wanted_cpu_share is None or m.wanted_cpu_share >= HOST_BUSY_SHARE
+        if busy_enough and any("trivial op dispatches" in f[2] for f in fired):
             label = "launch/host-bound"
         tags |= {f[1] for f in fired}
         evidence = [f[2] for f in fired]
     else:
         label = "compute-bound"
         tags.add("compute")
-        parts = ", ".join(f"{p} {_pct(s)}" for p in PARTS if (s := m.share(p)) is not None)
+        parts = ", ".join(f"{p} {pct(s)}" for p in PARTS if (s := m.share(p)) is not None)
         evidence = [f"no other criterion fired ({parts} of the step)"]
         if busy is not None:
-            evidence.append(f"GPU kernels busy {_pct(busy)} of the compute segment")
+            evidence.append(f"GPU kernels busy {pct(busy)} of the compute segment")
     return Diagnosis(label=label, evidence=evidence, findings=findings, tags=tags)
 
 
@@ -330,65 +351,27 @@ def _lr(x: float) -> str:
     return f"{x:.6g}"
 
 
-# -------------------------------------------------------------------------------------------- summary
+# ---------------------------------------------------------------------------------------- budget
 
 
-@dataclass
-class Summary:
-    repeats: int
-    images_per_s_median: float
-    images_per_s_min: float
-    images_per_s_max: float
-    step_ms_median: float
-    parts_ms: dict[str, float | None]  # per-step median of each part
-
-    @property
-    def spread_share(self) -> float:
-        return (self.images_per_s_max - self.images_per_s_min) / self.images_per_s_median
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "spread_share": self.spread_share}
+def plan_round(costs_s: list[float], baseline_cost_s: float, left_s: float, rounds: int) -> list[int]:
+    """Indices of the candidates (costs in priority order) to run in each of the `rounds` rounds left,
+    keeping room for rounds-1 baseline repeats; one that does not fit is skipped, cheaper ones after it
+    may still fit."""
+    total, kept = (rounds - 1) * baseline_cost_s, []
+    for i, cost in enumerate(costs_s):
+        if total + rounds * cost <= left_s:
+            total += rounds * cost
+            kept.append(i)
+    return kept
 
 
-def summarize(ms: list[Measurement]) -> Summary | None:
-    if not ms:
-        return None
-    ips = [m.images_per_s for m in ms]
-    parts: dict[str, float | None] = {}
-    for p in PARTS:
-        vals = [v for m in ms if (v := m.per_step_ms(p)) is not None]
-        parts[p] = statistics.median(vals) if len(vals) == len(ms) else None
-    return Summary(len(ms), statistics.median(ips), min(ips), max(ips), statistics.median([m.step_ms for m in ms]), parts)
+MIN_CANDIDATES = 3  # repeats are cut (down to 2) before the candidates measured fall below this many
 
 
-def noise_share(baseline: Summary) -> tuple[float, str]:
-    """The gain a candidate must beat, and how it was defined."""
-    if baseline.repeats < 2:
-        return UNKNOWN_NOISE_SHARE, f"{_pct(UNKNOWN_NOISE_SHARE)} (assumed: the baseline ran once, so its spread is unknown)"
-    spread = baseline.spread_share
-    used = max(spread, MIN_NOISE_SHARE)
-    return used, (f"{_pct(used)} (the baseline's min-max spread over {baseline.repeats} repeats, "
-                  f"{_pct(spread)}, floored at {_pct(MIN_NOISE_SHARE)})")
-
-
-def gain(candidate: Summary, baseline: Summary) -> float:
-    return candidate.images_per_s_median / baseline.images_per_s_median - 1.0
-
-
-def verdict(candidate: Summary, baseline: Summary, noise: float) -> str:
-    """helps / slower need two repeats of both and a median gain beyond the noise with min-max ranges
-    apart; one repeat can only be 'unconfirmed'."""
-    g = gain(candidate, baseline)
-    if candidate.repeats < 2 or baseline.repeats < 2:
-        return "unconfirmed (1 repeat)" if abs(g) > noise else "within noise (1 repeat)"
-    if g > noise and candidate.images_per_s_min > baseline.images_per_s_max:
-        return "helps"
-    if g < -noise and candidate.images_per_s_max < baseline.images_per_s_min:
-        return "slower"
-    return "within noise"
-
-
-def rank(candidates: list[Candidate], baseline: Summary) -> list[tuple[Candidate, Summary, float]]:
-    """Measured candidates, fastest first by median images/s."""
-    rows = [(c, s, gain(s, baseline)) for c in candidates if c.status == "measured" and (s := summarize(c.measurements))]
-    return sorted(rows, key=lambda r: -r[1].images_per_s_median)
+def choose_repeats(costs_s: list[float], baseline_cost_s: float, left_s: float, repeats: int) -> int:
+    need = min(MIN_CANDIDATES, len(costs_s))
+    for r in range(repeats, 1, -1):
+        if len(plan_round(costs_s, baseline_cost_s, left_s, r)) >= need:
+            return r
+    return 1

@@ -1,19 +1,24 @@
-"""The doctor's outputs from a finished DoctorResult: the console table, doctor.json (schema
-"cifarlab.doctor/1"), doctor.md and the before/after step-time chart, in a new run-style folder."""
+"""The doctor's verdicts and outputs: repeat statistics, noise and ranking of the measured changes,
+then the console table, doctor.json (schema "cifarlab.doctor/1"), doctor.md and the before/after
+step-time chart, in a new run-style folder."""
 
 from __future__ import annotations
 
 import io
+import statistics
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cifarlab.doctor_advice import PARTS, THRESHOLDS, Candidate, Measurement, Summary, summarize, verdict
+from cifarlab.doctor_advice import PARTS, THRESHOLDS, Candidate, Measurement, pct
 from cifarlab.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 from cifarlab.runs import create_run_dir, utc_now
 
 if TYPE_CHECKING:
     from cifarlab.doctor import DoctorResult
 
+UNKNOWN_NOISE_SHARE = 0.10  # noise assumed when the baseline has a single repeat
+MIN_NOISE_SHARE = 0.03  # a gain must beat the baseline's repeat spread, and never less than 3%
 DOCTOR_SCHEMA = "cifarlab.doctor/1"
 CHART_NAME = "doctor_step_split.png"
 
@@ -36,11 +41,75 @@ MEASUREMENT_NOTES: dict[str, str] = {
     "workers_cpu_s": "CPU time of the loader worker processes during the timed windows (null: no workers, or unreadable)",
     "peak_memory_bytes": "CUDA: torch.cuda.max_memory_allocated over the timed windows; CPU: the process's peak RSS "
                          "so far (a high-water mark that includes the dataset and earlier measurements)",
-    "dispatch_us": "median wall time of one trivial CPU torch op (x.add_(1) on one element), measured right after "
-                   "the windows under the same load: the host's per-op floor",
+    "dispatch_us": "median CPU time (thread time) of one trivial CPU torch op (x.add_(1) on one element), measured "
+                   "right after the windows: the host's per-op floor",
+    "main_run_s": "the main (training) thread's time on a CPU during the timed windows (/proc schedstat)",
+    "main_wait_s": "the main thread's time runnable but waiting for a CPU held by other threads or processes",
+    "step_cpu_ms": "process CPU time per timed step per training thread (compared with dispatch_us for launch/host-bound)",
     "gpu_busy_s": "CUDA only: union of GPU kernel/memcpy intervals per torch.profiler over a separate profiled "
                   "window, scaled to the epoch's steps",
 }
+
+
+@dataclass
+class Summary:
+    repeats: int
+    images_per_s_median: float
+    images_per_s_min: float
+    images_per_s_max: float
+    step_ms_median: float
+    parts_ms: dict[str, float | None]  # per-step median of each part
+
+    @property
+    def spread_share(self) -> float:
+        return (self.images_per_s_max - self.images_per_s_min) / self.images_per_s_median
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "spread_share": self.spread_share}
+
+
+def summarize(ms: list[Measurement]) -> Summary | None:
+    if not ms:
+        return None
+    ips = [m.images_per_s for m in ms]
+    parts: dict[str, float | None] = {}
+    for p in PARTS:
+        vals = [v for m in ms if (v := m.per_step_ms(p)) is not None]
+        parts[p] = statistics.median(vals) if len(vals) == len(ms) else None
+    return Summary(len(ms), statistics.median(ips), min(ips), max(ips), statistics.median([m.step_ms for m in ms]), parts)
+
+
+def noise_share(baseline: Summary) -> tuple[float, str]:
+    """The gain a candidate must beat, and how it was defined."""
+    if baseline.repeats < 2:
+        return UNKNOWN_NOISE_SHARE, f"{pct(UNKNOWN_NOISE_SHARE)} (assumed: the baseline ran once, so its spread is unknown)"
+    spread = baseline.spread_share
+    used = max(spread, MIN_NOISE_SHARE)
+    return used, (f"{pct(used)} (the baseline's min-max spread over {baseline.repeats} repeats, "
+                  f"{pct(spread)}, floored at {pct(MIN_NOISE_SHARE)})")
+
+
+def gain(candidate: Summary, baseline: Summary) -> float:
+    return candidate.images_per_s_median / baseline.images_per_s_median - 1.0
+
+
+def verdict(candidate: Summary, baseline: Summary, noise: float) -> str:
+    """helps / slower need two repeats of both and a median gain beyond the noise with min-max ranges
+    apart; one repeat can only be 'unconfirmed'."""
+    g = gain(candidate, baseline)
+    if candidate.repeats < 2 or baseline.repeats < 2:
+        return "unconfirmed (1 repeat)" if abs(g) > noise else "within noise (1 repeat)"
+    if g > noise and candidate.images_per_s_min > baseline.images_per_s_max:
+        return "helps"
+    if g < -noise and candidate.images_per_s_max < baseline.images_per_s_min:
+        return "slower"
+    return "within noise"
+
+
+def rank(candidates: list[Candidate], baseline: Summary) -> list[tuple[Candidate, Summary, float]]:
+    """Measured candidates, fastest first by median images/s."""
+    rows = [(c, s, gain(s, baseline)) for c in candidates if c.status == "measured" and (s := summarize(c.measurements))]
+    return sorted(rows, key=lambda r: -r[1].images_per_s_median)
 
 
 def current_setting(result: "DoctorResult") -> str:
@@ -200,6 +269,7 @@ def chart_png(result: "DoctorResult") -> bytes:
     if result.best is not None and (s := summarize(result.best.measurements)) is not None:
         bars.append((" ".join(result.best.flags), s))
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    tops = []
     for i, (name, s) in enumerate(bars):
         bottom = 0.0
         known = {p: s.parts_ms[p] for p in PARTS}
@@ -212,10 +282,12 @@ def chart_png(result: "DoctorResult") -> bytes:
                 ax.bar(i, v, bottom=bottom, color=color, label=p if i == 0 or p not in ax.get_legend_handles_labels()[1] else None)
                 bottom += v
         ax.text(i, bottom, f"{s.step_ms_median:.0f} ms\n{s.images_per_s_median:.1f} img/s", ha="center", va="bottom", fontsize=8)
+        tops.append(bottom)
     ax.set_xticks(range(len(bars)), [b[0] for b in bars])
     ax.set_ylabel("ms per step (median)")
-    ax.set_title("Step time split, before vs after the best change")
-    ax.margins(y=0.2)
+    ax.set_title("Step time split: baseline vs the best change" if len(bars) > 1
+                 else "Step time split: baseline (no change beat the noise)")
+    ax.set_ylim(0, 1.3 * max(tops + [1e-9]))
     ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
