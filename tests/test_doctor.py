@@ -86,10 +86,10 @@ def test_verdict_needs_two_repeats_and_separated_ranges() -> None:
 
 
 def test_budget_planner_cuts_repeats_before_candidates() -> None:
-    assert plan_round([10, 10, 10], 10, 100, 3) == [0, 1]  # 2 baseline repeats + 3 x 10 per candidate
+    assert plan_round([10, 10, 10], 10, 100, 3) == [0, 1]  # 3 baseline repeats + 3 x 10 per candidate
     assert plan_round([50, 5], 5, 30, 1) == [1]  # an expensive one is skipped, a cheaper later one still runs
     assert choose_repeats([10, 10, 10], 10, 1000, 3) == 3
-    assert choose_repeats([10, 10, 10], 10, 70, 3) == 2
+    assert choose_repeats([10, 10, 10], 10, 90, 3) == 2
     assert choose_repeats([10, 10, 10], 10, 25, 3) == 1
 
 
@@ -170,7 +170,7 @@ def test_every_ranked_figure_comes_from_its_own_rerun(tiny, monkeypatch, tmp_pat
     assert result.recommendation.startswith("recommendation: ")
     saved = json.loads((result.path / "doctor.json").read_text())
     assert saved["schema"] == "cifarlab.doctor/1" and saved["environment"]["cpu_count_usable"] >= 1
-    assert len(saved["baseline"]["measurements"]) == 2 and saved["method"]["steps"] == 4
+    assert len(saved["baseline"]["measurements"]) == 3 and saved["method"]["steps"] == 4  # before, and after each round
     ranked = [c for c in saved["candidates"] if c["status"] == "measured"]
     assert all(len(c["measurements"]) == 2 and c["summary"]["repeats"] == 2 for c in ranked)
     assert any(c["status"] == "not applicable here" and c["reason"] for c in saved["candidates"])

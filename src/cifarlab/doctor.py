@@ -315,14 +315,17 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
     base_cost = lambda: statistics.median(m.cost_s or 0.0 for m in baseline)  # noqa: E731
     est = lambda c: (statistics.median(m.cost_s or 0.0 for m in c.measurements) if c.measurements  # noqa: E731
                      else base_cost() * c.cost_factor + c.extra_cost_s)
-    reps = choose_repeats([est(c) for c in runnable], base_cost(), left(), repeats)
-    _say(stream, f"plan: {len(runnable)} runnable candidate(s), {reps} repeat(s) of {steps} steps each as the "
-                 f"{left():.0f} s left allow; {len(cands) - len(runnable)} listed without a run")
-    for r in range(1, reps + 1):
+    _say(stream, f"plan: {len(runnable)} runnable candidate(s), up to {repeats} round(s) of {steps}-step windows, each "
+                 f"round followed by a baseline repeat; {len(cands) - len(runnable)} listed without a run")
+    for r in range(1, repeats + 1):  # re-planned every round from the costs measured so far
         eligible = [c for c in runnable if c.status in ("proposed", "measured", "cut")]
-        kept = set(plan_round([est(c) for c in eligible], base_cost(), left(), reps - r + 1))
+        costs = [est(c) for c in eligible]
+        rounds = choose_repeats(costs, base_cost(), left(), repeats - r + 1)  # rounds still affordable, this one included
+        kept = set(plan_round(costs, base_cost(), left(), rounds))
+        if not kept:
+            break
         for i, c in enumerate(eligible):
-            reserve = base_cost() * (reps - r)  # the baseline repeats still to come: the noise needs them
+            reserve = base_cost() * rounds  # this round's baseline repeat and the later rounds': the noise needs them
             if i not in kept or est(c) + reserve > left():
                 if not c.measurements:
                     c.status, c.reason = "cut", f"budget: one run needs ~{est(c):.0f} s"
@@ -338,16 +341,18 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
             c.measurements.append(m)
             c.status, c.reason = "measured", ""
             _say(stream, f"{c.key} r{r}: {doctor_report.one_line(m)}")
-        if r < reps and base_cost() <= left():
-            baseline.append(measure(cfg, data, device, steps, f"baseline r{r + 1}"))
-            _say(stream, f"baseline r{r + 1}: {doctor_report.one_line(baseline[-1])}")
+        if base_cost() <= left():
+            baseline.append(measure(cfg, data, device, steps, f"baseline r{len(baseline) + 1}"))
+            _say(stream, f"baseline r{len(baseline)}: {doctor_report.one_line(baseline[-1])}")
+    for c in runnable:
+        if c.status == "proposed":
+            c.status, c.reason = "cut", f"budget: one run needs ~{est(c):.0f} s"
     cuts = [f"{c.key} ({' '.join(c.flags)}): not run, {c.reason}" for c in cands if c.status == "cut"]
-    cuts += [f"{c.key}: {len(c.measurements)} of {reps} repeat(s) (budget)" for c in cands
-             if c.status == "measured" and len(c.measurements) < reps]
-    if len(baseline) < reps:
-        cuts.append(f"baseline: {len(baseline)} of {reps} repeat(s) (budget)")
-    if reps < repeats:
-        cuts.insert(0, f"repeats: {reps} instead of {repeats} to fit the {budget_s:.0f} s budget")
+    cuts += [f"{c.key}: {len(c.measurements)} of {repeats} repeat(s) (budget)" for c in cands
+             if c.status == "measured" and len(c.measurements) < repeats]
+    if len(baseline) < repeats + 1:
+        cuts.append(f"baseline: {len(baseline)} of {repeats + 1} repeat(s) (budget)")
+    reps = max((len(c.measurements) for c in cands), default=0)
     base = summarize(baseline)
     assert base is not None
     noise, noise_note = noise_share(base)

@@ -356,9 +356,9 @@ def _lr(x: float) -> str:
 
 def plan_round(costs_s: list[float], baseline_cost_s: float, left_s: float, rounds: int) -> list[int]:
     """Indices of the candidates (costs in priority order) to run in each of the `rounds` rounds left,
-    keeping room for rounds-1 baseline repeats; one that does not fit is skipped, cheaper ones after it
-    may still fit."""
-    total, kept = (rounds - 1) * baseline_cost_s, []
+    keeping room for the baseline repeat after each round; one that does not fit is skipped, cheaper
+    ones after it may still fit."""
+    total, kept = rounds * baseline_cost_s, []
     for i, cost in enumerate(costs_s):
         if total + rounds * cost <= left_s:
             total += rounds * cost
@@ -366,7 +366,7 @@ def plan_round(costs_s: list[float], baseline_cost_s: float, left_s: float, roun
     return kept
 
 
-MIN_CANDIDATES = 3  # repeats are cut (down to 2) before the candidates measured fall below this many
+MIN_CANDIDATES = 3  # rounds (repeats) are cut, down to 2, before the candidates measured fall below this many
 
 
 def choose_repeats(costs_s: list[float], baseline_cost_s: float, left_s: float, repeats: int) -> int:

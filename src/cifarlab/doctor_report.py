@@ -138,7 +138,7 @@ def to_json(result: "DoctorResult") -> dict[str, Any]:
         "data": result.data_description,
         "budget": {"budget_s": result.budget_s, "elapsed_s": result.elapsed_s, "cuts": result.cuts},
         "method": {"steps": result.steps, "warmup_steps": result.warmup_steps, "repeats": result.repeats,
-                   "order": "baseline, then rounds of every candidate with a baseline repeat between rounds; "
+                   "order": "baseline, then rounds: each candidate the budget allows, then a baseline repeat (re-planned per round); "
                             "each measurement builds a fresh model and loader from the same seed",
                    "includes": MEASUREMENT_NOTES, "thresholds": THRESHOLDS},
         "baseline": {"setting": current_setting(result), "measurements": [m.to_dict() for m in result.baseline],
@@ -188,7 +188,7 @@ def table_rows(result: "DoctorResult") -> list[list[str]]:
         says = verdict(s, base, result.noise)
         rows.append([str(i), " ".join(c.flags), f"{s.images_per_s_median:.1f}",
                      f"{s.images_per_s_min:.1f}-{s.images_per_s_max:.1f}", f"{s.step_ms_median:.1f}",
-                     *(_ms(s.parts_ms[p]) for p in PARTS), f"{g:+.0%}", f"{says} ({s.repeats} rep)"])
+                     *(_ms(s.parts_ms[p]) for p in PARTS), f"{g:+.0%}", says if "repeat" in says else f"{says} ({s.repeats} rep)"])
     return rows
 
 
