@@ -17,8 +17,9 @@ import cifarlab.doctor as doctor
 import cifarlab.engine as engine
 from cifarlab.config import TrainConfig
 from cifarlab.data import DataBundle, load_data
-from cifarlab.doctor_advice import HostFacts, Measurement, choose_repeats, classify, plan_round, propose
+from cifarlab.doctor_advice import HostFacts, Measurement, choose_repeats, classify, from_epoch_record, plan_round, propose
 from cifarlab.doctor_report import noise_share, summarize, verdict
+from cifarlab.engine import EpochRecord
 from cifarlab.runtime import resolve_device
 
 
@@ -45,6 +46,14 @@ def test_classifier_on_constructed_measurements() -> None:
     assert classify(_m(dispatch_us=5.0)).label == "compute-bound"  # 100 ms per step: 20,000 dispatches
     # a slow loader outranks everything else
     assert classify(_m(data_s=0.3, other_s=0.3, compute_s=0.39)).label == "data-bound"
+
+
+def test_a_real_runs_epoch_record_can_be_classified() -> None:
+    rec = EpochRecord(epoch=1, status="ok", train_loss=1.0, train_acc=0.5, test_loss=None, test_acc=None, images=512,
+                      steps=4, epoch_s=2.0, data_s=1.2, h2d_s=0.0, compute_s=0.7, other_s=0.1, loader_start_s=0.3,
+                      eval_s=None, images_per_s=256.0, timing_mode="synchronized")
+    m = from_epoch_record("c4-w1", rec, TrainConfig(loader="torch", workers=1), "cpu", 2, 2)
+    assert m.workers == 1 and m.step_ms == 500.0 and classify(m).label == "data-bound"
 
 
 def test_contention_finding_names_the_workers() -> None:

@@ -147,6 +147,16 @@ class Measurement:
         return d
 
 
+def from_epoch_record(label: str, record: Any, cfg: TrainConfig, device_type: str, torch_threads: int,
+                      usable_cpus: int) -> Measurement:
+    """A Measurement from an engine.EpochRecord of a real run (e.g. the lab's C4 runs), so classify()
+    can judge it without a rerun; CPU, memory and GPU-busy facts are then unknown (None)."""
+    return Measurement(label=label, steps=record.steps, images=record.images, epoch_s=record.epoch_s,
+                       data_s=record.data_s, h2d_s=record.h2d_s, compute_s=record.compute_s, other_s=record.other_s,
+                       device_type=device_type, torch_threads=torch_threads, usable_cpus=usable_cpus, loader=cfg.loader,
+                       workers=cfg.workers if cfg.loader == "torch" else 0, loader_start_s=record.loader_start_s)
+
+
 @dataclass
 class Diagnosis:
     label: str  # one of CLASS_ORDER
