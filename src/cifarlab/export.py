@@ -72,8 +72,7 @@ TRACING_VS_SCRIPTING = (
 
 
 class ExportMismatch(UsageError):
-    """An artifact's reloaded outputs differ from eager beyond the tolerance (exit 2). `.report` holds the
-    export.json content that was not written."""
+    """A reloaded artifact differs from eager beyond the tolerance (exit 2); .report: the unwritten export.json."""
 
     def __init__(self, message: str, report: dict[str, Any]) -> None:
         super().__init__(message)
@@ -89,9 +88,16 @@ def one_line(e: BaseException, limit: int = 200) -> str:
     return (lines[0] if lines else type(e).__name__)[:limit]
 
 
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken or blocked package
+        return False
+
+
 def onnx_missing() -> str | None:
     """Why the ONNX format cannot run here, or None. find_spec only looks, it imports nothing."""
-    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    missing = [name for name in ONNX_PACKAGES if not _installed(name)]
     if not missing:
         return None
     return f"needs {', '.join(missing)}: pip install 'cifarlab[onnx]'"
@@ -227,9 +233,8 @@ EXPORTERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], str]] = {
 
 
 def load_onnx(path: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An ONNX Runtime session as a tensor -> tensor function. onnxruntime is an optional extra, so it is
-    imported here, only when an ONNX file is actually loaded (callers check onnx_missing() first)."""
-    import onnxruntime as ort
+    """An ONNX Runtime session as a tensor -> tensor function."""
+    import onnxruntime as ort  # an optional extra: imported only when an ONNX file is loaded (see onnx_missing)
 
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -307,11 +312,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _durable(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 # --------------------------------------------------------------------------------------- export
 
 
@@ -384,8 +384,9 @@ def export_model(model: nn.Module, out_dir: str | Path, formats: list[str] | tup
                 f"(batch 1: {c['batch1_max_abs_logit_diff']:.3g}) vs tolerance {tolerance_abs:.3g}, top-1 "
                 f"{c['top1_agree']}/{c['images']}; nothing was written to {out}", report)
         write_json_atomic(staging / EXPORT_JSON, report)
-        for name in sorted(os.listdir(staging)):
-            _durable(staging / name)
+        for name in sorted(os.listdir(staging)):  # on disk before any rename makes it visible
+            with open(staging / name, "rb") as f:
+                os.fsync(f.fileno())
         for name in sorted(os.listdir(staging), key=lambda n: n == EXPORT_JSON):  # export.json last
             os.replace(staging / name, out / name)
     except OSError as e:
