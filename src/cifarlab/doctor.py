@@ -29,7 +29,7 @@ from cifarlab.doctor_advice import Candidate, Diagnosis, HostFacts, Measurement,
 from cifarlab.doctor_report import Summary, noise_share, rank, summarize, verdict
 from cifarlab.engine import EpochRecord, build_state, resolve_precision, seed_epoch, train_epoch
 from cifarlab.errors import UsageError
-from cifarlab.runner import is_out_of_memory, prepare, release_device_memory
+from cifarlab.runner import is_out_of_memory, oom_message, prepare, release_device_memory
 from cifarlab.runtime import cpu_flags, cpu_has_native_bf16, environment, seed_everything, usable_cpus
 
 DEFAULT_BUDGET_S = {"cuda": 60.0, "cpu": 180.0}
@@ -301,7 +301,13 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
     left = lambda: budget_s - (time.perf_counter() - t0)  # noqa: E731
     _say(stream, "baseline r1 ..." + ("" if steps else " (its last warm-up step sets the steps per window)"))
-    baseline = [measure(cfg, data, device, steps, "baseline r1", gpu_profile=True)]
+    try:
+        baseline = [measure(cfg, data, device, steps, "baseline r1", gpu_profile=True)]
+    except Exception as e:  # the configuration itself does not fit: one line, as `cifarlab train` says it
+        if is_out_of_memory(e):
+            release_device_memory(device)
+            raise UsageError(oom_message(cfg, e, device)) from None
+        raise
     steps = baseline[0].window_steps
     _say(stream, f"baseline r1: {doctor_report.one_line(baseline[0])}; windows of up to {steps} steps")
     diag = classify(baseline[0])

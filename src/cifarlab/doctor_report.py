@@ -185,7 +185,7 @@ def table_rows(result: "DoctorResult") -> list[list[str]]:
                    f"{base.images_per_s_min:.1f}-{base.images_per_s_max:.1f}", f"{base.step_ms_median:.1f}",
                    *(_ms(base.parts_ms[p]) for p in PARTS), "", f"{base.repeats} repeat(s)"]]
     for i, (c, s, g) in enumerate(result.ranked, 1):
-        says = verdict(s, base, result.noise)
+        says = verdict(s, base, result.noise) + ("; loss diverged" if any(m.status != "ok" for m in c.measurements) else "")
         rows.append([str(i), " ".join(c.flags), f"{s.images_per_s_median:.1f}",
                      f"{s.images_per_s_min:.1f}-{s.images_per_s_max:.1f}", f"{s.step_ms_median:.1f}",
                      *(_ms(s.parts_ms[p]) for p in PARTS), f"{g:+.0%}", says if "repeat" in says else f"{says} ({s.repeats} rep)"])
