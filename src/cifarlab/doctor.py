@@ -328,10 +328,13 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
         costs = [est(c) for c in eligible]
         rounds = choose_repeats(costs, base_cost(), left(), repeats - r + 1)  # rounds still affordable, this one included
         kept = set(plan_round(costs, base_cost(), left(), rounds))
+        reserve_runs = rounds  # this round's baseline repeat and the later rounds': the noise needs them
+        if not kept and r == 1:  # not even one candidate and a baseline repeat: one unconfirmed figure beats none
+            kept, reserve_runs = set(plan_round(costs, 0.0, left(), 1)), 0
         if not kept:
             break
         for i, c in enumerate(eligible):
-            reserve = base_cost() * rounds  # this round's baseline repeat and the later rounds': the noise needs them
+            reserve = base_cost() * reserve_runs
             if i not in kept or est(c) + reserve > left():
                 if not c.measurements:
                     c.status, c.reason = "cut", f"budget: one run needs ~{est(c):.0f} s"
