@@ -129,3 +129,73 @@ def test_damaged_lab_folders_are_usage_errors(tmp_path: Path, content: str | Non
         (tmp_path / "results.json").write_text(content)
     with pytest.raises(UsageError, match=needle.replace(".", r"\.").replace("/", "/")):
         build_report(tmp_path)
+
+
+def test_inductor_cache_dir_and_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11: C8 records where inductor's cache lives and how full it was (files below it)."""
+    import tempfile
+
+    from cifarlab.lab.c8_compile import cache_label, cache_state, inductor_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "ind"))
+    assert inductor_cache_dir() == (str(tmp_path / "ind"), "from $TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    path, source = inductor_cache_dir()  # torch's documented default: <tempdir>/torchinductor_<user>
+    assert Path(path).parent == Path(tempfile.gettempdir()) and Path(path).name.startswith("torchinductor_")
+    assert "default" in source
+
+    assert cache_state(str(tmp_path / "ind")) == {"exists": False, "entries": 0}
+    (tmp_path / "ind" / "fxgraph" / "ab").mkdir(parents=True)
+    (tmp_path / "ind" / "fxgraph" / "ab" / "entry").write_text("x")
+    (tmp_path / "ind" / "triton.so").write_text("x")
+    assert cache_state(str(tmp_path / "ind")) == {"exists": True, "entries": 2}
+    assert cache_label({"entries_before": 0, "entries_after": 40}) == "cold; +40 written"
+    assert cache_label({"entries_before": 1234, "entries_after": 1236}) == "warm (cache had 1,234 entries); +2 written"
+    assert cache_label(None) == "-"
+
+
+def c8_record(epoch: int, epoch_s: float, setup_s: float | None = None, step_mode: str = "cuda-graph") -> dict:
+    return {**record(epoch, 1.0, 0.5), "epoch_s": epoch_s, "setup_s": setup_s, "step_mode": step_mode}
+
+
+def test_c8_reports_one_time_cost_apart_with_spread_and_cache_state(tmp_path: Path) -> None:
+    """Issue 11: per mode setup + (epoch 1 - steady mean) as the one-time cost, the steady window's mean and
+    min-max over epochs 6-10 of 10, speed-up vs eager, the step mode and the cache state."""
+    def run(label: str, mode: str, setup: float, first: float, steady: list[float], step: str) -> dict:
+        recs = [c8_record(1, first, setup, step)] + [c8_record(e, 9.0, step_mode=step) for e in range(2, 6)]
+        recs += [c8_record(6 + i, s, step_mode=step) for i, s in enumerate(steady)]
+        return fake_run(label, recs, compile=mode)
+
+    runs = [run("eager", "none", 2.0, 4.0, [3.0, 3.0, 3.0, 3.0, 3.0], "cuda-graph"),
+            run("compile-default", "default", 40.0, 1.6, [1.4, 1.5, 1.5, 1.5, 1.6], "cuda-graph"),
+            run("compile-reduce-overhead", "reduce-overhead", 0.5, 50.0, [2.0, 2.0, 2.0, 2.0, 2.0], "eager")]
+    result = {"failures": {"max-autotune": "RuntimeError: no triton"}, "epochs": 10, "steady_from": 6,
+              "cache_dir": "/tmp/torchinductor_alice", "cache_dir_source": "torch's documented default",
+              "fx_graph_cache": True,
+              "cache": {"default": {"entries_before": 0, "entries_after": 300, "state": "cold"},
+                        "reduce-overhead": {"entries_before": 300, "entries_after": 310, "state": "warm"},
+                        "max-autotune": {"entries_before": 310, "entries_after": 310, "state": "warm"}}}
+    lab = write_lab(tmp_path, {"c8": {"title": "C8 torch.compile", "status": "completed", "runs": runs,
+                                      "result": result}}, ["c8"])
+    build_report(lab)
+    md = (lab / "report.md").read_text()
+    assert ("| mode | step | setup s (before epoch 1) | epoch 1 s | steady s/epoch (mean, epochs 6-10) | "
+            "steady spread s (min-max) | one-time cost s (setup + epoch 1 - steady) | steady speed-up vs eager | "
+            "compile cache | status |") in md
+    assert "| eager | cuda-graph | 2.00 | 4.000 | 3.000 | 3.000-3.000 | 3.00 | 1.00x | - | completed |" in md
+    # default: 40 + 1.6 - 1.5 = 40.1 s once; 3.0 / 1.5 = 2.00x
+    assert "| compile-default | cuda-graph | 40.00 | 1.600 | 1.500 | 1.400-1.600 | 40.10 | 2.00x | cold; +300 written |" in md
+    assert ("| compile-reduce-overhead | eager | 0.50 | 50.000 | 2.000 | 2.000-2.000 | 48.50 | 1.50x | "
+            "warm (cache had 300 entries); +10 written |") in md
+    assert "failed: RuntimeError: no triton" in md and "/tmp/torchinductor_alice" in md
+    assert (lab / "csv" / "c8_compile.csv").read_text().startswith("mode,step,setup s")
+
+
+def test_c8_from_a_lab_without_cache_state_keeps_its_old_table(tmp_path: Path) -> None:
+    runs = [fake_run("eager", [record(1, 2.0, 0.2), record(2, 2.0, 0.3)])]
+    lab = write_lab(tmp_path, {"c8": {"title": "C8 torch.compile", "status": "completed", "runs": runs,
+                                      "result": {"failures": {}, "epochs": 2}}}, ["c8"])
+    build_report(lab)
+    md = (lab / "report.md").read_text()
+    assert "| mode | first epoch s (incl. compilation) | steady s/epoch (epochs 2-2) |" in md
+    assert "| eager | 2.000 | 2.000 | 1.00x | completed |" in md and "compile cache" not in md

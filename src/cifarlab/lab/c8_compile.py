@@ -1,7 +1,13 @@
-"""C8: torch.compile modes against eager, first epoch (compilation) vs steady epochs."""
+"""C8: torch.compile modes against eager: the one-time cost (setup before epoch 1 + what epoch 1 pays beyond a
+steady epoch: compilation, autotuning, capture) reported apart from the steady epochs, and whether inductor's
+on-disk cache was cold or warm before each compiled run."""
 
 from __future__ import annotations
 
+import getpass
+import os
+import re
+import tempfile
 from typing import Any
 
 from cifarlab.config import COMPILE_MODES
@@ -10,6 +16,47 @@ from cifarlab.lab.sections import REF, REFERENCE, pipelines_para, runs_para
 from cifarlab.report.blocks import Block, Note, Para, Table, finite, fs, mean, ok_records, run_named, runs_of
 from cifarlab.report.plots import ReportContext
 
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+MAX_COUNTED_ENTRIES = 1_000_000  # stop counting there (a shared cache can be huge; the count is a signal)
+
+
+def inductor_cache_dir() -> tuple[str, str]:
+    """(inductor's on-disk cache folder, how it was found). torch has no public accessor for it; its caching
+    tutorial documents the env variable TORCHINDUCTOR_CACHE_DIR and, without it, a per-user folder
+    torchinductor_<username> in the system temp directory (e.g. /tmp/torchinductor_alice): computed here
+    the same way (torch replaces characters a path cannot hold in the username)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return os.path.abspath(env), f"from ${CACHE_ENV}"
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError, ImportError):
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+    user = re.sub(r'[\\/:*?"<>|]', "_", user)
+    return (os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"),
+            f"torch's documented default, ${CACHE_ENV} unset")
+
+
+def cache_state(path: str) -> dict[str, Any]:
+    """How full the cache folder is now: entries = files below it (0 when it does not exist yet)."""
+    entries = 0
+    for _, _, files in os.walk(path):
+        entries += len(files)
+        if entries >= MAX_COUNTED_ENTRIES:
+            break
+    return {"exists": os.path.isdir(path), "entries": entries}
+
+
+def cache_label(state: dict[str, Any] | None) -> str:
+    """'cold' / 'warm (cache had N entries)' for the report (eager runs: '-')."""
+    if not state:
+        return "-"
+    before = state.get("entries_before", 0)
+    label = "cold" if not before else f"warm (cache had {before:,} entries)"
+    if state.get("entries_after") is not None:
+        label += f"; +{max(0, state['entries_after'] - before):,} written"
+    return label
+
 
 def c8_compile(ctx: LabContext) -> dict[str, Any]:
     p = ctx.preset
@@ -17,22 +64,119 @@ def c8_compile(ctx: LabContext) -> dict[str, Any]:
         return {"skipped": (f"torch.compile not measured: on a CPU-only machine compiling ResNet-18 takes minutes "
                             f"per mode, beyond the {p.name} preset's time budget (the full preset runs it)")}
     base = ctx.fast(ctx.base).replace(epochs=p.compile_epochs, evaluate=False)
+    cache_dir, cache_source = inductor_cache_dir()
+    fx_cache_off = os.environ.get("TORCHINDUCTOR_FX_GRAPH_CACHE") == "0"
     failures: dict[str, str] = {}
+    cache: dict[str, dict[str, Any]] = {}
     for mode in COMPILE_MODES:
         label = "eager" if mode == "none" else f"compile-{mode}"
+        if mode != "none":
+            before = cache_state(cache_dir)
+            cache[mode] = {"entries_before": before["entries"], "existed": before["exists"]}
         try:
             ctx.train("c8", label, base.replace(compile=mode), reuse=False)
         except LabInterrupted:
             raise
         except Exception as e:  # a backend that cannot compile here is a finding, not a crash
             failures[mode] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-    return {"failures": failures, "epochs": p.compile_epochs}
+        finally:
+            if mode in cache:
+                cache[mode]["entries_after"] = cache_state(cache_dir)["entries"]
+                cache[mode]["state"] = "warm" if cache[mode]["entries_before"] else "cold"
+    return {"failures": failures, "epochs": p.compile_epochs, "steady_from": p.compile_epochs // 2 + 1,
+            "cache": cache, "cache_dir": cache_dir, "cache_dir_source": cache_source, "fx_graph_cache": not fx_cache_off}
+
+
+def steady_stats(run: dict[str, Any], first_steady: int) -> dict[str, Any]:
+    """Epoch 1, setup, the steady window's mean and min-max, and the one-time cost of one C8 run."""
+    recs = ok_records(run)
+    st = [x["epoch_s"] for x in recs if x["epoch"] >= first_steady and finite(x.get("epoch_s"))]
+    first = recs[0]["epoch_s"] if recs else None
+    setup = recs[0].get("setup_s") if recs else None
+    steady = mean(st)
+    once = ((setup or 0.0) + first - steady) if finite(first) and finite(steady) else None
+    return {"first": first, "setup": setup, "steady": steady, "min": min(st, default=None), "max": max(st, default=None),
+            "once": once, "step": (run.get("summary") or {}).get("step_mode") or (recs[0].get("step_mode") if recs else None)}
+
+
+def _speedup(base: float | None, st: float | None) -> str:
+    return f"{base / st:.2f}x" if finite(base) and finite(st) and st else "n/a"
+
+
+def _cache_blocks(res: dict[str, Any]) -> list[Block]:
+    fx = "" if res.get("fx_graph_cache", True) else " (the FX graph cache was off: TORCHINDUCTOR_FX_GRAPH_CACHE=0)"
+    return [Para(
+        f"Compilation cache: inductor's on-disk caches (FX graph and AOTAutograd artifacts, Triton kernels, "
+        f"autotuning results) live in `{res['cache_dir']}` ({res.get('cache_dir_source', '?')}){fx}. Before each "
+        f"compiled run the lab counted the files below it: **cold** = none, **warm (cache had N entries)** = N files "
+        f"from earlier labs or runs, or from this lab's earlier modes (so warm says the cache was populated, not that "
+        f"this mode's graphs were in it); '+M written' = files the run added (a compile from scratch writes many, a "
+        f"cache hit few). A second lab on the same machine finds it warm and its one-time cost shrinks.")]
 
 
 def render_c8(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     res = entry.get("result", {})
     if res.get("skipped"):
         return [Note(f"Skipped: {res['skipped']}."), Para(f"{REF}: {REFERENCE['c8']}.")]
+    if "cache" not in res:  # lab folders written before setup_s and the cache state were recorded
+        return _render_c8_v1(entry, rc)
+    runs = runs_of(entry)
+    eager = run_named(entry, "eager")
+    n = res.get("epochs", 0)
+    first_steady = res.get("steady_from", n // 2 + 1)  # the lab: epochs 6-10 of 10
+    stats = {r["label"]: steady_stats(r, first_steady) for r in runs}
+    base = stats["eager"]["steady"] if eager else None
+    rows = []
+    for r in runs:
+        s = stats[r["label"]]
+        mode = r.get("config", {}).get("compile", "none")
+        rows.append([r["label"], s["step"] or "?", fs(s["setup"], 2), fs(s["first"], 3), fs(s["steady"], 3),
+                     f"{fs(s['min'], 3)}-{fs(s['max'], 3)}", fs(s["once"], 2), _speedup(base, s["steady"]),
+                     cache_label(res["cache"].get(mode)), r["status"]])
+    for mode, err in res.get("failures", {}).items():
+        rows.append([f"compile-{mode}", "", "", "n/a", "n/a", "", "", "n/a", cache_label(res["cache"].get(mode)),
+                     f"failed: {err}"])
+    for mode, why in res.get("not_run", {}).items():
+        rows.append([f"compile-{mode}", "", "", "", "", "", "", "", "", f"not run: {why}"])
+    blocks: list[Block] = [
+        pipelines_para(entry, rc.doc),
+        Table(["mode", "step", "setup s (before epoch 1)", "epoch 1 s", f"steady s/epoch (mean, epochs {first_steady}-{n})",
+               "steady spread s (min-max)", "one-time cost s (setup + epoch 1 - steady)", "steady speed-up vs eager",
+               "compile cache", "status"], rows, csv="c8_compile"),
+        Para(f"Protocol: each mode trains a fresh seeded model for {n} epochs on the fast path (no evaluation). "
+             f"Setup is the one-time work the engine does before epoch 1's clock (on CUDA: cuDNN autotuning, "
+             f"warm-up steps, the step's CUDA-graph capture, and with `--compile default` the compilation of the "
+             f"kernels captured inside it); whatever one-time work is left lands in epoch 1 (on a CPU, and for "
+             f"reduce-overhead / max-autotune, whose step runs eagerly around torch's own graphs: their "
+             f"compilation). So the one-time cost = setup + (epoch 1 - steady mean) is the compile cost apart from "
+             f"the epoch time, and the steady mean over epochs {first_steady}-{n} (spread min-max) is what a "
+             f"compiled epoch costs after it. Step: cuda-graph = the whole step replayed as one captured graph, "
+             f"eager = launched op by op. {REF}: {REFERENCE['c8']}."),
+        *_cache_blocks(res),
+    ]
+    if res.get("failures"):
+        blocks.append(Note("Compile failed for: " + "; ".join(f"{m} ({e})" for m, e in res["failures"].items())))
+
+    def draw(fig: Any) -> None:
+        ax = fig.subplots()
+        labels = [r["label"] for r in runs]
+        xs = range(len(labels))
+        for dx, key, name in ((-0.27, "once", "one-time cost"), (0.0, "first", "epoch 1"), (0.27, "steady", "steady epoch")):
+            ax.bar([x + dx for x in xs], [stats[lb][key] or 0.0 for lb in labels], width=0.27, label=name)
+        ax.set_xticks(list(xs), labels, fontsize=7)
+        ax.set(ylabel="seconds", title="C8 torch.compile")
+        ax.legend(fontsize=7)
+
+    if runs:
+        blocks.append(rc.plot("c8_compile", "C8 one-time cost, epoch 1 and steady epoch per compile mode", draw,
+                              size=(6, 3.6)))
+    blocks.append(runs_para(entry))
+    return blocks
+
+
+def _render_c8_v1(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
+    """The section as lab folders without the cache state were rendered (kept byte for byte)."""
+    res = entry.get("result", {})
     runs = runs_of(entry)
     eager = run_named(entry, "eager")
     n = res.get("epochs", 0)
@@ -46,8 +190,7 @@ def render_c8(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     for r in runs:
         recs = ok_records(r)
         st = steady(r)
-        rows.append([r["label"], fs(recs[0]["epoch_s"], 3) if recs else "n/a", fs(st, 3),
-                     f"{base / st:.2f}x" if finite(base) and finite(st) and st else "n/a", r["status"]])
+        rows.append([r["label"], fs(recs[0]["epoch_s"], 3) if recs else "n/a", fs(st, 3), _speedup(base, st), r["status"]])
     for mode, err in res.get("failures", {}).items():
         rows.append([f"compile-{mode}", "n/a", "n/a", "n/a", f"failed: {err}"])
     blocks: list[Block] = [
