@@ -214,6 +214,7 @@ class LabPreset:
     chance_margin: float = 0.05  # C6: final train top-1 below chance + this is flagged "stuck at chance"
     sweep_timed_steps: int | None = None  # C3: time this many steps per run after the iterator start and
     # extrapolate per epoch (None: whole epochs, as before)
+    compile_modes: tuple[str, ...] = COMPILE_MODES  # C8: eager ("none") and the modes measured (--budget may cut)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -254,6 +255,7 @@ class LabConfig:
     dataset: str = "auto"
     out_dir: str = "runs"
     seed: int = 0
+    budget_min: float | None = None  # --budget: size C3 and C8 to fit this many minutes (None: no budget)
 
 
 # ------------------------------------------------------------------------- the scaling suite
