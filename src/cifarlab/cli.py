@@ -71,6 +71,8 @@ def _add_lab(sub: Any) -> None:
                    help="auto (default: CIFAR-10 when on disk or downloadable, else synthetic), cifar10, synthetic")
     p.add_argument("--out", dest="out_dir", metavar="DIR", help="where the lab folder is created (default runs/)")
     p.add_argument("--seed", type=int, help="base seed (default 0)")
+    p.add_argument("--budget", dest="budget_min", type=float, metavar="MINUTES",
+                   help="size C3's and C8's repeats and steps to fit this many minutes (the report says what was cut)")
     p.set_defaults(func=run_command("lab"))
 
 
