@@ -27,7 +27,7 @@ from cifarlab.config import TrainConfig
 from cifarlab.data import DataBundle, build_loaders
 from cifarlab.doctor_advice import Candidate, Diagnosis, HostFacts, Measurement, choose_repeats, classify, plan_round, propose
 from cifarlab.doctor_report import Summary, noise_share, rank, summarize, verdict
-from cifarlab.engine import EpochRecord, build_state, resolve_precision, seed_epoch, train_epoch
+from cifarlab.engine import EpochRecord, build_state, ensure_step_runner, resolve_precision, seed_epoch, train_epoch
 from cifarlab.errors import UsageError
 from cifarlab.runner import is_out_of_memory, oom_message, prepare, release_device_memory
 from cifarlab.runtime import cpu_flags, cpu_has_native_bf16, environment, seed_everything, usable_cpus
@@ -175,8 +175,11 @@ def _gpu_busy_s(stream: _Stream, cfg: TrainConfig, state: Any, steps: int) -> fl
     lands on the host, not in the kernels' own durations, so the busy time itself stays honest)."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         stream.run(cfg, state, steps)
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    try:
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    except (AttributeError, RuntimeError):  # a profiler without device events: busy fraction not measured
+        return None
     if not spans:
         return None
     busy_us, cur_start, cur_end = 0.0, spans[0][0], spans[0][1]
@@ -212,6 +215,9 @@ def measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int
     seed_everything(cfg.seed)
     train_loader, _ = build_loaders(cfg, data, device)
     state = build_state(cfg, device)
+    # The step runner (eager, or one captured CUDA graph per step) and its one-time setup, built from the
+    # real loader (its batch sizes and sample shape), before any window and outside them.
+    runner = ensure_step_runner(cfg, state, train_loader)
     stream = _Stream(train_loader, cfg.seed)
     per_epoch = len(train_loader)
     try:
@@ -261,14 +267,14 @@ def measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int
         warmup_steps=warmup_steps, window_steps=steps, cost_s=cost_s, process_cpu_s=cpu1 - cpu0, workers_cpu_s=workers_cpu,
         peak_memory_bytes=peak, memory_total_bytes=total,
         gpu_busy_s=None if busy_per_step is None else busy_per_step * epoch_steps,
-        dispatch_us=op_us, load_average=load,
+        dispatch_us=op_us, load_average=load, step_mode=runner.mode, setup_s=runner.setup_s,
         main_run_s=sched1[0] - sched0[0] if sched0 and sched1 else None,
         main_wait_s=sched1[1] - sched0[1] if sched0 and sched1 else None,
         status="diverged" if any(r is not None and r.status == "diverged" for r in (first, steady)) else "ok",
     )
 
 
-def host_facts(cfg: TrainConfig, device: torch.device) -> HostFacts:
+def host_facts(cfg: TrainConfig, device: torch.device, baseline: Measurement) -> HostFacts:
     flags = cpu_flags()
     return HostFacts(
         device_type=device.type, usable_cpus=usable_cpus(), precision=resolve_precision(cfg.precision, device),
@@ -276,6 +282,7 @@ def host_facts(cfg: TrainConfig, device: torch.device) -> HostFacts:
         cpu_bf16=cpu_has_native_bf16(), cpu_fp16=bool(flags & {"avx512_fp16", "amx_fp16"}),
         cxx_compiler=any(shutil.which(c) for c in ("c++", "g++", "clang++")),
         has_cuda_graph_field="cuda_graph" in TrainConfig.__dataclass_fields__,
+        captured=baseline.step_mode != "eager",
     )
 
 
@@ -312,7 +319,7 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
     _say(stream, f"baseline r1: {doctor_report.one_line(baseline[0])}; windows of up to {steps} steps")
     diag = classify(baseline[0])
     _say(stream, f"diagnosis: {diag.label}: " + "; ".join(diag.evidence + diag.findings))
-    cands = propose(cfg, host_facts(cfg, device), diag, COMPILE_COST_S)
+    cands = propose(cfg, host_facts(cfg, device, baseline[0]), diag, COMPILE_COST_S)
     if only is not None:
         for c in cands:
             if c.status == "proposed" and not any(c.key.startswith(k) for k in only):

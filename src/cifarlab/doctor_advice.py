@@ -74,6 +74,8 @@ class Measurement:
     dispatch_us: float | None = None  # median CPU time of one trivial torch op, measured after the windows
     main_run_s: float | None = None  # the training (main) thread on a CPU during the timed windows
     main_wait_s: float | None = None  # ... runnable but waiting for a free CPU (taken by other threads/processes)
+    step_mode: str = "eager"  # engine's step runner: "eager" | "cuda-graph"
+    setup_s: float | None = None  # the step runner's one-time setup (warm-up, capture), outside every window
     load_average: float | None = None  # 1-minute load average at the end of the windows (other processes too)
     status: str = "ok"  # ok | diverged
 
@@ -249,6 +251,7 @@ class HostFacts:
     cpu_fp16: bool = False
     cxx_compiler: bool = True
     has_cuda_graph_field: bool = False
+    captured: bool = False  # the baseline's step already is one captured CUDA graph
 
 
 @dataclass
@@ -319,6 +322,9 @@ def propose(cfg: TrainConfig, host: HostFacts, diagnosis: Diagnosis, compile_s: 
     elif not host.has_cuda_graph_field:
         add(Candidate("cuda-graph", ["--cuda-graph on"], {}, "captured step (CUDA graph replay)", ("host",),
                       status="not applicable here", reason="this cifarlab has no captured step"))
+    elif host.captured:
+        add(Candidate("cuda-graph", ["--cuda-graph on"], {}, "captured step (CUDA graph replay)", ("host",),
+                      status="already set", reason="the baseline's step already is one captured CUDA graph"))
     elif getattr(cfg, "cuda_graph", "off") != "on":
         add(Candidate("cuda-graph", ["--cuda-graph on"], {"cuda_graph": "on"}, "one graph launch per step instead of "
                       "hundreds of kernel launches", ("host",), extra_cost_s=compile_s["cuda_graph"]))

@@ -202,6 +202,7 @@ def _measured_facts(result: "DoctorResult") -> list[str]:
     windows = ", ".join(f"{w['window']} {w['steps']} step(s) x{w['weight']:.3g}" for w in m.windows)
     out = [f"each measurement: {result.warmup_steps} untimed warm-up step(s), then timed windows {windows} "
            f"= one epoch of {m.steps} steps; starting the loader's iterator took {m.loader_start_s:.2f} s (in data)"]
+    out.append(f"step runner: {m.step_mode}" + (f" (one-time setup {m.setup_s:.2f} s, outside every window)" if m.setup_s else ""))
     if m.cpu_share is not None:
         out.append(f"training process CPU: {m.process_cpu_s / m.timed_s:.2f} cores busy of "
                    f"{min(m.torch_threads, m.usable_cpus)} its threads could use ({m.cpu_share:.0%})"
