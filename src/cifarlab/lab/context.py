@@ -86,7 +86,8 @@ class LabContext:
 
         if self.should_stop():
             raise LabInterrupted(f"{key}/{label} not started")
-        identity = cfg.replace(name="run", out_dir="", tags=())
+        # checkpoint_every changes what the run keeps, not what it trains (C1 keeps its last epoch for E)
+        identity = cfg.replace(name="run", out_dir="", tags=(), checkpoint_every=0)
         if reuse and data is None and identity in self._done:
             info = {**self._done[identity], "label": label, "reused": True}
             self.runs.setdefault(key, []).append(info)
