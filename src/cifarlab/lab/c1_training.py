@@ -1,17 +1,25 @@
-"""C1: train ResNet-18 as the lab sets it up (fast path) and report per-epoch loss and top-1."""
+"""C1: train ResNet-18 as the lab sets it up (fast path) and report per-epoch loss and top-1. The run keeps
+a checkpoint of its last epoch only: E exports that trained model."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from cifarlab.config import TrainConfig
 from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
 from cifarlab.lab.sections import REF, REFERENCE, pipelines_para, runs_para, short_run_note
 from cifarlab.report.blocks import Block, Table, finite, fs, ok_records, pct, runs_of
 from cifarlab.report.plots import ReportContext, curves
 
 
+def c1_config(ctx: LabContext) -> TrainConfig:
+    """C1's run: the fast path, with one checkpoint after the last epoch (the lab's runs keep none) so E can
+    export the trained model. The lab reuses runs by what they train, so C5/C6/C7 still reuse this one."""
+    return ctx.fast(ctx.base).replace(checkpoint_every=ctx.base.epochs)
+
+
 def c1_training(ctx: LabContext) -> dict[str, Any]:
-    ctx.train("c1", "sgd", ctx.fast(ctx.base))
+    ctx.train("c1", "sgd", c1_config(ctx))
     return {}
 
 
