@@ -176,6 +176,7 @@ def test_every_ranked_figure_comes_from_its_own_rerun(tiny, monkeypatch, tmp_pat
     by_label = dict(calls)
     assert by_label["workers-0 r1"].workers == 0 and by_label["loader-device r2"].loader == "device"
     assert by_label["batch-16 r1"].batch_size == 16 and by_label["baseline r2"] == cfg
+    assert all(m.workers_cpu_s is not None and m.workers_cpu_s >= 0 for m in result.baseline)  # the 1 worker's CPU
     assert result.recommendation.startswith("recommendation: ")
     saved = json.loads((result.path / "doctor.json").read_text())
     assert saved["schema"] == "cifarlab.doctor/1" and saved["environment"]["cpu_count_usable"] >= 1

@@ -119,25 +119,27 @@ def _sync_now(device: torch.device) -> float:
 def _children_cpu_s() -> float | None:
     """CPU seconds used so far by this process's live descendants (the loader workers, also when a
     forkserver or spawn parent sits between), from /proc; None where /proc does not tell."""
-    try:
-        total, todo, seen = 0, ["self"], set()
-        while todo:
-            pid = todo.pop()
+    if not os.path.exists("/proc/self/task"):
+        return None
+    total, todo, seen = 0, ["self"], set()
+    while todo:
+        pid = todo.pop()
+        try:  # a process may exit at any point of this walk: skip it, keep the others
             for task in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{task}/children") as f:
                     kids = [k for k in f.read().split() if k not in seen]
                 seen.update(kids)
                 todo += kids
-        for pid in seen:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except FileNotFoundError:  # exited meanwhile
-                continue
+        except OSError:
+            continue
+    for pid in seen:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
-        return total / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 DISPATCH_OPS, DISPATCH_ROUNDS = 2000, 5
