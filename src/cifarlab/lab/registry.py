@@ -12,6 +12,7 @@ from cifarlab.lab import (
     c6_optimizers,
     c7_batchnorm,
     c8_compile,
+    e_export,
     q_facts,
 )
 from cifarlab.lab.context import Experiment
@@ -25,7 +26,7 @@ from cifarlab.lab.scaling import (
 )
 
 LAB_ITEMS: tuple[Experiment, ...] = (
-    c1_training.ITEM, c2_breakdown.ITEM, c3_workers.ITEM, c4_profile.ITEM, c5_cpu_gpu.ITEM,
+    c1_training.ITEM, e_export.ITEM, c2_breakdown.ITEM, c3_workers.ITEM, c4_profile.ITEM, c5_cpu_gpu.ITEM,
     c6_optimizers.ITEM, c7_batchnorm.ITEM, c8_compile.ITEM, q_facts.ITEM,
 )
 SCALING_ITEMS: tuple[Experiment, ...] = (
