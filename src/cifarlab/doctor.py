@@ -338,7 +338,8 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
         rounds = choose_repeats(costs, base_cost(), left(), repeats - r + 1)  # rounds still affordable, this one included
         kept = set(plan_round(costs, base_cost(), left(), rounds))
         reserve_runs = rounds  # this round's baseline repeat and the later rounds': the noise needs them
-        if not kept and r == 1:  # not even one candidate and a baseline repeat: one unconfirmed figure beats none
+        if not kept and (r == 1 or len(baseline) >= 2):  # no room for a candidate plus a baseline repeat, and the
+            # noise is known (or nothing ran yet): one more, unconfirmed figure beats leaving the budget unused
             kept, reserve_runs = set(plan_round(costs, 0.0, left(), 1)), 0
         if not kept:
             break
