@@ -18,7 +18,7 @@ from cifarlab import inferbench as ib
 from cifarlab.checkpoint import CHECKPOINT_NAME
 from cifarlab.errors import UsageError
 from cifarlab.lab.c1_training import c1_config
-from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
+from cifarlab.lab.context import Experiment, LabContext, LabInterrupted, PlannedRuns
 from cifarlab.lab.sections import pipelines_para, runs_para
 from cifarlab.report.blocks import Block, Code, Note, Para, Table, fs, pct, runs_of
 from cifarlab.report.plots import ReportContext
@@ -107,6 +107,8 @@ def e_export(ctx: LabContext) -> dict[str, Any]:
         if report["artifacts"][fmt]["graph_file"]:
             header, body = _clip(ex.graph_excerpt(out / "export", fmt, 4 * EXCERPT_LINES))
             excerpts[fmt] = {"file": report["artifacts"][fmt]["graph_file"], "header": header, "text": body}
+    if ctx.should_stop():  # Ctrl-C during the export: the files are written, the timing is not started
+        raise LabInterrupted("e: latency not measured")
     devices = [torch.device("cpu")] + ([torch.device(ctx.device)] if ctx.device.type == "cuda" else [])
     variants: list[ib.Variant] = []
     not_timed: dict[str, dict[str, str]] = {}
@@ -159,7 +161,7 @@ def format_blocks(res: dict[str, Any]) -> list[Block]:
     if cuda:
         blocks.append(Table(["format (reloaded on the GPU)", "max abs logit diff vs eager on the GPU", "same at batch 1",
                              "top-1 agreement", "tolerance", "check"],
-                            [[name, _diff(c["max_abs_logit_diff"]), _diff(c["batch1_max_abs_logit_diff"]),
+                            [[FORMAT_TITLES.get(name, name), _diff(c["max_abs_logit_diff"]), _diff(c["batch1_max_abs_logit_diff"]),
                               f"{c['top1_agree']}/{c['images']}", f"{c['tolerance_abs']:.2g}", "ok" if c["ok"] else "MISMATCH"]
                              for name, c in cuda.items()], csv="e_formats_cuda"))
     return blocks
