@@ -50,7 +50,7 @@ def test_smoke_lab_completes_and_records_machine(smoke_lab: tuple[int, Path, str
     for k in ("cpu_model", "cpu_count_usable", "cpu_count_host", "gpu_name", "torch", "cuda_version", "python"):
         assert k in doc["machine"], k
     assert doc["data"]["source"] == "synthetic" and "SYNTHETIC" in doc["data"]["banner"]
-    assert doc["order"] == ["c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "q"]
+    assert doc["order"] == ["c1", "e", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "q"]  # E (export) right after C1
     for key, entry in doc["experiments"].items():
         assert entry["status"] in ("completed", "skipped"), (key, entry.get("error"))
         for run in entry["runs"]:  # every run is an ordinary run folder inside the lab folder
@@ -206,6 +206,11 @@ def test_ctrl_c_keeps_finished_work_and_marks_the_rest_not_run(tmp_path: Path, m
     (["lab", "--suite", "nope"], "'nope'"),
     (["lab", "--repeats", "0"], "--repeats"),
     (["lab", "--only", ","], "--only"),
+    (["lab", "--budget", "0"], "--budget"),
+    (["lab", "--budget", "-2"], "--budget"),
+    (["lab", "--budget", "nan"], "--budget"),
+    (["lab", "--budget", "inf"], "--budget"),
+    (["lab", "--budget", "five"], "--budget"),
     (["report", "/definitely/not/a/lab"], "not a lab folder"),
 ])
 def test_bad_lab_input_exits_2_with_one_line(argv: list[str], needle: str, tmp_path: Path,
@@ -280,3 +285,49 @@ def test_c3_sized_by_timed_steps_extrapolates_and_states_its_protocol(tmp_path: 
     assert all(r["config"]["max_steps"] == 1 and r["config"]["epochs"] == 1 for r in runs.values())
     md = section((lab / "report.md").read_text(), "C3")
     assert "Protocol: each run" in md and "**extrapolated**" in md and "Stop rule" in md
+
+
+def test_budget_cuts_in_order_and_says_what_it_cut() -> None:
+    """Issue 11: --budget takes the cuts one by one (C3's repeats, its timed steps, C8's max-autotune, ...)
+    until the estimate fits, and describes them; all of them when nothing fits."""
+    from cifarlab.config import LAB_PRESETS
+    from cifarlab.lab.budget import describe_cuts, ladder, search
+
+    full = LAB_PRESETS["full"]
+    compile_s = {"default": 100, "reduce-overhead": 100, "max-autotune": 500}
+
+    def estimate(p, r: int) -> float:  # C3 per timed step and repeat, C8 compile + per epoch
+        return r * (p.sweep_timed_steps or 0) + sum(compile_s.get(m, 0) for m in p.compile_modes) + 10 * p.compile_epochs
+
+    assert estimate(full, 3) == 1100
+    (p, r), fits = search((full, 3), ladder(True, True), lambda p, r: estimate(p, r) <= 2000)
+    assert fits and (p, r) == (full, 3) and describe_cuts((full, 3), (p, r)) == []
+    (p, r), fits = search((full, 3), ladder(True, True), lambda p, r: estimate(p, r) <= 650)
+    assert fits and estimate(p, r) == 400
+    assert describe_cuts((full, 3), (p, r)) == ["C3: 2 repeats instead of 3", "C3: 50 timed steps per run instead of 100",
+                                                "C8: max-autotune not run"]
+    (p, r), fits = search((full, 3), ladder(True, True), lambda p, r: estimate(p, r) <= 1)
+    assert not fits and p.compile_modes == ("none",) and r == 1 and p.sweep_timed_steps == 25
+    assert describe_cuts((full, 3), (p, r)) == [
+        "C3: 1 repeat instead of 3", "C3: 25 timed steps per run instead of 100",
+        "C3: at most 2 worker counts instead of until the data wait stops improving", "C8: not run (no compile mode fits)"]
+    (p, r), _ = search((full, 3), ladder(False, True), lambda p, r: estimate(p, r) <= 1)  # C3 not in the lab: untouched
+    assert r == 3 and p.sweep_timed_steps == 100
+    (p, r), fits = search((full, 3), ladder(True, True), lambda p, r: estimate(p, r) <= 230)
+    assert fits and describe_cuts((full, 3), (p, r)) == [
+        "C3: 1 repeat instead of 3", "C3: 25 timed steps per run instead of 100",
+        "C8: reduce-overhead, max-autotune not run", "C8: 6 epochs per mode instead of 10 (steady epochs 4-6)"]
+
+
+def test_a_tiny_budget_cuts_c3_and_the_report_says_so(tmp_path: Path) -> None:
+    assert main(["lab", "--preset", "smoke", "--only", "c3", "--repeats", "3", "--budget", "0.01",
+                 "--out", str(tmp_path)]) == 0
+    (lab,) = tmp_path.glob("*-lab-*")
+    doc = results(lab)
+    b = doc["budget"]
+    assert b["budget_s"] == 0.6 and not b["fits"] and b["cuts"] == ["C3: 1 repeat instead of 3"]
+    assert doc["repeats"] == 1 and doc["lab_config"]["budget_min"] == 0.01
+    assert b["estimate_s"] < b["estimate_before_s"]
+    assert all(len(p["runs"]) == 1 for p in doc["experiments"]["c3"]["result"]["points"])
+    header = (lab / "report.md").read_text().split("## C3")[0]
+    assert "Cut: C3: 1 repeat instead of 3." in header and "still does not fit" in header

@@ -170,6 +170,7 @@ def test_c8_reports_one_time_cost_apart_with_spread_and_cache_state(tmp_path: Pa
             run("compile-default", "default", 40.0, 1.6, [1.4, 1.5, 1.5, 1.5, 1.6], "cuda-graph"),
             run("compile-reduce-overhead", "reduce-overhead", 0.5, 50.0, [2.0, 2.0, 2.0, 2.0, 2.0], "eager")]
     result = {"failures": {"max-autotune": "RuntimeError: no triton"}, "epochs": 10, "steady_from": 6,
+              "not_run": {"max-autotune": "cut by --budget"},
               "cache_dir": "/tmp/torchinductor_alice", "cache_dir_source": "torch's documented default",
               "fx_graph_cache": True,
               "cache": {"default": {"entries_before": 0, "entries_after": 300, "state": "cold"},
@@ -188,6 +189,7 @@ def test_c8_reports_one_time_cost_apart_with_spread_and_cache_state(tmp_path: Pa
     assert ("| compile-reduce-overhead | eager | 0.50 | 50.000 | 2.000 | 2.000-2.000 | 48.50 | 1.50x | "
             "warm (cache had 300 entries); +10 written |") in md
     assert "failed: RuntimeError: no triton" in md and "/tmp/torchinductor_alice" in md
+    assert "| compile-max-autotune |  |  |  |  |  |  |  |  | not run: cut by --budget |" in md
     assert (lab / "csv" / "c8_compile.csv").read_text().startswith("mode,step,setup s")
 
 

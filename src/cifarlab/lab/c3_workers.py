@@ -184,9 +184,16 @@ def sweep_epochs(p: LabPreset, cuda: bool) -> int:
 
 
 def plan_c3(ctx: LabContext) -> list[PlannedRuns]:
-    points = min(ctx.preset.sweep_max_points or 4, 4)
-    return [PlannedRuns("classic", ctx.repeats * points, ctx.preset.epochs, evaluate=False,
-                        note=f"{points} worker counts assumed; the stop rule decides")]
+    p = ctx.preset
+    points = min(p.sweep_max_points or 4, 4)
+    note = f"{points} worker counts assumed; the stop rule decides"
+    steps_per_epoch = -(-len(ctx.data.train) // ctx.base.batch_size)
+    if ctx.base.max_steps:
+        steps_per_epoch = min(steps_per_epoch, ctx.base.max_steps)
+    if p.sweep_timed_steps is not None and steps_per_epoch > p.sweep_timed_steps:  # sized runs: one epoch of timed steps
+        return [PlannedRuns("classic", ctx.repeats * points, 1, evaluate=False,
+                            images=p.sweep_timed_steps * ctx.base.batch_size, note=note)]
+    return [PlannedRuns("classic", ctx.repeats * points, p.epochs, evaluate=False, note=note)]
 
 
 ITEM = Experiment("c3", "C3 Data-loader worker sweep", c3_workers, render_c3, sweep_epochs, plan=plan_c3)

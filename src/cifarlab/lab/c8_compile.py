@@ -63,12 +63,14 @@ def c8_compile(ctx: LabContext) -> dict[str, Any]:
     if ctx.device.type == "cpu" and not p.compile_on_cpu:
         return {"skipped": (f"torch.compile not measured: on a CPU-only machine compiling ResNet-18 takes minutes "
                             f"per mode, beyond the {p.name} preset's time budget (the full preset runs it)")}
+    if not any(m != "none" for m in p.compile_modes):
+        return {"skipped": "torch.compile not measured: the --budget left no time for any compile mode"}
     base = ctx.fast(ctx.base).replace(epochs=p.compile_epochs, evaluate=False)
     cache_dir, cache_source = inductor_cache_dir()
     fx_cache_off = os.environ.get("TORCHINDUCTOR_FX_GRAPH_CACHE") == "0"
     failures: dict[str, str] = {}
     cache: dict[str, dict[str, Any]] = {}
-    for mode in COMPILE_MODES:
+    for mode in p.compile_modes:
         label = "eager" if mode == "none" else f"compile-{mode}"
         if mode != "none":
             before = cache_state(cache_dir)
@@ -83,8 +85,10 @@ def c8_compile(ctx: LabContext) -> dict[str, Any]:
             if mode in cache:
                 cache[mode]["entries_after"] = cache_state(cache_dir)["entries"]
                 cache[mode]["state"] = "warm" if cache[mode]["entries_before"] else "cold"
+    not_run = {m: "cut by --budget" for m in COMPILE_MODES if m not in p.compile_modes}
     return {"failures": failures, "epochs": p.compile_epochs, "steady_from": p.compile_epochs // 2 + 1,
-            "cache": cache, "cache_dir": cache_dir, "cache_dir_source": cache_source, "fx_graph_cache": not fx_cache_off}
+            **({"not_run": not_run} if not_run else {}), "cache": cache, "cache_dir": cache_dir,
+            "cache_dir_source": cache_source, "fx_graph_cache": not fx_cache_off}
 
 
 def steady_stats(run: dict[str, Any], first_steady: int) -> dict[str, Any]:
@@ -222,10 +226,12 @@ def _render_c8_v1(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
 
 
 def plan_c8(ctx: LabContext) -> list[PlannedRuns]:
-    if ctx.device.type == "cpu" and not ctx.preset.compile_on_cpu:
+    p = ctx.preset
+    if (ctx.device.type == "cpu" and not p.compile_on_cpu) or not any(m != "none" for m in p.compile_modes):
         return []
-    return [PlannedRuns("fast", 4, ctx.preset.compile_epochs, evaluate=False, note="compilation not included")]
+    return [PlannedRuns("fast", len(p.compile_modes), p.compile_epochs, evaluate=False, note="compilation not included")]
 
 
 ITEM = Experiment("c8", "C8 torch.compile", c8_compile, render_c8,
-                  lambda p, cuda: 4 * p.compile_epochs if (cuda or p.compile_on_cpu) else 0, plan=plan_c8)
+                  lambda p, cuda: len(p.compile_modes) * p.compile_epochs if (cuda or p.compile_on_cpu) else 0,
+                  plan=plan_c8)

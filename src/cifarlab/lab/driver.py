@@ -20,6 +20,7 @@ from cifarlab.engine import Hooks
 from cifarlab.errors import UsageError
 from cifarlab.fileio import write_json_atomic
 from cifarlab.interrupt import StopOnSignal
+from cifarlab.lab.budget import check_budget, fit_budget, print_budget
 from cifarlab.lab.context import LabContext
 from cifarlab.lab.registry import EXPERIMENTS, SUITES
 from cifarlab.lab.render import build_report
@@ -172,6 +173,7 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
     t_start = time.perf_counter()  # the lab's wall time: from here to the report written
     if lab.repeats is not None and (isinstance(lab.repeats, bool) or not 1 <= lab.repeats <= 100):
         raise UsageError(f"--repeats must be between 1 and 100 (got {lab.repeats}); the full preset uses 3")
+    budget_s = check_budget(lab.budget_min)
     keys = resolve_keys(lab.suite, lab.only)
     preset = resolve_preset(lab.preset, lab.device)
     base = base_config(lab, preset)
@@ -221,7 +223,15 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
         progress.should_stop = ctx.should_stop = stop.should_stop
         t_plan = time.perf_counter()
         doc["plan"] = make_plan(ctx, keys, EXPERIMENTS)
+        if budget_s is not None:  # --budget: a smaller preset for C3 and C8, re-estimated from the same calibration
+            cal = doc["plan"]["calibration"]
+            doc["budget"], doc["plan"] = fit_budget(ctx, doc["plan"], budget_s, time.perf_counter() - t_start,
+                                                    lambda c: make_plan(c, keys, EXPERIMENTS, cal))
+            doc["preset"], doc["repeats"] = ctx.preset.to_dict(), ctx.repeats
+            progress.planned = {k: EXPERIMENTS[k].planned_epochs(ctx.preset, cuda) for k in keys}
         print_plan(doc["plan"], out, fmt_duration)
+        if budget_s is not None:
+            print_budget(doc["budget"], out, fmt_duration)
         overhead["plan"] = time.perf_counter() - t_plan
         t0 = time.perf_counter()
         write_json_atomic(lab_dir / RESULTS_FILE, doc)

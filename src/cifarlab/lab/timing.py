@@ -14,6 +14,7 @@ import time
 from typing import Any, TextIO
 
 from cifarlab.engine import Hooks
+from cifarlab.lab.budget import budget_blocks
 from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
 from cifarlab.report.blocks import Block, Para, Table, fs
 from cifarlab.runner import run_training
@@ -74,11 +75,14 @@ def _group_estimate_s(ctx: LabContext, g: PlannedRuns, cal: dict[str, Any]) -> f
     return g.runs * (c["run_overhead_s"] + c["warmup_s"] + g.epochs * epoch_s)
 
 
-def make_plan(ctx: LabContext, keys: list[str], registry: dict[str, Experiment]) -> dict[str, Any]:
-    """Calibrate (when any item has a plan) and estimate each item; stored in results.json as "plan"."""
+def make_plan(ctx: LabContext, keys: list[str], registry: dict[str, Experiment],
+              cal: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Calibrate (when any item has a plan and no calibration is given) and estimate each item; stored in
+    results.json as "plan". With `cal` (an earlier plan's calibration) it only re-estimates: milliseconds."""
 
     planned = {k: registry[k].plan(ctx) if registry[k].plan else None for k in keys}
-    cal = calibrate(ctx) if any(p for p in planned.values()) else {"elapsed_s": 0.0}
+    if cal is None:
+        cal = calibrate(ctx) if any(p for p in planned.values()) else {"elapsed_s": 0.0}
     items = []
     for k in keys:
         groups = planned[k]
@@ -164,7 +168,7 @@ def time_table_blocks(doc: dict[str, Any]) -> list[Block]:
 
     rows = doc.get("time_table")
     if not rows:
-        return []
+        return budget_blocks(doc)
     wall = doc.get("elapsed_s") or 0.0
     total = sum(r["elapsed_s"] for r in rows)
     plan = doc.get("plan", {})
@@ -176,4 +180,4 @@ def time_table_blocks(doc: dict[str, Any]) -> list[Block]:
             f"(iterator start + steps x step time + evaluation)); it leaves out "
             + ("; ".join(f"{i['key']}: {i['note']}" for i in plan.get("items", []) if i.get("note")) or "nothing")
             + ". Reused runs (same config as an earlier item's) cost no time.")
-    return [Para(text), Table(COLUMNS, [_cells(r) for r in rows], csv="time_table")]
+    return [*budget_blocks(doc), Para(text), Table(COLUMNS, [_cells(r) for r in rows], csv="time_table")]
