@@ -161,7 +161,8 @@ def recommendation(result: "DoctorResult") -> str:
     """One line: the exact flags and the measured gain of the best change beating the noise, or none."""
     base = result.baseline_summary
     if result.best is None:
-        hint = [f"{' '.join(c.flags)} ({g:+.0%})" for c, s, g in result.ranked if verdict(s, base, result.noise).startswith("unconfirmed")]
+        hint = [f"{' '.join(c.flags)} ({g:+.0%})" for c, s, g in result.ranked
+                if g > 0 and verdict(s, base, result.noise).startswith("unconfirmed")]
         more = (f"; unconfirmed with one repeat: {', '.join(hint)} -- rerun with a larger --budget to confirm" if hint else "")
         return (f"recommendation: no change found that helps by more than the noise ({result.noise:.0%}); "
                 f"keep the current flags ({base.images_per_s_median:.1f} img/s){more}")
