@@ -76,7 +76,7 @@ def run_training(
     seed_everything(cfg.seed)
     with _oom_as_usage_error(cfg, device):
         train_loader, test_loader = build_loaders(cfg, data, device, rank=collectives.rank(),
-                                                  world=collectives.world_size())
+                                                  world=collectives.world_size() if collectives.is_active() else None)
         state = build_state(cfg, device)
     extra = dict(extra_status or {})
     extra.update(pid=os.getpid(), host=socket.gethostname())  # lets --resume refuse a run still alive

@@ -57,7 +57,7 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def build_torch_loaders(
-    cfg: TrainConfig, data: DataBundle, device: Any, rank: int = 0, world: int = 1
+    cfg: TrainConfig, data: DataBundle, device: Any, rank: int = 0, world: int | None = None
 ) -> tuple[Any, Any]:
     """The lab's classic pipeline: PIL transforms in DataLoader worker processes."""
     pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
@@ -71,7 +71,7 @@ def build_torch_loaders(
     # Under torchrun: DistributedSampler (this rank's share of one permutation per epoch; the engine
     # calls its set_epoch) for training, and a padding-free shard of the test split. Else None.
     train_sampler = None
-    if world > 1:
+    if world is not None:  # any torchrun world, 1 included: its order is DistributedSampler's
         train_sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
                                            drop_last=False)
     train = DataLoader(
@@ -97,6 +97,6 @@ def build_torch_loaders(
 
 
 
-def eval_shard(n: int, rank: int, world: int) -> list[int] | None:
+def eval_shard(n: int, rank: int, world: int | None) -> list[int] | None:
     """Rank r's test indices r, r+N, r+2N, ...: every image exactly once over all ranks, no padding."""
-    return None if world == 1 else list(range(rank, n, world))
+    return None if world is None else list(range(rank, n, world))

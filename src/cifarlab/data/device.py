@@ -155,11 +155,11 @@ class DeviceLoader:
 
 
 def build_device_loaders(
-    cfg: TrainConfig, data: DataBundle, device: torch.device, rank: int = 0, world: int = 1
+    cfg: TrainConfig, data: DataBundle, device: torch.device, rank: int = 0, world: int | None = None
 ) -> tuple[DeviceLoader, DeviceLoader]:
     """LOADER_BUILDERS["device"]: augmented, shuffled train batches; the test split plain, in order,
     at the test batch size. --workers, --pin-memory and friends do not apply."""
-    shard = {"rank": rank, "world": world}  # 0, 1 unless under torchrun
+    shard = {"rank": rank, "world": world or 1}  # 0, 1 unless under torchrun
     train = DeviceLoader(
         data.train.images, data.train.labels, cfg.batch_size, device,
         augment=cfg.augment, shuffle=True, channels_last=cfg.channels_last, seed=cfg.seed, **shard,

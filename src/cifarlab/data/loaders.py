@@ -1,4 +1,7 @@
-"""The loader registry: --loader name -> builder(cfg, data, device, rank, world) -> (train, test)."""
+"""The loader registry: --loader name -> builder(cfg, data, device, rank, world) -> (train, test).
+
+world is None for a run that is not distributed, else the torchrun world size (1 included: a world of
+one shuffles like a larger one, with DistributedSampler, so 1 process and N processes are comparable)."""
 
 from __future__ import annotations
 
@@ -12,14 +15,16 @@ from cifarlab.errors import DataError
 
 LoaderBuilder = Callable[..., tuple[Any, Any]]
 
-# loader name -> builder(cfg, data, device, rank=0, world=1) -> (train_loader, test_loader).
+# loader name -> builder(cfg, data, device, rank=0, world=None) -> (train_loader, test_loader).
 LOADER_BUILDERS: dict[str, LoaderBuilder] = {
     "torch": build_torch_loaders,
     "device": build_device_loaders,
 }
 
 
-def build_loaders(cfg: TrainConfig, data: DataBundle, device: Any, rank: int = 0, world: int = 1) -> tuple[Any, Any]:
+def build_loaders(
+    cfg: TrainConfig, data: DataBundle, device: Any, rank: int = 0, world: int | None = None
+) -> tuple[Any, Any]:
     """Train and test loaders for this process; under torchrun pass its rank and the world size."""
     try:
         builder = LOADER_BUILDERS[cfg.loader]
