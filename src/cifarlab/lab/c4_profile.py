@@ -1,19 +1,25 @@
-"""C4: torch.profiler on 1 worker vs C3's best count, and the explanation of the difference."""
+"""C4: torch.profiler on 1 worker vs C3's best count, and the explanation of the difference: each run
+classified by the doctor's classifier (cifarlab.doctor_advice, the thresholds `cifarlab doctor` prints), and
+the doctor's suggestion for the 1-worker run checked against the best-count run measured here."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from cifarlab.config import TrainConfig
+from cifarlab.doctor_advice import THRESHOLDS, classify, from_epoch_record
 from cifarlab.engine import Hooks
 from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
 from cifarlab.lab.sections import pipelines_para, runs_para
 from cifarlab.report.blocks import Block, Para, Table, finite, fs, pct, runs_of
 from cifarlab.report.plots import ReportContext, stacked
+from cifarlab.runtime import usable_cpus
 
 
 def _profiled_train(ctx: LabContext, key: str, label: str, cfg: TrainConfig) -> dict[str, Any]:
@@ -63,10 +69,24 @@ def _top_ops(prof: Any, cuda: bool, n: int = 10) -> list[dict[str, Any]]:
 def c4_profile(ctx: LabContext) -> dict[str, Any]:
     best, source = ctx.best_workers()
     base = ctx.classic(ctx.base).replace(evaluate=False)
+    diagnoses: dict[str, Any] = {}
     for workers in [1] + ([best] if best != 1 else []):  # 1 worker first: the report compares it to the best
         label = f"workers-{workers}" + ("-best" if workers == best else "")
-        _profiled_train(ctx, "c4", label, base.replace(workers=workers))
-    return {"best_workers": best, "best_from": source}
+        cfg = base.replace(workers=workers)
+        info = _profiled_train(ctx, "c4", label, cfg)
+        diagnoses[label] = diagnose_run(label, info, cfg, ctx.device.type)
+    return {"best_workers": best, "best_from": source, "doctor": diagnoses, "doctor_thresholds": THRESHOLDS}
+
+
+def diagnose_run(label: str, info: dict[str, Any], cfg: TrainConfig, device_type: str) -> dict[str, Any] | None:
+    """The doctor's class for a finished run, judged on its last finished epoch (no rerun: the CPU,
+    memory and GPU-busy facts `cifarlab doctor` also measures are unknown here)."""
+    done = [r for r in info.get("records", []) if r.get("status") == "ok"]
+    if not done:
+        return None
+    record = SimpleNamespace(**done[-1])
+    diagnosis = classify(from_epoch_record(label, record, cfg, device_type, torch.get_num_threads(), usable_cpus()))
+    return {"epoch": done[-1]["epoch"], **diagnosis.to_dict()}
 
 
 def render_c4(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
@@ -89,6 +109,8 @@ def render_c4(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
                "profiled steps", "trace"], rows, csv="c4_data_vs_compute"),
         Para(c4_explanation(runs, rc.doc.get("machine", {}).get("usable_cpus"))),
     ]
+    if res.get("doctor"):  # labs written before the doctor existed have no classification
+        blocks.append(Para(doctor_paragraph(res, runs)))
     for r in runs:
         ops = r.get("profile", {}).get("top_ops", [])
         blocks.append(Para(f"Top operators by self time, run `{r['label']}`:"))
@@ -139,6 +161,31 @@ def c4_explanation(runs: list[dict[str, Any]], cores: Any) -> str:
                      f"the machine) compete with the training process for the {cores or '?'} usable core(s), so "
                      f"on this machine the worker count moves compute time, not only the wait.")
     return text
+
+
+def doctor_paragraph(res: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """The doctor's classification of each run, and its suggestion for the 1-worker run checked against
+    the best-count run that this item measured."""
+    parts = []
+    for r in runs:
+        d = res["doctor"].get(r["label"])
+        if d:
+            parts.append(f"`{r['label']}` (epoch {d['epoch']}): **{d['label']}** -- {'; '.join(d['evidence'])}")
+    rule = res["doctor_thresholds"].get("data-bound", "?")
+    text = (f"The doctor's classifier (`cifarlab doctor`'s thresholds; data-bound: {rule}) on each run's last epoch: "
+            + "; ".join(parts) + ".")
+    one, best = (runs[0], runs[-1]) if runs else (None, None)
+    d1 = res["doctor"].get(one["label"]) if one else None
+    if d1 is None or best is one:
+        return text
+    e1, e2 = one["summary"].get("mean_epoch_s"), best["summary"].get("mean_epoch_s")
+    n = best["config"]["workers"]
+    gain = f"{e1 / e2:.2f}x" if finite(e1) and finite(e2) and e2 else "n/a"
+    if d1["label"] == "data-bound":
+        return text + (f" For a data-bound step the doctor suggests more loader workers (or the device-resident loader); "
+                       f"measured here, `--workers {n}` took the epoch from {fs(e1, 3)} to {fs(e2, 3)} s ({gain}).")
+    return text + (f" The 1-worker step is not data-bound, so the doctor would not expect more workers to help; "
+                   f"measured here, `--workers {n}` took the epoch from {fs(e1, 3)} to {fs(e2, 3)} s ({gain}).")
 
 
 ITEM = Experiment("c4", "C4 Profiling 1 worker vs the best", c4_profile, render_c4, lambda p, c: 2 * p.epochs,
