@@ -43,6 +43,11 @@ def test_classifier_on_constructed_measurements() -> None:
     tiny = dict(steps=1000, images=8000, epoch_s=0.5, data_s=0.2, h2d_s=0.0, compute_s=0.26, other_s=0.04)
     assert classify(_m(**tiny, dispatch_us=5.0)).label == "launch/host-bound"
     assert classify(_m(**tiny, dispatch_us=0.1)).label == "data-bound"
+    # a captured CUDA step: 3.7 ms costs only ~700 dispatches of 5.3 us, but its kernels keep the GPU 96%
+    # busy -- the GPU sets the pace (measured on an H200, where the dispatch rule alone said host-bound)
+    captured = dict(steps=100, images=12800, epoch_s=0.366, data_s=0.05, h2d_s=0.01, compute_s=0.305, other_s=0.001)
+    assert classify(_m(**captured, device_type="cuda", dispatch_us=5.3, gpu_busy_s=0.29)).label == "compute-bound"
+    assert classify(_m(**captured, device_type="cuda", dispatch_us=5.3)).label == "launch/host-bound"  # busy unknown
     assert classify(_m(dispatch_us=5.0)).label == "compute-bound"  # 100 ms per step: 20,000 dispatches
     # a slow loader outranks everything else
     assert classify(_m(data_s=0.3, other_s=0.3, compute_s=0.39)).label == "data-bound"

@@ -188,11 +188,14 @@ def classify(m: Measurement) -> Diagnosis:
         fired.append(("launch/host-bound", "host",
                       f"host bookkeeping between steps is {pct(other)} of the step (>= {pct(HOST_OTHER_SHARE)})"))
     cost_ms, what = (m.step_cpu_ms, "of CPU per thread") if m.step_cpu_ms is not None else (m.step_ms, "")
-    if m.dispatch_us and 1000.0 * cost_ms < HOST_BOUND_DISPATCHES * m.dispatch_us:
+    busy = m.gpu_busy_share
+    # A cheap step is host-bound by the dispatch rule only where no GPU says otherwise: kernels busy most of
+    # the compute segment (a captured step on an H200: 96%) mean the GPU, not the host, sets the pace.
+    gpu_says_busy = busy is not None and busy >= LAUNCH_BOUND_BUSY
+    if m.dispatch_us and not gpu_says_busy and 1000.0 * cost_ms < HOST_BOUND_DISPATCHES * m.dispatch_us:
         fired.append(("launch/host-bound", "host", f"a step costs {cost_ms:.2f} ms{' ' + what if what else ''}, as much as "
                       f"{1000.0 * cost_ms / m.dispatch_us:.0f} trivial op dispatches ({m.dispatch_us:.1f} us each here; "
                       f"< {HOST_BOUND_DISPATCHES}): fixed per-op and per-step host costs outweigh the math"))
-    busy = m.gpu_busy_share
     if busy is not None and busy < LAUNCH_BOUND_BUSY:
         fired.append(("launch/host-bound", "host", f"GPU kernels are busy only {pct(busy)} of the compute segment "
                       f"(< {pct(LAUNCH_BOUND_BUSY)}): the GPU waits for the host to launch work"))
