@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import importlib.util
 import io
 import os
@@ -34,7 +33,7 @@ from cifarlab.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, NORMS
 from cifarlab.data import cifar_present, load_cifar10, synthetic_split
 from cifarlab.errors import UsageError
-from cifarlab.fileio import write_json_atomic
+from cifarlab.fileio import file_digest, write_json_atomic
 from cifarlab.models import resnet18
 from cifarlab.runs import ensure_writable_dir, utc_now
 from cifarlab.runtime import environment
@@ -305,11 +304,7 @@ def mode_switch_facts(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 # --------------------------------------------------------------------------------------- export

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -97,6 +98,15 @@ def write_csv_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     write_text_atomic(path, buf.getvalue())
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file read in 1 MiB chunks (md5 for CIFAR-10's published sums, sha256 for exports)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_json(path: Path) -> Any:

@@ -8,7 +8,6 @@ split). Also the md5-checked download and `write_cifar_batch`, which writes the 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -24,6 +23,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 from cifarlab.config import NUM_CLASSES
 from cifarlab.data.split import Split
 from cifarlab.errors import DataError
+from cifarlab.fileio import file_digest
 
 BASE_FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -124,11 +124,7 @@ def cifar_present(data_dir: str | Path) -> bool:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def load_cifar10(data_dir: str | Path) -> tuple[Split, Split, str]:

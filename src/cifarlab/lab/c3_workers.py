@@ -7,8 +7,8 @@ from typing import Any
 
 from cifarlab.config import MAX_WORKERS, LabPreset
 from cifarlab.lab.context import Experiment, LabContext, PlannedRuns, median_of
-from cifarlab.lab.sections import REF, REFERENCE, pipelines_para, runs_para
-from cifarlab.report.blocks import Block, Note, Para, Table, finite, fs, run_named
+from cifarlab.lab.sections import REF, REFERENCE, measured_table, runs_para
+from cifarlab.report.blocks import Block, Note, Para, finite, fs, run_named
 from cifarlab.report.plots import ReportContext
 from cifarlab.runtime import usable_cpus
 
@@ -139,13 +139,14 @@ def render_c3(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
              "more workers than usable cores" if p["workers"] > cores else ""] for p in pts]
     over = [p["workers"] for p in pts if p["workers"] > cores]
     blocks: list[Block] = [
-        pipelines_para(entry, rc.doc),
-        Para(f"Usable CPU cores (sched_getaffinity): **{cores}**. Every point trains a fresh, freshly seeded model "
-             f"(repeat r uses seed base+r at every worker count, so points do identical work); "
-             f"{rc.doc.get('repeats')} repeat(s) per point. Data wait and epoch time "
-             f"are means per epoch of each run, then the median over repeats; spread is min-max over repeats."),
-        Table(["workers", "repeats", "data wait s/epoch", "spread", "epoch s", "spread", f"{REF}: data-loading s",
-               "warning"], rows, csv="c3_workers"),
+        *measured_table(
+            entry, rc,
+            f"Usable CPU cores (sched_getaffinity): **{cores}**. Every point trains a fresh, freshly seeded model "
+            f"(repeat r uses seed base+r at every worker count, so points do identical work); "
+            f"{rc.doc.get('repeats')} repeat(s) per point. Data wait and epoch time "
+            f"are means per epoch of each run, then the median over repeats; spread is min-max over repeats.",
+            ["workers", "repeats", "data wait s/epoch", "spread", "epoch s", "spread", f"{REF}: data-loading s",
+             "warning"], rows, "c3_workers"),
         *([Para(f"Protocol: {res['protocol']}. Worker start-up per point (median): "
                 + ", ".join(f"{q['workers']} workers {fs(q['startup_s'], 3)} s" for q in pts) + ".")]
           if res.get("protocol") else []),

@@ -16,7 +16,7 @@ from cifarlab.config import TrainConfig
 from cifarlab.doctor_advice import THRESHOLDS, classify, from_epoch_record
 from cifarlab.engine import Hooks
 from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
-from cifarlab.lab.sections import pipelines_para, runs_para
+from cifarlab.lab.sections import measured_table, runs_para
 from cifarlab.report.blocks import Block, Para, Table, finite, fs, pct, runs_of
 from cifarlab.report.plots import ReportContext, stacked
 from cifarlab.runtime import usable_cpus
@@ -100,13 +100,14 @@ def render_c4(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
                      fs(s.get("mean_compute_s"), 3), fs(s.get("mean_other_s"), 3), fs(s.get("mean_epoch_s"), 3),
                      prof.get("steps_recorded", "n/a"), f"`{prof.get('trace')}`" if prof.get("trace") else "none"])
     blocks: list[Block] = [
-        pipelines_para(entry, rc.doc),
-        Para(f"'Best' = {res['best_workers']} workers ({res['best_from']}). torch.profiler recorded one warm-up "
-             f"step then the steps listed, in the training process only (loader workers are other processes: "
-             f"their work shows up here only as the wait on `DataLoader.__next__`). Each trace is a Chrome trace "
-             f"(open in chrome://tracing or Perfetto; TensorBoard's profiler plugin reads `*.pt.trace.json`)."),
-        Table(["run", "workers", "data s/epoch", "h2d s", "compute s", "other s (incl. profiler)", "epoch s",
-               "profiled steps", "trace"], rows, csv="c4_data_vs_compute"),
+        *measured_table(
+            entry, rc,
+            f"'Best' = {res['best_workers']} workers ({res['best_from']}). torch.profiler recorded one warm-up "
+            f"step then the steps listed, in the training process only (loader workers are other processes: "
+            f"their work shows up here only as the wait on `DataLoader.__next__`). Each trace is a Chrome trace "
+            f"(open in chrome://tracing or Perfetto; TensorBoard's profiler plugin reads `*.pt.trace.json`).",
+            ["run", "workers", "data s/epoch", "h2d s", "compute s", "other s (incl. profiler)", "epoch s",
+             "profiled steps", "trace"], rows, "c4_data_vs_compute"),
         Para(c4_explanation(runs, rc.doc.get("machine", {}).get("usable_cpus"))),
     ]
     if res.get("doctor"):  # labs written before the doctor existed have no classification

@@ -158,8 +158,7 @@ def render_c8(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
              f"eager = launched op by op. {REF}: {REFERENCE['c8']}."),
         *_cache_blocks(res),
     ]
-    if res.get("failures"):
-        blocks.append(Note("Compile failed for: " + "; ".join(f"{m} ({e})" for m, e in res["failures"].items())))
+    blocks += _failures_note(res)
 
     def draw(fig: Any) -> None:
         ax = fig.subplots()
@@ -176,6 +175,11 @@ def render_c8(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
                               size=(6, 3.6)))
     blocks.append(runs_para(entry))
     return blocks
+
+
+def _failures_note(res: dict[str, Any]) -> list[Block]:
+    failures = res.get("failures") or {}
+    return [Note("Compile failed for: " + "; ".join(f"{m} ({e})" for m, e in failures.items()))] if failures else []
 
 
 def _render_c8_v1(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
@@ -204,8 +208,7 @@ def _render_c8_v1(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
         Para(f"{REF}: {REFERENCE['c8']}. The first epoch pays tracing and code generation (and, for "
              f"reduce-overhead, CUDA-graph capture); steady epochs run the fused kernels."),
     ]
-    if res.get("failures"):
-        blocks.append(Note("Compile failed for: " + "; ".join(f"{m} ({e})" for m, e in res["failures"].items())))
+    blocks += _failures_note(res)
 
     def draw(fig: Any) -> None:
         ax = fig.subplots()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cifarlab.report.blocks import Block, Note, Para, finite, pct, runs_of
+from cifarlab.report.blocks import Block, Note, Para, Table, finite, pct, runs_of
+from cifarlab.report.plots import ReportContext
 
 REF = "reference (past run, unknown hardware, known timing mistakes)"
 
@@ -95,3 +96,9 @@ def c6_flag(run: dict[str, Any], chance_margin: float, short: bool = False) -> s
     if not short and finite(acc) and acc < 0.10 + chance_margin:
         return f"stuck at chance (train top-1 {pct(acc)} < {pct(0.10 + chance_margin)})"
     return ""
+
+
+def measured_table(entry: dict[str, Any], rc: ReportContext, about: str, columns: list[str], rows: list[list[Any]],
+                   csv: str) -> list[Block]:
+    """A section's opening: the pipeline sentence, what was measured and how, then the measured table."""
+    return [pipelines_para(entry, rc.doc), Para(about), Table(columns, rows, csv=csv)]

@@ -7,8 +7,8 @@ from typing import Any
 from cifarlab.config import SCALING_PRESETS, LabPreset
 from cifarlab.lab.context import Experiment, LabContext
 from cifarlab.lab.scaling.common import is_cuda, point, run_train, spreset, timing_config
-from cifarlab.lab.sections import pipelines_para, runs_para
-from cifarlab.report.blocks import Para, Table, fs
+from cifarlab.lab.sections import measured_table, runs_para
+from cifarlab.report.blocks import Para, fs
 from cifarlab.report.plots import ReportContext
 
 
@@ -74,13 +74,14 @@ def render_s1(entry: dict[str, Any], rc: ReportContext) -> list[Any]:
         ax.grid(alpha=0.3)
 
     return [
-        pipelines_para(entry, rc.doc),
-        Para(f"One {res['device_kind']}; per-device batch ×{SCALING_PRESETS.get(rc.preset.get('name'), SCALING_PRESETS['quick']).batch_factor} "
-             f"per point; {res['train_images']} training images per run. Time of the **2nd epoch** (the 1st pays "
-             f"one-off costs) **without the data wait**: `epoch_s - data_s` = host-to-device copy + forward + "
-             f"backward + optimizer update (+ bookkeeping). Each point is a fresh process and model."),
-        Table(["per-device batch", "status", "images", "steps", "epoch s", "data wait s", "epoch - data s",
-               "images/s (excl. data)", "error"], _s1_rows(res["points"]), csv="s1_batch_scaling"),
+        *measured_table(
+            entry, rc,
+            f"One {res['device_kind']}; per-device batch ×{SCALING_PRESETS.get(rc.preset.get('name'), SCALING_PRESETS['quick']).batch_factor} "
+            f"per point; {res['train_images']} training images per run. Time of the **2nd epoch** (the 1st pays "
+            f"one-off costs) **without the data wait**: `epoch_s - data_s` = host-to-device copy + forward + "
+            f"backward + optimizer update (+ bookkeeping). Each point is a fresh process and model.",
+            ["per-device batch", "status", "images", "steps", "epoch s", "data wait s", "epoch - data s",
+             "images/s (excl. data)", "error"], _s1_rows(res["points"]), "s1_batch_scaling"),
         Para(f"Ladder stopped: {res['stop_reason']}. Largest per-device batch that trained: "
              f"**{res['largest_batch']}**."),
         rc.plot("s1_batch_scaling", "s1 throughput vs per-device batch", draw, size=(6, 3.6)),
