@@ -51,7 +51,10 @@ def fmt_duration(seconds: float) -> str:
 @dataclass
 class LabProgress:
     """One line per finished epoch with the lab's progress and a rough ETA (stdout); an in-epoch bar
-    on stderr when it is a terminal. ETA = mean seconds per epoch so far x epochs still planned."""
+    on stderr when it is a terminal. ETA: once the plan is known, the plan's estimates of the items not
+    finished yet (less the time the current item has run), scaled by how the finished items compared with
+    their estimates; before that (or for items without an estimate) mean seconds per epoch so far x epochs
+    still planned."""
 
     planned: dict[str, int]
     out: TextIO = field(default_factory=lambda: sys.stdout)
@@ -59,14 +62,25 @@ class LabProgress:
     done_epochs: int = 0
     position: str = ""
     should_stop: Any = None  # polled by the engine after every step (StopOnSignal)
+    estimates_s: dict[str, float | None] = field(default_factory=dict)  # the plan's, per item key
 
     def __post_init__(self) -> None:
         self.t0 = time.perf_counter()
         self.bar = hasattr(self.err, "isatty") and self.err.isatty()
         self._last_draw = 0.0
         self._current_done = 0
+        self._item_key = ""
+        self._item_t0 = self.t0
+        self._finished: list[tuple[float, float]] = []  # (estimate_s, elapsed_s) of finished estimated items
 
     def eta_s(self) -> float | None:
+        left = [k for k, n in self.planned.items() if n or k == self._item_key]  # finished items' plans are zeroed
+        if self.estimates_s:  # items the plan could not estimate (E, Q) count as 0 here; status() says "+ ?"
+            est = sum(self.estimates_s[k] or 0.0 for k in left)
+            est -= min(self.estimates_s.get(self._item_key) or 0.0, time.perf_counter() - self._item_t0)
+            done_est = sum(e for e, _ in self._finished)
+            scale = min(3.0, max(0.5, sum(a for _, a in self._finished) / done_est)) if done_est > 0 else 1.0
+            return max(0.0, est) * scale
         if self.done_epochs == 0:
             return None
         # finished experiments' plans are zeroed, so this is what is left of the current and later ones
@@ -75,15 +89,23 @@ class LabProgress:
 
     def status(self) -> str:
         eta = self.eta_s()
-        return f"lab {fmt_duration(time.perf_counter() - self.t0)} elapsed, ETA {'?' if eta is None else '~' + fmt_duration(eta)}"
+        left = [k for k, n in self.planned.items() if n or k == self._item_key]
+        unknown = " + ?" if self.estimates_s and any(self.estimates_s.get(k) is None for k in left) else ""
+        return (f"lab {fmt_duration(time.perf_counter() - self.t0)} elapsed, "
+                f"ETA {'?' if eta is None else '~' + fmt_duration(eta) + unknown}")
 
     def start(self, index: int, total: int, key: str, title: str) -> None:
         self.position = f"{index}/{total} {key}"
         self._current_done = 0
+        self._item_key, self._item_t0 = key, time.perf_counter()
         print(f"\n== [{index}/{total}] {title}  ({self.status()})", file=self.out, flush=True)
 
     def finish(self, key: str, status: str, elapsed_s: float) -> None:
+        estimate = self.estimates_s.get(key)
+        if estimate and status == "completed":
+            self._finished.append((estimate, elapsed_s))
         self.planned[key] = 0
+        self._item_key = ""
         self._current_done = 0
         print(f"   {key}: {status} in {fmt_duration(elapsed_s)}", file=self.out, flush=True)
 
@@ -229,6 +251,7 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
                                                     lambda c: make_plan(c, keys, EXPERIMENTS, cal))
             doc["preset"], doc["repeats"] = ctx.preset.to_dict(), ctx.repeats
             progress.planned = {k: EXPERIMENTS[k].planned_epochs(ctx.preset, cuda) for k in keys}
+        progress.estimates_s = {item["key"]: item["estimate_s"] for item in doc["plan"]["items"]}
         print_plan(doc["plan"], out, fmt_duration)
         if budget_s is not None:
             print_budget(doc["budget"], out, fmt_duration)
