@@ -26,6 +26,8 @@ LOADERS = ("torch", "device")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 CUDA_GRAPH_MODES = ("auto", "on", "off")  # the training step as one captured CUDA graph (capture.py)
+# cifarlab export's formats (export.py builds each); checked here, before torch loads, for a one-line error.
+EXPORT_FORMATS = ("torchscript-trace", "torchscript-script", "export", "onnx", "aoti")
 # The lab's five optimizers (C6); optim.OPTIMIZERS builds each, in this order.
 OPTIMIZER_NAMES = ("sgd", "sgd-nesterov", "adagrad", "adadelta", "adam")
 
@@ -142,6 +144,17 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def export_format_names(text: str) -> list[str]:
+    """--format 'a,b' -> the names, each once, in order; an empty or unknown name is a UsageError."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise UsageError(f"--format {text!r} names no format; choose from: {', '.join(EXPORT_FORMATS)}")
+    for name in names:
+        if name not in EXPORT_FORMATS:
+            raise UsageError(f"--format {name!r} is not known; choose from: {', '.join(EXPORT_FORMATS)} (comma-separated)")
+    return list(dict.fromkeys(names))
 
 
 def _unprintable(name: str) -> bool:

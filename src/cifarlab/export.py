@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from cifarlab.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from cifarlab.config import CIFAR_MEAN, CIFAR_STD, NORMS
+from cifarlab.config import CIFAR_MEAN, CIFAR_STD, EXPORT_FORMATS, NORMS, export_format_names
 from cifarlab.data import cifar_present, load_cifar10, synthetic_split
 from cifarlab.errors import UsageError
 from cifarlab.fileio import file_digest, write_json_atomic
@@ -40,7 +40,7 @@ from cifarlab.runtime import environment
 
 EXPORT_SCHEMA = "cifarlab.export/1"
 EXPORT_JSON = "export.json"
-FORMATS = ("torchscript-trace", "torchscript-script", "export", "onnx", "aoti")
+FORMATS = EXPORT_FORMATS
 DEFAULT_FORMATS = ("torchscript-trace", "torchscript-script", "export", "onnx")  # onnx: when installed
 ARTIFACTS = {
     "torchscript-trace": "resnet18.traced.pt",
@@ -107,15 +107,10 @@ def parse_formats(text: str | None) -> tuple[list[str], dict[str, str]]:
     if text is None:
         skipped = {"onnx": reason} if (reason := onnx_missing()) else {}
         return [f for f in DEFAULT_FORMATS if f not in skipped], skipped
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names:
-        raise UsageError(f"--format {text!r} names no format; choose from: {', '.join(FORMATS)}")
-    for name in names:
-        if name not in FORMATS:
-            raise UsageError(f"--format {name!r} is not known; choose from: {', '.join(FORMATS)} (comma-separated)")
+    names = export_format_names(text)
     if "onnx" in names and (reason := onnx_missing()):
         raise UsageError(f"--format onnx {reason}, or drop onnx from --format")
-    return list(dict.fromkeys(names)), {}
+    return names, {}
 
 
 def load_run_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -10,21 +10,15 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
+from cifarlab.config import COMPILE_MODES, EXPORT_FORMATS, export_format_names
 from cifarlab.errors import UsageError
 
-FORMAT_NAMES = ("torchscript-trace", "torchscript-script", "export", "onnx", "aoti")  # == export.FORMATS
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+COMPILED_MODES = tuple(m for m in COMPILE_MODES if m != "none")  # infer-bench --compile [MODE]
 
 
 def format_list(text: str) -> str:
     """Check --format names here (before torch is imported) so a typo is reported at once."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names:
-        raise UsageError(f"--format {text!r} names no format; choose from: {', '.join(FORMAT_NAMES)}")
-    for name in names:
-        if name not in FORMAT_NAMES:
-            raise UsageError(f"--format {name!r} is not known; choose from: {', '.join(FORMAT_NAMES)} (comma-separated)")
-    return ",".join(names)
+    return ",".join(export_format_names(text))
 
 
 def positive(flag: str, value: int, high: int) -> int:
@@ -53,7 +47,7 @@ def add_export_parser(sub: Any, run: Callable[[argparse.Namespace], int]) -> arg
                                       "check each artifact against eager")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder holding checkpoint.pt")
     p.add_argument("--format", metavar="F1,F2", default=None,
-                   help=f"comma-separated, from: {', '.join(FORMAT_NAMES)} (default: torchscript-trace,"
+                   help=f"comma-separated, from: {', '.join(EXPORT_FORMATS)} (default: torchscript-trace,"
                         f"torchscript-script,export, and onnx when the onnx extras are installed; aoti is opt-in: "
                         f"it compiles C++ and takes minutes on a CPU)")
     p.add_argument("--out", metavar="DIR", default=None, help="output folder (default RUN_DIR/export)")
@@ -80,7 +74,7 @@ def add_infer_bench_parser(sub: Any, run: Callable[[argparse.Namespace], int]) -
                         "calls; default 1.0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (default): the CPU, and CUDA too when present")
-    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, default=None, metavar="MODE",
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILED_MODES, default=None, metavar="MODE",
                    help="also time torch.compile(model, mode=MODE) (default mode 'default'; compiling takes a while)")
     p.add_argument("--out", metavar="DIR", default=None, help="output folder (default <path>/inferbench)")
     p.set_defaults(func=run)
