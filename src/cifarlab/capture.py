@@ -22,11 +22,12 @@ its real images). Anything that fails during setup falls back to eager with `fal
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+from cifarlab.timing import DeviceClock
 
 STEP_EAGER = "eager"
 STEP_GRAPH = "cuda-graph"
@@ -174,7 +175,7 @@ class StepRunner:
         """On CUDA: one forward + backward per batch shape (cuDNN autotune, compilation) that changes
         nothing -- no optimizer step and no GradScaler update, BatchNorm statistics restored.
         Returns setup_s (device synchronized at both ends)."""
-        t0 = _now(self.device)
+        t0 = DeviceClock(self.device).barrier_now()
         if warm_up and self.device.type == "cuda":
             with preserved_training_state(self.model, self.optimizer, keep_new_state=lambda: False):
                 for b in dict.fromkeys(batch_sizes):
@@ -183,7 +184,7 @@ class StepRunner:
                         loss = self.loss_fn(self.module(x), y)
                     loss.backward()
             self.optimizer.zero_grad(set_to_none=True)
-        self.setup_s = _now(self.device) - t0
+        self.setup_s = DeviceClock(self.device).barrier_now() - t0
         return self.setup_s
 
     def begin_epoch(self) -> None:
@@ -287,7 +288,7 @@ class CapturedStep(StepRunner):
 
     def setup(self, batch_sizes: Sequence[int] = (), sample_shape: Sequence[int] | None = None,
               channels_last: bool | None = None, warm_up: bool = True) -> float:
-        t0 = _now(self.device)
+        t0 = DeviceClock(self.device).barrier_now()
         groups_before = [dict(g) for g in self.optimizer.param_groups]  # flags and lr (shallow)
         steps_before = {id(p): s["step"] for p, s in self.optimizer.state.items() if "step" in s}
         try:
@@ -307,7 +308,7 @@ class CapturedStep(StepRunner):
                     # a capture_end() that raised leaves torch.cuda.graph's side stream current
                     torch.cuda.set_stream(torch.cuda.default_stream(self.device))
                     torch.cuda.synchronize(self.device)
-        self.setup_s = _now(self.device) - t0
+        self.setup_s = DeviceClock(self.device).barrier_now() - t0
         return self.setup_s
 
     def _warm_up_and_capture(self, other_batch_sizes: list[int]) -> None:
@@ -408,11 +409,6 @@ def _sample_batch(batch: int, shape: Sequence[int], channels_last: bool, device:
     y = torch.arange(batch, device=device, dtype=torch.int64) % 10
     return x, y
 
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _one_line(e: BaseException) -> str:

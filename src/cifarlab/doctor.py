@@ -110,12 +110,6 @@ class _Stream:
         return train_epoch(cfg.replace(max_steps=steps), state, self, self.epoch or 1)
 
 
-def _sync_now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def _children_cpu_s() -> float | None:
     """CPU seconds used so far by this process's live descendants (the loader workers, also when a
     forkserver or spawn parent sits between), from /proc; None where /proc does not tell."""
