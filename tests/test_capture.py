@@ -14,14 +14,10 @@ import torch.nn.functional as F
 from cifarlab import capture, engine, steps
 from cifarlab.capture import CAPTURE_FLAGS, CapturedStep, StepRunner, StepSums, prepare_optimizer, preserved_training_state
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, TrainConfig
+from cifarlab.data.device import PAD, DeviceLoader
 from cifarlab.errors import UsageError
 from cifarlab.models import resnet18
 from cifarlab.optim import OPTIMIZERS, build_optimizer
-
-try:  # the data package is being split out of devicedata.py
-    from cifarlab.data.device import PAD, DeviceLoader
-except ImportError:  # pragma: no cover - older layout
-    from cifarlab.devicedata import PAD, DeviceLoader
 
 CPU = torch.device("cpu")
 HAS_CUDA = torch.cuda.is_available()

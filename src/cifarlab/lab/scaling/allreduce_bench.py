@@ -23,7 +23,7 @@ def _allreduce_main(argv: list[str]) -> int:
     """One torchrun process of the all-reduce benchmark."""
 
 
-    p = argparse.ArgumentParser(prog="python -m cifarlab.scaling allreduce")
+    p = argparse.ArgumentParser(prog="python -m cifarlab.lab.scaling.allreduce_bench allreduce")
     p.add_argument("--elements", type=int, required=True)
     p.add_argument("--iters", type=int, required=True)
     p.add_argument("--warmup", type=int, default=2)
@@ -62,7 +62,7 @@ def _allreduce_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "allreduce":
-        print("usage: python -m cifarlab.scaling allreduce --elements N --iters K --out FILE (under torchrun)",
+        print("usage: python -m cifarlab.lab.scaling.allreduce_bench allreduce --elements N --iters K --out FILE (under torchrun)",
               file=sys.stderr)
         return 2
     return _allreduce_main(argv[1:])
