@@ -3,12 +3,17 @@ fixed batch, the project's own step runners (capture.StepRunner / capture.Captur
 times is exactly the step the engine runs -- zero_grad, forward + loss under autocast, backward,
 optimizer step and the on-device loss/accuracy sums -- with no data loading around it.
 
-Per (batch size, step kind): a fresh seeded model, the runner's setup (warm-up, autotune, capture;
-reported as setup_s, never in the step time), `--warmup` more untimed steps, then `--steps` steps
+Per (batch size, step kind): a fresh seeded model, the runner's setup (warm-up, autotune, compilation,
+capture; reported as setup_s, never in the step time), `--warmup` more untimed steps, then `--steps` steps
 between two CUDA events (device time per step) and two host clock reads (the host's own time to issue
 them). Prints a table and, with --json-out, writes the rows.
 
     PYTHONPATH=src python benchmarks/bare_step.py --batches 128,512 --json-out bare_step.json
+
+Kinds: `eager`, `cuda-graph` (the engine's captured step), `compile+cuda-graph` (torch.compile(model,
+mode=--compile-mode, dynamic=False) inside the same captured step, as `cifarlab train --compile default`
+runs it; dynamo is reset before each such row, so its setup_s is a whole compile -- cold, or warm from
+inductor's on-disk cache when an earlier row or run compiled the same graph).
 
 Needs a CUDA device; on a machine without one it says so and exits with status 2.
 """
@@ -29,7 +34,7 @@ from cifarlab.engine import resolve_precision
 from cifarlab.models import resnet18
 from cifarlab.optim import OPTIMIZERS, build_optimizer
 
-KINDS = ("eager", "cuda-graph")
+KINDS = ("eager", "cuda-graph", "compile+cuda-graph")
 
 
 def measure(kind: str, batch: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -37,10 +42,14 @@ def measure(kind: str, batch: int, args: argparse.Namespace, device: torch.devic
     model = resnet18().to(device).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, 0.9, 5e-4)
     precision = resolve_precision(args.precision, device)
+    module: torch.nn.Module = model
+    if kind.startswith("compile+"):
+        torch._dynamo.reset()  # this row's setup pays its own compile (inductor's disk cache may serve it)
+        module = torch.compile(model, mode=args.compile_mode, dynamic=False)
     if kind == "eager":
-        runner: StepRunner = StepRunner(model, optimizer, precision, device)
+        runner: StepRunner = StepRunner(module, optimizer, precision, device, model=model)
     else:
-        runner = CapturedStep(model, optimizer, precision, device, batch_size=batch)
+        runner = CapturedStep(module, optimizer, precision, device, batch_size=batch, model=model)
     setup_s = runner.setup([batch])
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(batch, 3, 32, 32, device=device, generator=g).contiguous(memory_format=torch.channels_last)
@@ -63,7 +72,8 @@ def measure(kind: str, batch: int, args: argparse.Namespace, device: torch.devic
     ms = start.elapsed_time(end) / args.steps
     loss_sum, _, bad = runner.read_sums()
     return {
-        "batch": batch, "kind": runner.mode, "asked": kind, "optimizer": args.optimizer, "precision": precision,
+        "batch": batch, "kind": runner.mode, "asked": kind,
+        "compile": args.compile_mode if kind.startswith("compile+") else None, "optimizer": args.optimizer, "precision": precision,
         "steps": args.steps, "ms_per_step": ms, "images_per_s": batch / (ms / 1e3),
         "host_ms_per_step": 1e3 * host_s / args.steps, "wall_ms_per_step": 1e3 * wall_s / args.steps,
         "setup_s": setup_s, "fallback_reason": runner.fallback_reason,
@@ -79,22 +89,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizer", default="sgd", choices=tuple(OPTIMIZERS))
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated step kinds (default {','.join(KINDS)})")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode of the compile+ kinds (default default)")
     p.add_argument("--json-out", type=Path, help="write the rows here as JSON")
     args = p.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or set(kinds) - set(KINDS) or "eager" not in kinds:
+        p.error(f"--kinds must list eager and any of {', '.join(KINDS)} (got {args.kinds!r})")
     if not torch.cuda.is_available():
         print("bare_step.py: needs a CUDA device (none visible); nothing measured", file=sys.stderr)
         return 2
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
-    rows = [measure(kind, int(b), args, device) for b in args.batches.split(",") for kind in KINDS]
+    rows = [measure(kind, int(b), args, device) for b in args.batches.split(",") for kind in kinds]
     by = {(r["batch"], r["asked"]): r for r in rows}
     print(f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; optimizer {args.optimizer}")
-    print("| batch | step | ms/step (device) | host ms/step | img/s | setup s | graph vs eager |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| batch | asked | step | ms/step (device) | host ms/step | img/s | setup s | vs eager |")
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         eager = by[(r["batch"], "eager")]
         ratio = "" if r["asked"] == "eager" else f"{eager['ms_per_step'] / r['ms_per_step']:.2f}x"
-        print(f"| {r['batch']} | {r['kind']} | {r['ms_per_step']:.2f} | {r['host_ms_per_step']:.2f} | "
+        print(f"| {r['batch']} | {r['asked']} | {r['kind']} | {r['ms_per_step']:.2f} | {r['host_ms_per_step']:.2f} | "
               f"{r['images_per_s']:,.0f} | {r['setup_s']:.2f} | {ratio} |")
         if r["fallback_reason"]:
             print(f"  (capture fell back: {r['fallback_reason']})")

@@ -118,6 +118,33 @@ def test_capture_flags_keep_the_optimizer_math(name, cpu_capturable):
     assert {k for g in opt.param_groups for k in CAPTURE_FLAGS[type(opt).__name__]} <= set(opt.param_groups[0])
 
 
+def test_capturable_adagrad_is_torchs_adagrad_without_host_reads(monkeypatch):
+    """The lab's Adagrad (optim.CapturableAdagrad) on its capturable path gives torch.optim.Adagrad's
+    weights bit for bit (weight decay on, a warm-up lr ramp held in a tensor) while never reading a
+    tensor back to the host (.item() is what a CUDA capture forbids and torch's foreach Adagrad does)."""
+    lrs = [0.01, 0.05, 0.1, 0.1]
+    torch.manual_seed(0)
+    reference = TinyNet()
+    ref_opt = torch.optim.Adagrad(reference.parameters(), lr=lrs[0], weight_decay=5e-4, foreach=True)
+    model, opt = _tiny("adagrad")
+    assert type(opt).__name__ == "CapturableAdagrad" and isinstance(opt, torch.optim.Adagrad)
+    lr_t = torch.tensor(lrs[0])
+    prepare_optimizer(opt, lr_t)
+    assert all(g["capturable"] for g in opt.param_groups)
+    for (x, y), lr in zip(_batches(16, 4), lrs):
+        for group in ref_opt.param_groups:
+            group["lr"] = lr
+        _plain_step(reference, ref_opt, x, y)
+        lr_t.fill_(lr)
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "item", lambda self: pytest.fail("host read in the capturable Adagrad step"))
+            _plain_step(model, opt, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(_params(model), _params(reference)))
+    assert [float(s["step"]) for s in opt.state.values()] == [float(s["step"]) for s in ref_opt.state.values()]
+    with pytest.raises(RuntimeError, match="no capturable configuration"):
+        capture.capture_flags(ref_opt)  # torch's own Adagrad is not claimed capturable
+
+
 # --------------------------------------------------------------------- warm-up changes nothing
 
 
@@ -266,6 +293,34 @@ def test_captured_runner_logic_matches_eager_and_the_partial_batch_is_exact(name
     assert loss_sum == pytest.approx(eager_sum, rel=1e-12)
     assert bad == -1 and 0 <= correct <= 10
     assert float(runner.lr_tensor) == pytest.approx(lrs[-1])
+
+
+class ShapeRecorder(torch.nn.Module):
+    """Stands in for torch.compile(model): the same parameters, and it notes each batch size it runs."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.batch_sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batch_sizes.append(int(x.shape[0]))
+        return self.model(x)
+
+
+def test_a_compiled_graph_sees_only_the_full_batch_shape():
+    """With --compile default inside the graph, the partial last batch runs on the plain model: a second
+    input shape would make torch.compile build a second (dynamic-shape) graph during setup."""
+    model, opt = _tiny("sgd")
+    runner = _stand_in_captured(model, opt, batch=4)
+    compiled = ShapeRecorder(model)
+    runner.module = compiled
+    runner.begin_epoch()
+    for x, y in _batches(10, 4):  # 4, 4, 2
+        runner.load(x, y)
+        runner.step(0.1)
+    assert compiled.batch_sizes == [4, 4]
+    assert runner.read_sums()[2] == -1
 
 
 def test_first_non_finite_step_is_recorded_on_the_device():
@@ -443,16 +498,12 @@ def test_cuda_captured_step_matches_eager(name):
     for every optimizer; the weights before the first step are identical. fp32, so what is compared is
     the capture, not bf16 rounding (Adam's and Adadelta's normalized first steps turn a bf16 sign flip of
     a tiny gradient into a full step: on an H200 bf16 runs differed by a third of the weights' norm).
-    Adagrad has no CUDA-capturable implementation in some torch releases (fused Adagrad is CPU-only
-    there): then the runner must fall back to eager and say why."""
+    Adagrad is captured through optim.CapturableAdagrad (torch's own has no CUDA-capturable path in 2.11)."""
     torch.backends.cudnn.benchmark = True
     device, ((m_c, o_c), (m_e, o_e)), data = _cuda_pair(name)
     captured = CapturedStep(m_c, o_c, "fp32", device, batch_size=32)
     captured.setup([32, 16])
-    if name == "adagrad" and not captured.captured:
-        assert "fused" in (captured.fallback_reason or "") and captured.mode == "eager", captured.fallback_reason
-    else:
-        assert captured.captured, captured.fallback_reason
+    assert captured.captured, captured.fallback_reason
     assert all(torch.equal(a, b) for a, b in zip(_params(m_c), _params(m_e)))  # warm-up changed nothing
     eager = StepRunner(m_e, o_e, "fp32", device)
     for runner in (captured, eager):

@@ -13,8 +13,9 @@ a fresh state -- so a captured run starts from the weights an eager run from the
 
 Why each optimizer can be captured (torch >= 2.4; `CAPTURE_FLAGS`): the learning rate must be a device
 tensor the graph reads (so --warmup-epochs changes it without recapture) and no step may read a value
-back to the host. SGD and Adagrad: fused kernels (tensor-lr overloads, device step counters). Adam and
-Adadelta: capturable=True (device step counters, tensor lr inside their foreach math). The partial
+back to the host. SGD: its fused kernel (tensor-lr overload). Adam and Adadelta: capturable=True (device
+step counters, tensor lr inside their foreach math). Adagrad: optim.CapturableAdagrad's capturable path
+(torch's foreach Adagrad reads its counters on the host; its fused kernel is CPU-only in torch 2.11). The partial
 last batch runs eagerly on the same weights, optimizer state and sums (exact semantics: mean loss over
 its real images). Anything that fails during setup falls back to eager with `fallback_reason` set.
 """
@@ -31,10 +32,11 @@ from cifarlab.timing import DeviceClock
 
 STEP_EAGER = "eager"
 STEP_GRAPH = "cuda-graph"
-# Optimizer flags for the captured step, by torch class (sgd and sgd-nesterov are both SGD).
+# Optimizer flags for the captured step, by class name, the first found along the class's MRO (sgd and
+# sgd-nesterov are both SGD; a plain torch.optim.Adagrad has no entry: it cannot be captured).
 CAPTURE_FLAGS: dict[str, dict[str, bool]] = {
     "SGD": {"fused": True, "foreach": False},
-    "Adagrad": {"fused": True, "foreach": False},
+    "CapturableAdagrad": {"capturable": True, "foreach": True, "fused": False},
     "Adam": {"capturable": True, "foreach": True, "fused": False},
     "Adadelta": {"capturable": True, "foreach": True},
 }
@@ -236,10 +238,10 @@ class StepRunner:
 
 
 def capture_flags(optimizer: torch.optim.Optimizer) -> dict[str, bool]:
-    name = type(optimizer).__name__
-    if name not in CAPTURE_FLAGS:
-        raise RuntimeError(f"no capturable configuration known for {name}")
-    return CAPTURE_FLAGS[name]
+    for cls in type(optimizer).__mro__:
+        if cls.__name__ in CAPTURE_FLAGS:
+            return CAPTURE_FLAGS[cls.__name__]
+    raise RuntimeError(f"no capturable configuration known for {type(optimizer).__name__}")
 
 
 def prepare_optimizer(optimizer: torch.optim.Optimizer, lr: torch.Tensor) -> None:
@@ -356,11 +358,13 @@ class CapturedStep(StepRunner):
         sums.add(loss, outputs, self._static_y)
 
     def _eager_partial(self, inputs: torch.Tensor, targets: torch.Tensor, sums: StepSums) -> None:
+        """The partial batch: eager on the plain model (same weights) even when the graph holds a compiled
+        module -- a second compiled shape (dynamic, replacing the static kernels) costs more than it saves."""
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr_value
         self.optimizer.zero_grad(set_to_none=False)
         with autocast_context(self.precision, self.device, cache_enabled=False):
-            outputs = self.module(inputs)
+            outputs = self.model(inputs)
             loss = self.loss_fn(outputs, targets)
         loss.backward()
         self.optimizer.step()
@@ -408,7 +412,6 @@ def _sample_batch(batch: int, shape: Sequence[int], channels_last: bool, device:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.arange(batch, device=device, dtype=torch.int64) % 10
     return x, y
-
 
 
 def _one_line(e: BaseException) -> str:
