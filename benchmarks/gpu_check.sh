@@ -3,12 +3,12 @@
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR] [STEPS]
 #
-# STEPS is a comma-separated subset of: env,tests,bare,train,throughput,doctor,export,lab (default: all).
+# STEPS is a comma-separated subset of: env,tests,bare,train,compile,throughput,doctor,export,lab (default: all).
 # Every step has its own time limit and writes <OUT_DIR>/<step>.log; a step that fails or runs out of time
 # does not stop the others. Needs torch, torchvision, numpy, matplotlib; runs cifarlab from src/ (no install).
 set -u
 OUT_DIR=${1:-gpu-check-$(date -u +%Y%m%d-%H%M%S)}
-STEPS=${2:-env,tests,bare,train,throughput,doctor,export,lab}
+STEPS=${2:-env,tests,bare,train,compile,throughput,doctor,export,lab}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -33,14 +33,19 @@ step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --f
 # CUDA-only tests skip on CPU machines; here they run (captured step = eager within bf16 noise, setup apart, ...).
 step tests 240 $PY -m pytest -q -rs -p no:cacheprovider tests/test_capture.py tests/test_precision.py tests/test_devicedata.py
 
-# The bare step, eager vs one captured CUDA graph, fixed batch (no data loading), batch 128 and 512.
-step bare 120 $PY benchmarks/bare_step.py --batches 128,512 --steps 200 --json-out "$OUT_DIR/bare_step.json"
+# The bare step, eager vs one captured CUDA graph vs torch.compile(default) inside the graph, fixed batch
+# (no data loading), batch 128 and 512; each compile row's setup_s is its (cold or disk-cached) compile.
+step bare 240 $PY benchmarks/bare_step.py --batches 128,512 --steps 200 --json-out "$OUT_DIR/bare_step.json"
 
 # The lab's C1 run, full-size synthetic split, 5 epochs: captured step (default) and eager, same seed;
 # synchronized only at epoch ends (the fast path's timing mode, as the lab's fast runs use).
 step train 240 bash -c "$PY -m cifarlab train --dataset synthetic --epochs 5 --no-sync-timing --out '$OUT_DIR/runs' --name captured \
     && $PY -m cifarlab train --dataset synthetic --epochs 5 --no-sync-timing --cuda-graph off --out '$OUT_DIR/runs' --name eager \
     && $PY benchmarks/compare_runs.py '$OUT_DIR/runs'"
+
+# `--compile default` composed with the captured step, end to end: compile + capture in setup_s, 5 epochs.
+step compile 240 bash -c "$PY -m cifarlab train --dataset synthetic --epochs 5 --no-sync-timing --compile default \
+    --out '$OUT_DIR/runs' --name compiled && $PY benchmarks/compare_runs.py '$OUT_DIR/runs'"
 
 # classic vs typical lab solution vs fast eager vs fast captured, batch 128 and 512, ratios in one run.
 step throughput 300 $PY benchmarks/throughput.py --device cuda --dataset synthetic --batch-sizes 128 512 --repeats 2 \
