@@ -228,6 +228,8 @@ class LabPreset:
     sweep_timed_steps: int | None = None  # C3: time this many steps per run after the iterator start and
     # extrapolate per epoch (None: whole epochs, as before)
     compile_modes: tuple[str, ...] = COMPILE_MODES  # C8: eager ("none") and the modes measured (--budget may cut)
+    profile_timed_steps: int | None = None  # C4: 2 epochs of this many steps per run, the profiler in the first,
+    # the second timed and extrapolated per epoch (None: whole epochs, the profiler in the first)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -249,8 +251,8 @@ LAB_PRESETS: dict[str, LabPreset] = {
     "full": LabPreset(
         name="full", about="the lab as written: 5 epochs of full CIFAR-10 per run, batch 128",
         dataset=None, subset=None, test_subset=None, epochs=5, batch_size=128, test_batch_size=100,
-        max_steps=None, repeats=3, sweep_max_points=None, profile_steps=20, cpu_subset=2560, cpu_epochs=2,
-        compile_epochs=10, compile_on_cpu=True, sweep_timed_steps=100,
+        max_steps=None, repeats=3, sweep_max_points=None, profile_steps=20, cpu_subset=1280, cpu_epochs=2,
+        compile_epochs=10, compile_on_cpu=True, sweep_timed_steps=100, profile_timed_steps=100,
     ),
 }
 

@@ -6,25 +6,11 @@ import statistics
 from typing import Any
 
 from cifarlab.config import MAX_WORKERS, LabPreset
-from cifarlab.lab.context import Experiment, LabContext, PlannedRuns, median_of
+from cifarlab.lab.context import Experiment, LabContext, PlannedRuns, epoch_steps, median_of, timed_run
 from cifarlab.lab.sections import REF, REFERENCE, measured_table, runs_para
 from cifarlab.report.blocks import Block, Note, Para, finite, fs, run_named
 from cifarlab.report.plots import ReportContext
 from cifarlab.runtime import usable_cpus
-
-
-def timed_run(records: list[dict[str, Any]], steps_per_epoch: int) -> dict[str, Any]:
-    """A run of a few timed steps -> worker start-up (iterator creation), data wait and time per step after
-    it, and both extrapolated to a whole epoch (start-up + per step x steps per epoch)."""
-    recs = [r for r in records if r.get("status") == "ok" and r.get("steps")]
-    steps = sum(r["steps"] for r in recs)
-    if not steps:
-        return {"timed_steps": 0, "startup_s": None, "wait_per_step_s": None, "epoch_data_s": None, "epoch_s": None}
-    startup = sum(r["loader_start_s"] for r in recs) / len(recs)
-    wait = sum(r["data_s"] - r["loader_start_s"] for r in recs) / steps
-    step = sum(r["epoch_s"] - r["loader_start_s"] for r in recs) / steps
-    return {"timed_steps": steps, "startup_s": startup, "wait_per_step_s": wait,
-            "epoch_data_s": startup + wait * steps_per_epoch, "epoch_s": startup + step * steps_per_epoch}
 
 
 def overlaps(a: list[float], b: list[float]) -> bool:
@@ -40,9 +26,7 @@ def c3_workers(ctx: LabContext) -> dict[str, Any]:
 
     p = ctx.preset
     base = ctx.classic(ctx.base).replace(evaluate=False)
-    steps_per_epoch = -(-len(ctx.data.train) // base.batch_size)
-    if base.max_steps:
-        steps_per_epoch = min(steps_per_epoch, base.max_steps)
+    steps_per_epoch = epoch_steps(ctx, base)
     sized = p.sweep_timed_steps is not None and steps_per_epoch > p.sweep_timed_steps
     if sized:
         base = base.replace(epochs=1, max_steps=p.sweep_timed_steps)
@@ -188,9 +172,7 @@ def plan_c3(ctx: LabContext) -> list[PlannedRuns]:
     p = ctx.preset
     points = min(p.sweep_max_points or 4, 4)
     note = f"{points} worker counts assumed; the stop rule decides"
-    steps_per_epoch = -(-len(ctx.data.train) // ctx.base.batch_size)
-    if ctx.base.max_steps:
-        steps_per_epoch = min(steps_per_epoch, ctx.base.max_steps)
+    steps_per_epoch = epoch_steps(ctx, ctx.base)
     if p.sweep_timed_steps is not None and steps_per_epoch > p.sweep_timed_steps:  # sized runs: one epoch of timed steps
         return [PlannedRuns("classic", ctx.repeats * points, 1, evaluate=False,
                             images=p.sweep_timed_steps * ctx.base.batch_size, note=note)]

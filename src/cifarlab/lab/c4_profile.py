@@ -1,6 +1,10 @@
 """C4: torch.profiler on 1 worker vs C3's best count, and the explanation of the difference: each run
 classified by the doctor's classifier (cifarlab.doctor_advice, the thresholds `cifarlab doctor` prints), and
-the doctor's suggestion for the 1-worker run checked against the best-count run measured here."""
+the doctor's suggestion for the 1-worker run checked against the best-count run measured here.
+
+With the preset's profile_timed_steps (the full preset: 100) each run is 2 epochs of that many steps: the
+profiler records its window in epoch 1, epoch 2 runs without it and is extrapolated per epoch like C3's
+points (start-up apart) -- on an H200 the two 5-epoch classic runs this replaces took 2 of the lab's minutes."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 from cifarlab.config import TrainConfig
 from cifarlab.doctor_advice import THRESHOLDS, classify, from_epoch_record
 from cifarlab.engine import Hooks
-from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
+from cifarlab.lab.context import Experiment, LabContext, PlannedRuns, epoch_steps, timed_run
 from cifarlab.lab.sections import measured_table, runs_para
 from cifarlab.report.blocks import Block, Para, Table, finite, fs, pct, runs_of
 from cifarlab.report.plots import ReportContext, stacked
@@ -24,13 +28,9 @@ from cifarlab.runtime import usable_cpus
 
 def _profiled_train(ctx: LabContext, key: str, label: str, cfg: TrainConfig) -> dict[str, Any]:
     """A run with torch.profiler recording a window of steps; Chrome trace saved in the run folder."""
-
-
     cuda = ctx.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    steps_per_epoch = -(-len(ctx.data.train) // cfg.batch_size)
-    if cfg.max_steps:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
+    steps_per_epoch = epoch_steps(ctx, cfg)
     active = max(1, min(ctx.preset.profile_steps, steps_per_epoch * cfg.epochs - 1))
     tmp = ctx.lab_dir / key / f".{label}.pt.trace.json"
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -66,16 +66,46 @@ def _top_ops(prof: Any, cuda: bool, n: int = 10) -> list[dict[str, Any]]:
              "cpu_total_ms": e.cpu_time_total / 1e3, "self_device_ms": device_us(e) / 1e3} for e in events[:n]]
 
 
+def sized_steps(ctx: LabContext) -> int | None:
+    """Steps per epoch of C4's sized runs (None: whole epochs -- no sizing, or epochs no longer than that)."""
+    n = ctx.preset.profile_timed_steps
+    return n if n is not None and epoch_steps(ctx, ctx.base) > n >= ctx.preset.profile_steps + 1 else None
+
+
 def c4_profile(ctx: LabContext) -> dict[str, Any]:
     best, source = ctx.best_workers()
     base = ctx.classic(ctx.base).replace(evaluate=False)
+    steps_per_epoch = epoch_steps(ctx, base)
+    sized = sized_steps(ctx)
+    if sized is not None:
+        base = base.replace(epochs=2, max_steps=sized)
     diagnoses: dict[str, Any] = {}
+    timed: dict[str, Any] = {}
     for workers in [1] + ([best] if best != 1 else []):  # 1 worker first: the report compares it to the best
         label = f"workers-{workers}" + ("-best" if workers == best else "")
         cfg = base.replace(workers=workers)
         info = _profiled_train(ctx, "c4", label, cfg)
         diagnoses[label] = diagnose_run(label, info, cfg, ctx.device.type)
-    return {"best_workers": best, "best_from": source, "doctor": diagnoses, "doctor_thresholds": THRESHOLDS}
+        if sized is not None:  # epoch 2: no profiler
+            timed[label] = timed_run([r for r in info.get("records", []) if r.get("epoch") == 2], steps_per_epoch)
+    out = {"best_workers": best, "best_from": source, "doctor": diagnoses, "doctor_thresholds": THRESHOLDS}
+    if sized is not None:
+        out.update(timed=timed, steps_per_epoch=steps_per_epoch, protocol=(
+            f"each run: a fresh seeded model, 2 epochs of {sized} steps; torch.profiler records its window in "
+            f"epoch 1; epoch 2 runs without it, and its figures are **extrapolated** to a {steps_per_epoch}-step "
+            f"epoch (worker start-up + per-step time x steps; start-up reported apart), not measured whole epochs"))
+    return out
+
+
+def epoch_figures(res: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """Per-epoch data / h2d / compute / other / total of a C4 run: extrapolated from its clean timed epoch
+    when the run was sized, else the means over its epochs."""
+    t = res.get("timed", {}).get(run["label"])
+    if t is not None:
+        return {"data": t["epoch_data_s"], "h2d": t["epoch_h2d_s"], "compute": t["epoch_compute_s"],
+                "other": t["epoch_other_s"], "epoch": t["epoch_s"], "startup": t["startup_s"]}
+    s = run["summary"]
+    return {k: s.get(f"mean_{k}_s") for k in ("data", "h2d", "compute", "other", "epoch")} | {"startup": None}
 
 
 def diagnose_run(label: str, info: dict[str, Any], cfg: TrainConfig, device_type: str) -> dict[str, Any] | None:
@@ -93,22 +123,27 @@ def render_c4(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     res = entry["result"]
     runs = runs_of(entry)
     rows = []
+    sized = "timed" in res
     for r in runs:
-        s = r["summary"]
+        f = epoch_figures(res, r)
         prof = r.get("profile", {})
-        rows.append([r["label"], r["config"]["workers"], fs(s.get("mean_data_s"), 3), fs(s.get("mean_h2d_s"), 3),
-                     fs(s.get("mean_compute_s"), 3), fs(s.get("mean_other_s"), 3), fs(s.get("mean_epoch_s"), 3),
+        rows.append([r["label"], r["config"]["workers"], fs(f["data"], 3), fs(f["h2d"], 3), fs(f["compute"], 3),
+                     fs(f["other"], 3), fs(f["epoch"], 3), *([fs(f["startup"], 3)] if sized else []),
                      prof.get("steps_recorded", "n/a"), f"`{prof.get('trace')}`" if prof.get("trace") else "none"])
+    intro = (f"'Best' = {res['best_workers']} workers ({res['best_from']}). torch.profiler recorded one warm-up "
+             f"step then the steps listed, in the training process only (loader workers are other processes: "
+             f"their work shows up here only as the wait on `DataLoader.__next__`). Each trace is a Chrome trace "
+             f"(open in chrome://tracing or Perfetto; TensorBoard's profiler plugin reads `*.pt.trace.json`).")
+    if sized:
+        intro += f" Protocol: {res['protocol']}."
+        header = ["run", "workers", "data s/epoch (extrapolated)", "h2d s", "compute s", "other s", "epoch s",
+                  "of which worker start-up s", "profiled steps", "trace"]
+    else:
+        header = ["run", "workers", "data s/epoch", "h2d s", "compute s", "other s (incl. profiler)", "epoch s",
+                  "profiled steps", "trace"]
     blocks: list[Block] = [
-        *measured_table(
-            entry, rc,
-            f"'Best' = {res['best_workers']} workers ({res['best_from']}). torch.profiler recorded one warm-up "
-            f"step then the steps listed, in the training process only (loader workers are other processes: "
-            f"their work shows up here only as the wait on `DataLoader.__next__`). Each trace is a Chrome trace "
-            f"(open in chrome://tracing or Perfetto; TensorBoard's profiler plugin reads `*.pt.trace.json`).",
-            ["run", "workers", "data s/epoch", "h2d s", "compute s", "other s (incl. profiler)", "epoch s",
-             "profiled steps", "trace"], rows, "c4_data_vs_compute"),
-        Para(c4_explanation(runs, rc.doc.get("machine", {}).get("usable_cpus"))),
+        *measured_table(entry, rc, intro, header, rows, "c4_data_vs_compute"),
+        Para(c4_explanation(res, runs, rc.doc.get("machine", {}).get("usable_cpus"))),
     ]
     if res.get("doctor"):  # labs written before the doctor existed have no classification
         blocks.append(Para(doctor_paragraph(res, runs)))
@@ -120,23 +155,23 @@ def render_c4(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
                               fs(o["self_device_ms"], 1)] for o in ops], csv=f"c4_top_ops_{r['label']}"))
 
     def draw(fig: Any) -> None:
-        keys = ("mean_data_s", "mean_h2d_s", "mean_compute_s", "mean_other_s")
         stacked(fig.subplots(), [f"{r['config']['workers']} worker(s)" for r in runs],
-                 {k[5:-2]: [r["summary"].get(k) for r in runs] for k in keys})
+                {k: [epoch_figures(res, r)[k] for r in runs] for k in ("data", "h2d", "compute", "other")})
         fig.axes[0].set_title("C4 data vs compute per epoch")
 
     blocks += [rc.plot("c4_data_vs_compute", "C4 data vs compute per epoch", draw, size=(5, 3.6)), runs_para(entry)]
     return blocks
 
 
-def c4_explanation(runs: list[dict[str, Any]], cores: Any) -> str:
+def c4_explanation(res: dict[str, Any], runs: list[dict[str, Any]], cores: Any) -> str:
     """One paragraph from the measured numbers: 1 worker vs the best count."""
     if not runs:
         return "No profiled run finished."
     one, best = runs[0], runs[-1]
 
     def part(r: dict[str, Any]) -> tuple[Any, Any, Any]:
-        return tuple(r["summary"].get(k) for k in ("mean_data_s", "mean_compute_s", "mean_epoch_s"))  # type: ignore
+        f = epoch_figures(res, r)
+        return f["data"], f["compute"], f["epoch"]
 
     def share(d: Any, e: Any) -> str:
         return pct(d / e) if finite(d) and finite(e) and e else "n/a"
@@ -179,7 +214,7 @@ def doctor_paragraph(res: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     d1 = res["doctor"].get(one["label"]) if one else None
     if d1 is None or best is one:
         return text
-    e1, e2 = one["summary"].get("mean_epoch_s"), best["summary"].get("mean_epoch_s")
+    e1, e2 = epoch_figures(res, one)["epoch"], epoch_figures(res, best)["epoch"]
     n = best["config"]["workers"]
     gain = f"{e1 / e2:.2f}x" if finite(e1) and finite(e2) and e2 else "n/a"
     if d1["label"] == "data-bound":
@@ -189,5 +224,13 @@ def doctor_paragraph(res: dict[str, Any], runs: list[dict[str, Any]]) -> str:
                    f"measured here, `--workers {n}` took the epoch from {fs(e1, 3)} to {fs(e2, 3)} s ({gain}).")
 
 
-ITEM = Experiment("c4", "C4 Profiling 1 worker vs the best", c4_profile, render_c4, lambda p, c: 2 * p.epochs,
-                  plan=lambda ctx: [PlannedRuns("classic", 2, ctx.preset.epochs, evaluate=False, note="profiler overhead not included")])
+def plan_c4(ctx: LabContext) -> list[PlannedRuns]:
+    sized = sized_steps(ctx)
+    if sized is None:
+        return [PlannedRuns("classic", 2, ctx.preset.epochs, evaluate=False, note="profiler overhead not included")]
+    return [PlannedRuns("classic", 2, 2, evaluate=False, images=sized * ctx.base.batch_size,
+                        note=f"2 epochs of {sized} steps per run; profiler overhead not included")]
+
+
+ITEM = Experiment("c4", "C4 Profiling 1 worker vs the best", c4_profile, render_c4,
+                  lambda p, c: 2 * (2 if p.profile_timed_steps else p.epochs), plan=plan_c4)

@@ -142,3 +142,33 @@ def _merge(a: Hooks, b: Hooks | None) -> Hooks:
 def median_of(values: list[float | None]) -> float:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else float("inf")
+
+
+def epoch_steps(ctx: LabContext, cfg: TrainConfig) -> int:
+    """Steps in one of `cfg`'s epochs over the lab's training split (max_steps applied)."""
+    steps = -(-len(ctx.data.train) // cfg.batch_size)
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def timed_run(records: list[dict[str, Any]], steps_per_epoch: int) -> dict[str, Any]:
+    """Epochs of a few timed steps (C3's sweep points, C4's clean epoch) -> worker start-up (iterator
+    creation), data wait and time per step after it, and each extrapolated to a whole epoch (start-up + per
+    step x steps per epoch); copy (h2d) and compute likewise where the run measured them (synchronized)."""
+    recs = [r for r in records if r.get("status") == "ok" and r.get("steps")]
+    steps = sum(r["steps"] for r in recs)
+    keys = ("startup_s", "wait_per_step_s", "epoch_data_s", "epoch_s", "epoch_h2d_s", "epoch_compute_s", "epoch_other_s")
+    if not steps:
+        return {"timed_steps": 0, **dict.fromkeys(keys)}
+    startup = sum(r["loader_start_s"] for r in recs) / len(recs)
+    wait = sum(r["data_s"] - r["loader_start_s"] for r in recs) / steps
+    step = sum(r["epoch_s"] - r["loader_start_s"] for r in recs) / steps
+    out = {"timed_steps": steps, "startup_s": startup, "wait_per_step_s": wait,
+           "epoch_data_s": startup + wait * steps_per_epoch, "epoch_s": startup + step * steps_per_epoch}
+    for part in ("h2d", "compute"):
+        values = [r.get(f"{part}_s") for r in recs]
+        out[f"epoch_{part}_s"] = (sum(values) / steps * steps_per_epoch
+                                  if all(isinstance(v, (int, float)) for v in values) else None)
+    known = [out[k] for k in ("epoch_data_s", "epoch_h2d_s", "epoch_compute_s")]
+    out["epoch_other_s"] = out["epoch_s"] - sum(known) if all(v is not None for v in known) else None
+    return out
+
