@@ -24,7 +24,16 @@ LONG_RUN = ["--dataset", "synthetic", "--subset", "16", "--test-subset", "10", "
             "--max-steps", "1", "--no-evaluate", "--epochs", "500", "--loader", "torch"]
 
 
-def test_first_signal_sets_the_flag_second_aborts_and_handlers_come_back():
+@pytest.fixture
+def sigint_default():
+    """Python's own SIGINT handler for the test, whatever the test process inherited: a shell starts
+    background jobs with SIGINT ignored, and StopOnSignal rightly leaves an ignored signal ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_first_signal_sets_the_flag_second_aborts_and_handlers_come_back(sigint_default):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with StopOnSignal() as stop:
         assert not stop.should_stop() and stop.exit_code is None
@@ -37,7 +46,7 @@ def test_first_signal_sets_the_flag_second_aborts_and_handlers_come_back():
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def test_sigint_exit_code_and_an_ignored_signal_stays_ignored():
+def test_sigint_exit_code_and_an_ignored_signal_stays_ignored(sigint_default):
     with StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)

@@ -201,3 +201,25 @@ def test_c8_from_a_lab_without_cache_state_keeps_its_old_table(tmp_path: Path) -
     md = (lab / "report.md").read_text()
     assert "| mode | first epoch s (incl. compilation) | steady s/epoch (epochs 2-2) |" in md
     assert "| eager | 2.000 | 2.000 | 1.00x | completed |" in md and "compile cache" not in md
+
+
+def test_a_lab_that_recorded_no_end_says_so_in_its_rebuilt_report(tmp_path) -> None:
+    """A lab killed without recording its end (on an H200 a SIGTERM during compilation did that) keeps
+    results.json with status 'running'; `cifarlab report` rebuilds from it and says it is unfinished."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from cifarlab.cli import main
+
+    fixture = Path(__file__).parent / "fixtures" / "lab-v1-smoke"
+    lab = tmp_path / "lab"
+    shutil.copytree(fixture, lab)
+    doc = json.loads((lab / "results.json").read_text())
+    doc["status"], doc["finished"] = "running", None
+    doc["experiments"]["q"]["status"] = "not run"
+    (lab / "results.json").write_text(json.dumps(doc))
+    assert main(["report", str(lab)]) == 0
+    md = (lab / "report.md").read_text()
+    assert "**Unfinished lab**" in md and "Completed items: c1," in md and ", q;" not in md
+    assert "**Unfinished lab**" not in (fixture / "report.md").read_text()

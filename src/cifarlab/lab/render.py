@@ -69,6 +69,11 @@ def header_blocks(doc: dict[str, Any]) -> list[Block]:
         Para(f"Timings are seconds of wall-clock time, the device synchronized before each clock read; evaluation "
              f"is never inside an epoch. The '{REF}' column holds a seed report's figures for orientation only."),
     ]
+    if doc.get("status") == "running":  # the lab records its end (completed / interrupted) before its report
+        done = [k for k in doc.get("order", []) if doc.get("experiments", {}).get(k, {}).get("status") == "completed"]
+        blocks.append(Note(f"**Unfinished lab**: results.json records no end, so either the lab is still running or its "
+                           f"process ended without recording one (killed, or stopped while compiling). Completed items: "
+                           f"{', '.join(done) or 'none'}; the sections below show what results.json held."))
     return blocks + time_table_blocks(doc)
 
 
