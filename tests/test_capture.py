@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab import capture, engine, steps
-from cifarlab.capture import CAPTURE_FLAGS, CapturedStep, StepRunner, StepSums, prepare_optimizer, preserved_training_state
+from cifarlab.capture import CAPTURE_FLAGS, CapturedStep, StepRunner, StepSums, prepare_optimizer
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, TrainConfig
 from cifarlab.data.device import PAD, DeviceLoader
 from cifarlab.errors import UsageError
 from cifarlab.models import resnet18
 from cifarlab.optim import OPTIMIZERS, build_optimizer
+from cifarlab.trainstate import preserved_training_state
 
 CPU = torch.device("cpu")
 HAS_CUDA = torch.cuda.is_available()
@@ -321,6 +322,26 @@ def test_a_compiled_graph_sees_only_the_full_batch_shape():
         runner.step(0.1)
     assert compiled.batch_sizes == [4, 4]
     assert runner.read_sums()[2] == -1
+
+
+def test_an_eager_compiled_run_sends_only_the_partial_batch_to_the_plain_model():
+    """--compile reduce-overhead / max-autotune step eagerly around torch's own graphs: their full batches go
+    through the compiled module, the partial last batch through the plain model (no second compiled shape,
+    which with max-autotune means minutes more of autotuning); a wrapper that is not torch.compile's (DDP)
+    gets every batch."""
+    model, opt = _tiny("sgd")
+    assert torch.compile(model)._orig_mod is model  # what module_for recognises (nothing compiles here)
+    for wraps_model, expected in ((True, [4, 4]), (False, [4, 4, 2])):
+        compiled = ShapeRecorder(model)
+        if wraps_model:
+            compiled._orig_mod = model
+        runner = StepRunner(compiled, opt, "fp32", CPU, model=model)
+        runner.setup([4, 2], (3, 8, 8), channels_last=False)
+        runner.begin_epoch()
+        for x, y in _batches(10, 4):  # 4, 4, 2
+            runner.load(x, y)
+            runner.step(0.1)
+        assert compiled.batch_sizes == expected
 
 
 def test_first_non_finite_step_is_recorded_on_the_device():

@@ -7,7 +7,7 @@ into its static input buffers) and `step(lr)` (timed as compute); `read_sums()` 
 `setup()` runs once before epoch 1, timed apart (`setup_s`): on CUDA, warm-up for every batch shape
 (cuDNN autotuning, torch.compile) and, for `CapturedStep`, the capture.
 
-Warm-up never changes the run (`preserved_training_state`): weights, buffers and optimizer state are
+Warm-up never changes the run (`trainstate.preserved_training_state`): weights, buffers and optimizer state are
 copied back in place, and state the warm-up created is zeroed -- for the lab's five optimizers exactly
 a fresh state -- so a captured run starts from the weights an eager run from the same seed starts from.
 
@@ -23,12 +23,13 @@ its real images). Anything that fails during setup falls back to eager with `fal
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from cifarlab.timing import DeviceClock
+from cifarlab.trainstate import optimizer_params, preserved_training_state
 
 STEP_EAGER = "eager"
 STEP_GRAPH = "cuda-graph"
@@ -40,8 +41,6 @@ CAPTURE_FLAGS: dict[str, dict[str, bool]] = {
     "Adam": {"capturable": True, "foreach": True, "fused": False},
     "Adadelta": {"capturable": True, "foreach": True},
 }
-# Optimizer state a warm-up may create, whose all-zero value equals "no state yet" for that optimizer.
-ZERO_IS_FRESH = {"step", "momentum_buffer", "exp_avg", "exp_avg_sq", "square_avg", "acc_delta", "sum"}
 CAPTURE_WARMUP_STEPS = 3  # eager steps on the capture stream before capture (the torch docs use 3)
 
 
@@ -84,59 +83,6 @@ class StepSums:
         return float(self.loss_sum), int(self.correct), int(self.first_bad_step)
 
 
-# ------------------------------------------------------------------- warm-up that changes nothing
-
-
-def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-@contextlib.contextmanager
-def preserved_training_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, *, keep_new_state: Callable[[], bool] = lambda: True
-) -> Iterator[None]:
-    """Run warm-up steps inside; on exit every parameter and buffer (BatchNorm statistics and
-    num_batches_tracked included) and the optimizer state are what they were on entry.
-
-    Tensors are restored *in place* (copy_), so a graph captured inside keeps valid addresses. State
-    entries the warm-up created are zeroed (fresh-equivalent, `ZERO_IS_FRESH`) while keep_new_state()
-    is true (a captured graph holds them), otherwise removed (the eager path then starts from the very
-    state it would have had)."""
-    tensors = list({id(t): t for t in (*model.parameters(), *model.buffers())}.values())
-    saved = [t.detach().clone() for t in tensors]
-    state_before = {
-        id(p): {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
-        for p in _optimizer_params(optimizer) if p in optimizer.state
-    }
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for t, s in zip(tensors, saved):
-                t.copy_(s)
-            keep = keep_new_state()
-            for p in _optimizer_params(optimizer):
-                before = state_before.get(id(p), {})
-                state = optimizer.state.get(p)
-                if state is None:
-                    continue
-                for key in list(state):
-                    value = state[key]
-                    if key in before:
-                        if torch.is_tensor(value) and keep:
-                            value.copy_(before[key])  # in place: the graph may hold this tensor
-                        else:
-                            state[key] = before[key]
-                    elif keep and torch.is_tensor(value) and key in ZERO_IS_FRESH:
-                        value.zero_()
-                    elif keep:
-                        raise RuntimeError(f"warm-up created optimizer state {key!r} with no known fresh value")
-                    else:
-                        del state[key]
-                if not state and not before:
-                    del optimizer.state[p]
-
-
 # ------------------------------------------------------------------------------------- eager
 
 
@@ -169,6 +115,7 @@ class StepRunner:
         self.setup_s: float | None = None
         self.note = note  # why this run steps eagerly (None: nothing asked for more)
         self.fallback_reason: str | None = None  # a capture was attempted and failed: why
+        self.full_batch: int | None = None  # the epoch's full batch size (setup's first size)
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- the interface the engine uses
@@ -178,12 +125,13 @@ class StepRunner:
         nothing -- no optimizer step and no GradScaler update, BatchNorm statistics restored.
         Returns setup_s (device synchronized at both ends)."""
         t0 = DeviceClock(self.device).barrier_now()
+        self.full_batch = int(batch_sizes[0]) if batch_sizes else None
         if warm_up and self.device.type == "cuda":
             with preserved_training_state(self.model, self.optimizer, keep_new_state=lambda: False):
                 for b in dict.fromkeys(batch_sizes):
                     x, y = _sample_batch(b, sample_shape, channels_last, self.device)
                     with autocast_context(self.precision, self.device):
-                        loss = self.loss_fn(self.module(x), y)
+                        loss = self.loss_fn(self.module_for(b)(x), y)
                     loss.backward()
             self.optimizer.zero_grad(set_to_none=True)
         self.setup_s = DeviceClock(self.device).barrier_now() - t0
@@ -211,6 +159,14 @@ class StepRunner:
         """(loss x images, correct, first bad step or -1): one device read, after the epoch."""
         return self.sums.read()
 
+    def module_for(self, batch: int) -> nn.Module:
+        """The step's module for full batches; the plain model for the partial last batch when the module
+        is torch.compile's wrapper of that model: a second input shape would cost a second compile (dynamic
+        shapes; with max-autotune, minutes of autotuning) for one step an epoch. DDP wrappers are kept."""
+        if self.full_batch is not None and batch != self.full_batch and getattr(self.module, "_orig_mod", None) is self.model:
+            return self.model
+        return self.module
+
     def describe(self) -> dict[str, Any]:
         """For run.json: how steps ran and why."""
         return {"step": self.mode, "setup_s": self.setup_s, "note": self.note, "fallback_reason": self.fallback_reason}
@@ -222,7 +178,7 @@ class StepRunner:
                 group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.precision, self.device):
-            outputs = self.module(inputs)
+            outputs = self.module_for(int(inputs.shape[0]))(inputs)
             loss = self.loss_fn(outputs, targets)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -252,7 +208,7 @@ def prepare_optimizer(optimizer: torch.optim.Optimizer, lr: torch.Tensor) -> Non
     for group in optimizer.param_groups:
         group.update(flags)
         group["lr"] = lr
-    for p in _optimizer_params(optimizer):
+    for p in optimizer_params(optimizer):
         state = optimizer.state.get(p, {})
         if torch.is_tensor(state.get("step")) and state["step"].device != p.device:
             state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
@@ -359,7 +315,7 @@ class CapturedStep(StepRunner):
 
     def _eager_partial(self, inputs: torch.Tensor, targets: torch.Tensor, sums: StepSums) -> None:
         """The partial batch: eager on the plain model (same weights) even when the graph holds a compiled
-        module -- a second compiled shape (dynamic, replacing the static kernels) costs more than it saves."""
+        module (see StepRunner.module_for; here the model is used whatever wraps it: no DDP is captured)."""
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr_value
         self.optimizer.zero_grad(set_to_none=False)
