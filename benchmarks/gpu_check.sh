@@ -3,12 +3,13 @@
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR] [STEPS]
 #
-# STEPS is a comma-separated subset of: env,tests,bare,train,compile,throughput,doctor,export,lab (default: all).
+# STEPS is a comma-separated subset of: env,tests,bare,train,compile,autotune,throughput,doctor,export,lab
+# (default: all).
 # Every step has its own time limit and writes <OUT_DIR>/<step>.log; a step that fails or runs out of time
 # does not stop the others. Needs torch, torchvision, numpy, matplotlib; runs cifarlab from src/ (no install).
 set -u
 OUT_DIR=${1:-gpu-check-$(date -u +%Y%m%d-%H%M%S)}
-STEPS=${2:-env,tests,bare,train,compile,throughput,doctor,export,lab}
+STEPS=${2:-env,tests,bare,train,compile,autotune,throughput,doctor,export,lab}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -46,6 +47,13 @@ step train 240 bash -c "$PY -m cifarlab train --dataset synthetic --epochs 5 --n
 # `--compile default` composed with the captured step, end to end: compile + capture in setup_s, 5 epochs.
 step compile 240 bash -c "$PY -m cifarlab train --dataset synthetic --epochs 5 --no-sync-timing --compile default \
     --out '$OUT_DIR/runs' --name compiled && $PY benchmarks/compare_runs.py '$OUT_DIR/runs'"
+
+# max-autotune's kernels inside the captured step (torch's mode without its own CUDA graphs): the bare step, then
+# 5 epochs end to end; its autotuning (minutes when the cache is cold) is part of setup_s.
+step autotune 480 bash -c "$PY benchmarks/bare_step.py --batches 128,512 --kinds eager,compile+cuda-graph \
+    --compile-mode max-autotune-no-cudagraphs --json-out '$OUT_DIR/bare_step_autotune.json' 2>&1 | grep -v '^  \|^AUTOTUNE\|^strides\|^dtypes' \
+    && $PY -m cifarlab train --dataset synthetic --epochs 5 --no-sync-timing --compile max-autotune-no-cudagraphs \
+    --out '$OUT_DIR/runs' --name autotuned"
 
 # classic vs typical lab solution vs fast eager vs fast captured, batch 128 and 512, ratios in one run.
 step throughput 300 $PY benchmarks/throughput.py --device cuda --dataset synthetic --batch-sizes 128 512 --repeats 2 \

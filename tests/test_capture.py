@@ -432,6 +432,8 @@ def test_why_a_run_steps_eagerly():
     assert "classic" in steps.capture_blocker(TrainConfig(loader="torch"), cuda)
     assert steps.capture_blocker(TrainConfig(loader="torch", cuda_graph="on"), cuda) is None
     assert "own" in steps.capture_blocker(TrainConfig(compile="reduce-overhead"), cuda)
+    assert steps.capture_blocker(TrainConfig(compile="default"), cuda) is None  # compiled kernels inside the graph
+    assert steps.capture_blocker(TrainConfig(compile="max-autotune-no-cudagraphs"), cuda) is None
     assert "GradScaler" in steps.capture_blocker(TrainConfig(), cuda, object())
     assert "CUDA device" in steps.capture_blocker(TrainConfig(), CPU)
 

@@ -25,6 +25,9 @@ NORMS = ("batch", "none")
 LOADERS = ("torch", "device")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+# --compile also takes torch's max-autotune without its own CUDA graphs: on the captured step (capture.py) that
+# is autotuned kernels inside cifarlab's whole-step graph, where max-autotune would step eagerly around torch's.
+TRAIN_COMPILE_MODES = (*COMPILE_MODES, "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("auto", "on", "off")  # the training step as one captured CUDA graph (capture.py)
 # cifarlab export's formats (export.py builds each); checked here, before torch loads, for a one-line error.
 EXPORT_FORMATS = ("torchscript-trace", "torchscript-script", "export", "onnx", "aoti")
@@ -92,7 +95,7 @@ class TrainConfig:
         _choice("norm", self.norm, NORMS)
         _choice("loader", self.loader, LOADERS)
         _choice("precision", self.precision, PRECISIONS)
-        _choice("compile", self.compile, COMPILE_MODES)
+        _choice("compile", self.compile, TRAIN_COMPILE_MODES)
         _choice("cuda-graph", self.cuda_graph, CUDA_GRAPH_MODES)
         if self.cuda_graph == "on" and self.device == "cpu":
             raise UsageError("--cuda-graph on needs a CUDA device (got --device cpu); use --cuda-graph auto or off")

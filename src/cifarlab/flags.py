@@ -14,7 +14,7 @@ import dataclasses
 import re
 from typing import Any
 
-from cifarlab.config import COMPILE_MODES, CUDA_GRAPH_MODES, DATASETS, DEVICES, LOADERS, PRECISIONS, TrainConfig
+from cifarlab.config import CUDA_GRAPH_MODES, DATASETS, DEVICES, LOADERS, PRECISIONS, TRAIN_COMPILE_MODES, TrainConfig
 from cifarlab.errors import UsageError
 
 PROG = "cifarlab"
@@ -69,7 +69,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--precision", choices=PRECISIONS,
                    help="fp32, bf16, fp16 (autocast) or auto (default: bf16 on CUDA GPUs that support it, else fp32)")
     t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC memory layout (default on)")
-    t.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile mode (default none)")
+    t.add_argument("--compile", choices=TRAIN_COMPILE_MODES, help="torch.compile mode (default none)")
     t.add_argument("--cuda-graph", choices=CUDA_GRAPH_MODES,
                    help="auto (default): capture the whole training step as one CUDA graph on the fast path on CUDA; "
                         "on: also for --loader torch (a usage error on a CPU); off: eager")
