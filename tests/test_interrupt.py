@@ -150,3 +150,51 @@ def test_signal_to_a_real_training_process(tmp_path, capsys, sig, to_group, work
         assert json.loads((run_dir / "config.json").read_text())["epochs"] == target
         assert main(["train", "--resume", str(run_dir)]) == 2
         assert "already finished" in capsys.readouterr().err
+
+
+def _sleep_as_a_loader_worker() -> None:
+    from cifarlab.interrupt import ignore_stop_signals_in_worker
+
+    ignore_stop_signals_in_worker()
+    time.sleep(60)
+
+
+def test_a_loader_worker_ignores_ctrl_c_and_ends_a_grace_period_after_sigterm(monkeypatch):
+    """Workers must not die of the group's signal at once (the main process would fail instead of stopping
+    cleanly), but must not ignore SIGTERM forever either: Python's exit handler terminate()s daemonic children
+    and joins them, which hung for 11 minutes when a run ended in an exception with workers left alive."""
+    import multiprocessing
+
+    from cifarlab import interrupt
+
+    monkeypatch.setattr(interrupt, "WORKER_STOP_GRACE_S", 1)
+    worker = multiprocessing.get_context("fork").Process(target=_sleep_as_a_loader_worker, daemon=True)
+    worker.start()
+    time.sleep(1.0)  # its handlers are installed
+    os.kill(worker.pid, signal.SIGINT)
+    os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    assert worker.is_alive()  # neither signal ends it at once
+    worker.join(timeout=20)
+    assert not worker.is_alive() and worker.exitcode == -signal.SIGALRM
+
+
+def test_an_exception_mid_epoch_shuts_the_loader_workers_down(tmp_path, monkeypatch):
+    """An exception in a step propagates with a traceback that keeps the epoch's frame -- and its DataLoader
+    iterator -- alive; the engine shuts the workers down before it leaves, so none outlives the run."""
+    import multiprocessing
+
+    from cifarlab import capture
+    from cifarlab.config import TrainConfig
+    from cifarlab.runner import run_training
+
+    def failing_step(self, lr=None):
+        raise RuntimeError("injected failure in a training step")
+
+    monkeypatch.setattr(capture.StepRunner, "step", failing_step)
+    cfg = TrainConfig(dataset="synthetic", subset=64, test_subset=16, batch_size=8, epochs=1, loader="torch",
+                      workers=2, evaluate=False, out_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="injected failure") as failure:
+        run_training(cfg)
+    assert failure.value.__traceback__ is not None  # the frames (and the iterator) are still referenced
+    assert multiprocessing.active_children() == []

@@ -196,40 +196,48 @@ def train_epoch(
     iterator = iter(loader)
     timer.lap("data")  # creating the iterator starts the loader's workers: that is loader wait too
     loader_start_s = timer.totals["data"]
-    while cfg.max_steps is None or steps < cfg.max_steps:
-        try:
-            inputs, targets = next(iterator)
-        except StopIteration:
-            break
-        timer.lap("data")
+    try:
+        while cfg.max_steps is None or steps < cfg.max_steps:
+            try:
+                inputs, targets = next(iterator)
+            except StopIteration:
+                break
+            timer.lap("data")
 
-        inputs = inputs.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if cfg.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        batch = runner.load(inputs, targets)  # captured: copy into the graph's static buffers
-        timer.lap("h2d")
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if cfg.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            batch = runner.load(inputs, targets)  # captured: copy into the graph's static buffers
+            timer.lap("h2d")
 
-        runner.step(warmup_lr(cfg, epoch, steps, steps_total) if cfg.warmup_epochs else None)
-        timer.lap("compute")
+            runner.step(warmup_lr(cfg, epoch, steps, steps_total) if cfg.warmup_epochs else None)
+            timer.lap("compute")
 
-        images += batch
-        steps += 1
-        if hooks.on_step is not None:
-            hooks.on_step(epoch, steps, steps_total)
-        # In synchronized mode the device is idle here anyway, so the check costs nothing extra.
-        check_now = cfg.sync_timing or steps % DIVERGENCE_CHECK_EVERY == 0
-        if check_now and int(runner.first_bad_step) >= 0:
-            status = "diverged"
-        elif hooks.should_stop is not None and hooks.should_stop():
-            status = "interrupted"
-        if dist.is_active():
-            # Every rank must stop at the same step, or the others wait forever in the next
-            # all-reduce: agree (one tiny all-reduce, timed as other_s) at the same steps on all ranks.
-            status = dist.agree_status(status) if check_now else "ok"
-        timer.lap("other")
-        if status != "ok":
-            break
+            images += batch
+            steps += 1
+            if hooks.on_step is not None:
+                hooks.on_step(epoch, steps, steps_total)
+            # In synchronized mode the device is idle here anyway, so the check costs nothing extra.
+            check_now = cfg.sync_timing or steps % DIVERGENCE_CHECK_EVERY == 0
+            if check_now and int(runner.first_bad_step) >= 0:
+                status = "diverged"
+            elif hooks.should_stop is not None and hooks.should_stop():
+                status = "interrupted"
+            if dist.is_active():
+                # Every rank must stop at the same step, or the others wait forever in the next
+                # all-reduce: agree (one tiny all-reduce, timed as other_s) at the same steps on all ranks.
+                status = dist.agree_status(status) if check_now else "ok"
+            timer.lap("other")
+            if status != "ok":
+                break
+    except BaseException:
+        # The traceback keeps this frame, and so the iterator and its worker processes, alive past Python's
+        # exit handler, which terminate()s and joins daemonic children: shut them down here instead.
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+        raise
     timer.stop()
     del iterator  # shut non-persistent workers down outside the timed region
 

@@ -62,9 +62,23 @@ class StopOnSignal:
         self._previous.clear()
 
 
+# A loader worker outlives a SIGTERM by at most this long. The main process, stopping cleanly after its current
+# step, shuts its workers down well within it; a worker nobody shuts down -- e.g. when the main process exits
+# after an exception and Python's exit handler terminate()s, then joins, its daemonic children -- still ends
+# (ignoring SIGTERM outright made that join wait forever: 11 minutes until killed, in one case). Long, because a
+# worker that ends while the main process still runs makes torch's SIGCHLD handler raise in the main process:
+# a step that takes longer than this after the signal (a compile) fails instead of stopping cleanly.
+WORKER_STOP_GRACE_S = 60
+
+
 def ignore_stop_signals_in_worker(*_: Any) -> None:
     """For DataLoader worker processes: a terminal's Ctrl-C (or a supervisor's SIGTERM to the process
-    group) reaches the workers too; if they died of it, the main process would fail with "DataLoader
-    worker exited unexpectedly" instead of stopping cleanly. The main process shuts them down."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    group) reaches the workers too; if they died of it at once, the main process would fail with "DataLoader
+    worker exited unexpectedly" instead of stopping cleanly. SIGINT is ignored (the main process shuts the
+    workers down); SIGTERM ends the worker WORKER_STOP_GRACE_S seconds later unless it has ended by then."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _end_after_grace)
+
+
+def _end_after_grace(signum: int, frame: FrameType | None) -> None:
+    signal.alarm(WORKER_STOP_GRACE_S)  # SIGALRM's default action ends the process
