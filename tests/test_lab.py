@@ -222,6 +222,30 @@ def test_bad_lab_input_exits_2_with_one_line(argv: list[str], needle: str, tmp_p
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_an_error_caused_by_the_stop_signal_is_an_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group SIGTERM during torch.compile kills Inductor's compile workers and the compile raises (torch
+    2.14: "SubprocPool closed"): the item is recorded as interrupted by SIGTERM, not as a failed experiment."""
+    import os
+    import signal
+
+    from cifarlab.lab import registry
+
+    def broken_by_the_signal(ctx) -> dict:
+        os.kill(os.getpid(), signal.SIGTERM)  # the lab's handler records it
+        time.sleep(0.05)
+        raise RuntimeError("SubprocPool closed")
+
+    monkeypatch.setitem(registry.EXPERIMENTS, "c7", dataclasses.replace(registry.EXPERIMENTS["c7"], run=broken_by_the_signal))
+    assert main(["lab", "--preset", "smoke", "--only", "c7,q", "--out", str(tmp_path)]) == 143
+    (lab,) = tmp_path.glob("*-lab-*")
+    doc = results(lab)
+    c7 = doc["experiments"]["c7"]
+    assert doc["status"] == "interrupted" and doc["stopped_by"] == "SIGTERM"
+    assert c7["status"] == "interrupted" and c7["stopped_by"] == "SIGTERM" and "SubprocPool" in c7["error"]
+    assert doc["experiments"]["q"]["status"] == "not run"
+    assert "Interrupted (SIGTERM)" in section((lab / "report.md").read_text(), "C7")
+
+
 @pytest.mark.parametrize("signame, exit_code, wording", [("SIGINT", 130, "Interrupted (Ctrl-C)"),
                                                           ("SIGTERM", 143, "Interrupted (SIGTERM)")])
 def test_a_signal_to_a_running_lab_stops_it_cleanly(tmp_path: Path, signame: str, exit_code: int, wording: str) -> None:

@@ -80,6 +80,8 @@ def c8_compile(ctx: LabContext) -> dict[str, Any]:
         except LabInterrupted:
             raise
         except Exception as e:  # a backend that cannot compile here is a finding, not a crash
+            if ctx.should_stop():  # ... unless the stop signal broke the compile (its workers died of it)
+                raise LabInterrupted(f"c8/{label}: {type(e).__name__} after the stop signal") from e
             failures[mode] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
         finally:
             if mode in cache:

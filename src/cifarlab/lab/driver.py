@@ -307,10 +307,15 @@ def _run_experiments(keys: list[str], registry: dict[str, Any], ctx: Any, doc: d
         except UsageError:
             raise
         except Exception as e:  # one broken experiment must not cost the others' results
-            entry["status"] = "failed"
             entry["error"] = f"{type(e).__name__}: {e}"
-            print(f"   {key} FAILED: {entry['error']}", file=sys.stderr)
-            exit_code = 3
+            if stop.should_stop():
+                # The stop signal broke what was running (a group SIGTERM kills Inductor's compile workers and
+                # the compile raises): an interruption, not a failure of the experiment.
+                entry["status"] = "interrupted"
+            else:
+                entry["status"] = "failed"
+                print(f"   {key} FAILED: {entry['error']}", file=sys.stderr)
+                exit_code = 3
         entry["runs"] = ctx.runs.get(key, [])
         t_write = time.perf_counter()
         entry["elapsed_s"] = t_write - t_exp
