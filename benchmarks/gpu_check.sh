@@ -22,7 +22,12 @@ step() {  # step NAME LIMIT_S COMMAND...
     local start rc
     start=$(date +%s)
     echo "== $name (limit ${limit}s, check at $((start - T0))s)"
-    timeout "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+    # -k: KILL if it has not stopped 60 s after the TERM. The lab (one python process) gets the TERM alone
+    # (--foreground): sent to its whole group it would kill Inductor's compile workers mid-compile, and torch
+    # 2.11 then hangs; the compound steps (bash -c) need the group signal to reach their python processes.
+    local fg=()
+    [ "$name" = lab ] && fg=(--foreground)
+    timeout "${fg[@]}" -k 60 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
     rc=$?
     echo "   $name: exit $rc after $(($(date +%s) - start))s"
     tail -n "${TAIL:-30}" "$OUT_DIR/$name.log"
