@@ -222,6 +222,30 @@ def test_bad_lab_input_exits_2_with_one_line(argv: list[str], needle: str, tmp_p
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_a_c8_mode_that_fails_says_so_on_the_console(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """A compile mode that raises is a finding (the report lists it) and the next mode goes on -- and the
+    console says so at once: on the H200 a mode left no line at all before the next one's compile."""
+    from cifarlab.config import LAB_PRESETS
+    from cifarlab.lab.context import LabContext
+
+    smoke = dataclasses.replace(LAB_PRESETS["smoke"], compile_on_cpu=True, compile_modes=("none", "default"))
+    monkeypatch.setitem(LAB_PRESETS, "smoke", smoke)
+    real_train = LabContext.train
+
+    def train(self, key, label, cfg, **kw):
+        if cfg.compile != "none":
+            raise RuntimeError("no compiler here\nsecond line")
+        return real_train(self, key, label, cfg, **kw)
+
+    monkeypatch.setattr(LabContext, "train", train)
+    assert main(["lab", "--preset", "smoke", "--only", "c8", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "compile-default: FAILED, RuntimeError: no compiler here (the report lists it" in out
+    (lab,) = tmp_path.glob("*-lab-*")
+    assert results(lab)["experiments"]["c8"]["result"]["failures"] == {"default": "RuntimeError: no compiler here"}
+
+
 def test_an_error_caused_by_the_stop_signal_is_an_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A group SIGTERM during torch.compile kills Inductor's compile workers and the compile raises (torch
     2.14: "SubprocPool closed"): the item is recorded as interrupted by SIGTERM, not as a failed experiment."""

@@ -83,6 +83,7 @@ def c8_compile(ctx: LabContext) -> dict[str, Any]:
             if ctx.should_stop():  # ... unless the stop signal broke the compile (its workers died of it)
                 raise LabInterrupted(f"c8/{label}: {type(e).__name__} after the stop signal") from e
             failures[mode] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            ctx.note(f"{label}: FAILED, {failures[mode]} (the report lists it; the next mode goes on)")
         finally:
             if mode in cache:
                 cache[mode]["entries_after"] = cache_state(cache_dir)["entries"]

@@ -62,6 +62,7 @@ class LabContext:
     repeats: int
     progress_hooks: Callable[[str, str, TrainConfig], Hooks]
     should_stop: Callable[[], bool] = lambda: False  # Ctrl-C / SIGTERM seen: start no new run
+    note: Callable[[str], None] = lambda message: None  # one console line (e.g. a C8 mode that failed)
     shared: dict[str, Any] = field(default_factory=dict)  # e.g. C3's best worker count, for C4/C5
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # key -> finished run infos
     _done: dict[TrainConfig, dict[str, Any]] = field(default_factory=dict)
