@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from cifarlab.config import TrainConfig
+from cifarlab.config import TRAIN_COMPILE_MODES, TrainConfig
 from cifarlab.data import build_loaders, load_data
 from cifarlab.engine import build_state, resolve_precision, seed_epoch, train_epoch
 from cifarlab.modelfacts import flop_facts
@@ -235,7 +235,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=2,
                    help="CPU warm-up steps per configuration (CUDA and compiled runs warm up a whole epoch)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--compile", choices=("none", "default", "reduce-overhead", "max-autotune"), default="none",
+    p.add_argument("--compile", choices=TRAIN_COMPILE_MODES, default="none",
                    help="torch.compile mode for the fast path (default none)")
     p.add_argument("--dataset", choices=("auto", "cifar10", "synthetic"), default="auto")
     p.add_argument("--data", dest="data_dir", default="./data")
