@@ -15,7 +15,7 @@ import time
 from typing import Any, TextIO
 
 from cifarlab.engine import Hooks
-from cifarlab.lab.budget import budget_blocks
+from cifarlab.lab.budget import COMPILE_ASSUMED_S, budget_blocks
 from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
 from cifarlab.report.blocks import Block, Para, Table, fs
 from cifarlab.runner import run_training
@@ -118,8 +118,12 @@ def make_plan(ctx: LabContext, keys: list[str], registry: dict[str, Experiment],
             "note": "; ".join(g.note for g in groups if g.note),
         })
     known = [i["estimate_s"] for i in items if i["estimate_s"] is not None]
-    return {"calibration": cal, "items": items, "estimate_s": sum(known),
-            "unestimated": [i["key"] for i in items if i["estimate_s"] is None]}
+    out = {"calibration": cal, "items": items, "estimate_s": sum(known),
+           "unestimated": [i["key"] for i in items if i["estimate_s"] is None]}
+    if any(i["key"] == "c8" and i["runs"] for i in items):  # what --budget assumes for the compiles left out
+        assumed = COMPILE_ASSUMED_S["cuda" if ctx.device.type == "cuda" else "cpu"]
+        out["c8_compile_assumed_s"] = {m: assumed[m] for m in ctx.preset.compile_modes if m in assumed}
+    return out
 
 
 def print_plan(plan: dict[str, Any], out: TextIO, fmt: Any) -> None:
@@ -132,6 +136,10 @@ def print_plan(plan: dict[str, Any], out: TextIO, fmt: Any) -> None:
         print(f"   {i['key']:<4} {i['describe']:<44} {est:>8}{note}", file=out)
     rest = f" + what is not estimated ({', '.join(plan['unestimated'])})" if plan["unestimated"] else ""
     print(f"   total ~{fmt(plan['estimate_s'])}{rest}", file=out, flush=True)
+    if plan.get("c8_compile_assumed_s"):
+        modes = ", ".join(f"{m} ~{fmt(v)}" for m, v in plan["c8_compile_assumed_s"].items())
+        print(f"   C8's compilation, not in the total: with cold caches {modes} (what --budget assumes; a quarter of "
+              f"that with warm caches)", file=out, flush=True)
 
 
 def time_table(doc: dict[str, Any], overhead_s: dict[str, float], wall_s: float) -> list[dict[str, Any]]:
