@@ -196,6 +196,30 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def latency_groups(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str], dict[str, str]]:
+    """The rows that have a latency, their devices in order (["none"] when there are none) and one colour per
+    variant, the same on every device."""
+    ok = [r for r in rows if r.get("p50_ms") is not None]
+    devices = list(dict.fromkeys(r["device"] for r in ok)) or ["none"]
+    colour = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(r["variant"] for r in ok))}
+    return ok, devices, colour
+
+
+def variant_bars(ax: Any, rows: list[dict[str, Any]], key: str, colour: dict[str, str], error_to: str | None = None) -> None:
+    """One device's rows as grouped bars: batch sizes along x (ticked), one bar per variant in its colour,
+    `key` as the height; with error_to, an upward error bar to that key (e.g. p95 above p50)."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    batches = list(dict.fromkeys(r["batch_size"] for r in rows))
+    width = 0.8 / max(1, len(variants))
+    for k, variant in enumerate(variants):
+        got = [r for b in batches for r in rows if r["variant"] == variant and r["batch_size"] == b]
+        error = {} if error_to is None else {
+            "yerr": [[0.0] * len(got), [max(0.0, r[error_to] - r[key]) for r in got]], "capsize": 2}
+        ax.bar([batches.index(r["batch_size"]) + k * width for r in got], [r[key] for r in got], width,
+               label=variant, color=colour[variant], **error)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """p50 latency and images/s per variant and batch size, one row of panels per device."""
     # matplotlib is imported here on purpose: it costs ~1 s to import and only this function needs it.
@@ -204,23 +228,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r.get("p50_ms") is not None]
-    devices = list(dict.fromkeys(r["device"] for r in ok)) or ["none"]
+    ok, devices, colour = latency_groups(rows)
     fig, axes = plt.subplots(len(devices), 2, figsize=(12, 4 * len(devices)), squeeze=False)
-    every = list(dict.fromkeys(r["variant"] for r in ok))
-    colour = {name: f"C{i % 10}" for i, name in enumerate(every)}  # one colour per variant on every device
     for axrow, device in zip(axes, devices):
         mine = [r for r in ok if r["device"] == device]
-        variants = list(dict.fromkeys(r["variant"] for r in mine))
-        batches = list(dict.fromkeys(r["batch_size"] for r in mine))
-        width = 0.8 / max(1, len(variants))
-        for k, variant in enumerate(variants):
-            by_batch = {r["batch_size"]: r for r in mine if r["variant"] == variant}
-            xs = [i + k * width for i, b in enumerate(batches) if b in by_batch]
-            for ax, key in zip(axrow, ("p50_ms", "images_per_s")):
-                ax.bar(xs, [by_batch[b][key] for b in batches if b in by_batch], width, label=variant, color=colour[variant])
-        for ax, title in zip(axrow, ("p50 latency per batch (ms, log scale)", "images/s (from mean latency)")):
-            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
+        for ax, key, title in zip(axrow, ("p50_ms", "images_per_s"),
+                                  ("p50 latency per batch (ms, log scale)", "images/s (from mean latency)")):
+            variant_bars(ax, mine, key, colour)
             ax.set_title(f"{device}: {title}")
         axrow[0].set_yscale("log")
         axrow[1].legend(fontsize=8)

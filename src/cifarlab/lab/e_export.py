@@ -191,20 +191,10 @@ def tracing_blocks(res: dict[str, Any]) -> list[Block]:
 
 
 def _draw_latency(fig: Any, rows: list[dict[str, Any]]) -> None:
-    ok = [r for r in rows if r.get("p50_ms") is not None]
-    devices = list(dict.fromkeys(r["device"] for r in ok)) or ["none"]
-    colour = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(r["variant"] for r in ok))}
+    ok, devices, colour = ib.latency_groups(rows)
     for ax, device in zip(fig.subplots(1, len(devices), squeeze=False)[0], devices):
         mine = [r for r in ok if r["device"] == device]
-        variants = list(dict.fromkeys(r["variant"] for r in mine))
-        batches = list(dict.fromkeys(r["batch_size"] for r in mine))
-        width = 0.8 / max(1, len(variants))
-        for k, variant in enumerate(variants):
-            got = [r for b in batches for r in mine if r["variant"] == variant and r["batch_size"] == b]
-            ax.bar([batches.index(r["batch_size"]) + k * width for r in got], [r["p50_ms"] for r in got], width,
-                   yerr=[[0.0] * len(got), [max(0.0, r["p95_ms"] - r["p50_ms"]) for r in got]], capsize=2,
-                   label=variant, color=colour[variant])
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
+        ib.variant_bars(ax, mine, "p50_ms", colour, error_to="p95_ms")
         ax.set(ylabel="ms per batch (p50, bar to p95)", title=f"E latency on {device}", yscale="log" if mine else "linear")
         ax.grid(axis="y", alpha=0.3)
         if mine:
