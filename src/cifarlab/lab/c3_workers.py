@@ -35,11 +35,14 @@ def c3_workers(ctx: LabContext) -> dict[str, Any]:
     workers = 0
     while True:
         runs: list[dict[str, Any]] = []
+        timed: list[dict[str, Any]] = []  # sized runs: each run's timed steps, extrapolated per epoch
         values: list[float] = []
         for r in range(ctx.repeats):
             info = ctx.train("c3", f"workers-{workers}-r{r + 1}", base.replace(workers=workers, seed=base.seed + r))
             runs.append(info)
-            v = timed_run(info["records"], steps_per_epoch)["epoch_data_s"] if sized else info["summary"].get("mean_data_s")
+            if sized:
+                timed.append(timed_run(info["records"], steps_per_epoch))
+            v = timed[-1]["epoch_data_s"] if sized else info["summary"].get("mean_data_s")
             if v is not None:
                 values.append(v)
             if best is not None and len(values) >= 2 and not overlaps(values, best[2]):
@@ -47,7 +50,7 @@ def c3_workers(ctx: LabContext) -> dict[str, Any]:
         data_s = median_of(values)
         point: dict[str, Any] = {"workers": workers, "runs": [r["label"] for r in runs], "median_data_s": data_s}
         if sized:
-            point["timed"] = [timed_run(r["records"], steps_per_epoch) for r in runs]
+            point["timed"] = timed
             point["repeats_skipped"] = ctx.repeats - len(runs)
         points.append(point)
         if best is not None and not data_s < best[1] * (1 - p.sweep_min_gain):
