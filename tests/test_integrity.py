@@ -147,6 +147,25 @@ def test_disk_failure_mid_run_is_one_line_and_earlier_runs_stay_intact(tmp_path,
     assert not [k for k in after if k.endswith(".tmp")]  # no half-written files left behind
 
 
+def test_a_run_that_fails_keeps_its_full_traceback(tmp_path, monkeypatch):
+    """run.json's error is one line; the run folder keeps the whole traceback (a failure on a lent GPU is
+    diagnosed afterwards from the files alone)."""
+
+    def broken_engine(*args, **kwargs):
+        raise RuntimeError("kernel launch failed\ndetail on the second line")
+
+    monkeypatch.setattr(runner_mod, "train", broken_engine)
+    cfg = TrainConfig(dataset="synthetic", subset=16, test_subset=10, batch_size=8, loader="torch", workers=0,
+                      epochs=1, out_dir=str(tmp_path), name="broken")
+    with pytest.raises(RuntimeError, match="kernel launch failed"):
+        runner_mod.run_training(cfg)
+    (run,) = tmp_path.glob("*-broken")
+    doc = json.loads((run / "run.json").read_text())
+    assert doc["status"] == "failed" and doc["traceback_file"] == "traceback.txt"
+    text = (run / "traceback.txt").read_text()
+    assert text.startswith("Traceback") and "in broken_engine" in text and "detail on the second line" in text
+
+
 # ---------------------------------------------------------------------------------- dataset files
 
 

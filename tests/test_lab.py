@@ -241,10 +241,36 @@ def test_a_c8_mode_that_fails_says_so_on_the_console(tmp_path: Path, monkeypatch
     monkeypatch.setattr(LabContext, "train", train)
     assert main(["lab", "--preset", "smoke", "--only", "c8", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "compile-default: FAILED, RuntimeError: no compiler here (the report lists it" in out
+    assert ("compile-default: FAILED, RuntimeError: no compiler here (traceback: c8/compile-default.traceback.txt; "
+            "the report lists it") in out
     assert "C8's compilation, not in the total: with cold caches default ~" in out  # the plan names what it leaves out
     (lab,) = tmp_path.glob("*-lab-*")
-    assert results(lab)["experiments"]["c8"]["result"]["failures"] == {"default": "RuntimeError: no compiler here"}
+    res = results(lab)["experiments"]["c8"]["result"]
+    assert res["failures"] == {"default": "RuntimeError: no compiler here"}
+    # The whole traceback is kept for diagnosis (results.json holds one line): the raising frame and every line.
+    assert res["tracebacks"] == {"default": "c8/compile-default.traceback.txt"}
+    text = (lab / "c8" / "compile-default.traceback.txt").read_text()
+    assert "in train" in text and "no compiler here\nsecond line" in text
+    assert "traceback in `c8/compile-default.traceback.txt`" in section((lab / "report.md").read_text(), "C8")
+
+
+def test_a_failed_experiment_keeps_its_traceback_and_the_lab_goes_on(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifarlab.lab import registry
+
+    def broken_item(ctx) -> dict:
+        raise ValueError("bad shape in C7")
+
+    monkeypatch.setitem(registry.EXPERIMENTS, "c7", dataclasses.replace(registry.EXPERIMENTS["c7"], run=broken_item))
+    assert main(["lab", "--preset", "smoke", "--only", "c7,q", "--out", str(tmp_path)]) == 3
+    (lab,) = tmp_path.glob("*-lab-*")
+    doc = results(lab)
+    c7 = doc["experiments"]["c7"]
+    assert c7["status"] == "failed" and c7["error"] == "ValueError: bad shape in C7"
+    assert c7["traceback_file"] == "c7/traceback.txt"
+    assert "in broken_item" in (lab / "c7" / "traceback.txt").read_text()
+    assert doc["experiments"]["q"]["status"] == "completed"
+    assert "Traceback: `c7/traceback.txt`" in section((lab / "report.md").read_text(), "C7")
 
 
 def test_an_error_caused_by_the_stop_signal_is_an_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+import traceback
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -55,6 +56,13 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     write_atomic(path, lambda f: f.write(data))
+
+
+def write_traceback(path: Path, e: BaseException) -> Path:
+    """The exception's full traceback as a text file (results keep one line; a failure on a lent GPU is
+    diagnosed afterwards from this file)."""
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    return write_atomic(path, lambda f: f.write(text.encode("utf-8", "replace")))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

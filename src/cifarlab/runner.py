@@ -136,6 +136,7 @@ def run_training(
         if not is_out_of_memory(e):
             with contextlib.suppress(OSError):  # a full disk must not hide the original error
                 writer.write_records(state.records)
+                extra["traceback_file"] = writer.write_traceback(e)
                 writer.write_status("failed", state.records, error=f"{type(e).__name__}: {e}", **extra)
             if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
                 raise UsageError(disk_error_message(e, writer.path)) from None

@@ -20,9 +20,10 @@ from typing import Any, Callable
 
 from cifarlab.config import TrainConfig
 from cifarlab.errors import UsageError
-from cifarlab.fileio import read_json, write_csv_atomic, write_json_atomic
+from cifarlab.fileio import read_json, write_csv_atomic, write_json_atomic, write_traceback
 
 RUN_SCHEMA = "cifarlab.run/1"
+TRACEBACK_FILE = "traceback.txt"  # a failed run's full traceback
 
 TIMING_NOTES = {
     "data_s": "blocked waiting for the next batch (incl. iterator/worker start-up), excl. host->device copy",
@@ -96,6 +97,11 @@ class RunWriter:
         rows = [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in records]
         write_json_atomic(self.path / "records.json", rows)
         write_csv_atomic(self.path / "records.csv", rows)
+
+    def write_traceback(self, e: BaseException) -> str:
+        """traceback.txt in the run folder (run.json's error holds one line); returns its name."""
+        write_traceback(self.path / TRACEBACK_FILE, e)
+        return TRACEBACK_FILE
 
     def write_status(self, status: str, records: list[Any], error: str | None = None, **extra: Any) -> None:
         rows = [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in records]

@@ -11,7 +11,7 @@ import tempfile
 from typing import Any
 
 from cifarlab.config import COMPILE_MODES
-from cifarlab.lab.context import Experiment, LabContext, LabInterrupted, PlannedRuns
+from cifarlab.lab.context import Experiment, LabContext, LabInterrupted, PlannedRuns, save_traceback
 from cifarlab.lab.sections import REF, REFERENCE, pipelines_para, runs_para
 from cifarlab.report.blocks import Block, Note, Para, Table, finite, fs, mean, ok_records, run_named, runs_of
 from cifarlab.report.plots import ReportContext
@@ -69,6 +69,7 @@ def c8_compile(ctx: LabContext) -> dict[str, Any]:
     cache_dir, cache_source = inductor_cache_dir()
     fx_cache_off = os.environ.get("TORCHINDUCTOR_FX_GRAPH_CACHE") == "0"
     failures: dict[str, str] = {}
+    tracebacks: dict[str, str] = {}  # mode -> traceback file, relative to the lab folder
     cache: dict[str, dict[str, Any]] = {}
     for mode in p.compile_modes:
         label = "eager" if mode == "none" else f"compile-{mode}"
@@ -83,13 +84,16 @@ def c8_compile(ctx: LabContext) -> dict[str, Any]:
             if ctx.should_stop():  # ... unless the stop signal broke the compile (its workers died of it)
                 raise LabInterrupted(f"c8/{label}: {type(e).__name__} after the stop signal") from e
             failures[mode] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-            ctx.note(f"{label}: FAILED, {failures[mode]} (the report lists it; the next mode goes on)")
+            if file := save_traceback(ctx.lab_dir, "c8", f"{label}.traceback.txt", e):
+                tracebacks[mode] = file
+            ctx.note(f"{label}: FAILED, {failures[mode]} (traceback: {file}; the report lists it; the next mode goes on)")
         finally:
             if mode in cache:
                 cache[mode]["entries_after"] = cache_state(cache_dir)["entries"]
                 cache[mode]["state"] = "warm" if cache[mode]["entries_before"] else "cold"
     not_run = {m: "cut by --budget" for m in COMPILE_MODES if m not in p.compile_modes}
-    return {"failures": failures, "epochs": p.compile_epochs, "steady_from": p.compile_epochs // 2 + 1,
+    return {"failures": failures, **({"tracebacks": tracebacks} if tracebacks else {}),
+            "epochs": p.compile_epochs, "steady_from": p.compile_epochs // 2 + 1,
             **({"not_run": not_run} if not_run else {}), "cache": cache, "cache_dir": cache_dir,
             "cache_dir_source": cache_source, "fx_graph_cache": not fx_cache_off}
 
@@ -182,7 +186,12 @@ def render_c8(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
 
 def _failures_note(res: dict[str, Any]) -> list[Block]:
     failures = res.get("failures") or {}
-    return [Note("Compile failed for: " + "; ".join(f"{m} ({e})" for m, e in failures.items()))] if failures else []
+    files = res.get("tracebacks") or {}
+
+    def one(mode: str, error: str) -> str:
+        return f"{mode} ({error}{f'; traceback in `{files[mode]}`' if mode in files else ''})"
+
+    return [Note("Compile failed for: " + "; ".join(one(m, e) for m, e in failures.items()))] if failures else []
 
 
 def _render_c8_v1(entry: dict[str, Any], rc: ReportContext) -> list[Block]:

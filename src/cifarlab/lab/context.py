@@ -14,6 +14,7 @@ from typing import Any, Callable
 from cifarlab.config import LabPreset, TrainConfig
 from cifarlab.data import DataBundle
 from cifarlab.engine import Hooks
+from cifarlab.fileio import write_traceback
 from cifarlab.report.plots import ReportContext
 from cifarlab.runner import run_training
 from cifarlab.runs import summarize
@@ -122,6 +123,17 @@ class LabContext:
         if "best_workers" in self.shared:
             return self.shared["best_workers"], "C3's best count"
         return self.base.workers, f"C3 not run in this lab; the default {self.base.workers} workers"
+
+
+def save_traceback(lab_dir: Path, key: str, name: str, e: BaseException) -> str | None:
+    """<lab>/<key>/<name> holding e's full traceback (results.json keeps one line); returns its path
+    relative to the lab folder, or None when it cannot be written (a full disk must not hide the failure)."""
+    try:
+        (lab_dir / key).mkdir(exist_ok=True)
+        write_traceback(lab_dir / key / name, e)
+    except OSError:
+        return None
+    return f"{key}/{name}"
 
 
 def _merge(a: Hooks, b: Hooks | None) -> Hooks:

@@ -21,7 +21,7 @@ from cifarlab.errors import UsageError
 from cifarlab.fileio import write_json_atomic
 from cifarlab.interrupt import StopOnSignal
 from cifarlab.lab.budget import check_budget, fit_budget, print_budget
-from cifarlab.lab.context import LabContext
+from cifarlab.lab.context import LabContext, save_traceback
 from cifarlab.lab.registry import EXPERIMENTS, SUITES
 from cifarlab.lab.render import build_report
 from cifarlab.lab.timing import make_plan, print_plan, print_time_table, time_table
@@ -315,7 +315,8 @@ def _run_experiments(keys: list[str], registry: dict[str, Any], ctx: Any, doc: d
                 entry["status"] = "interrupted"
             else:
                 entry["status"] = "failed"
-                print(f"   {key} FAILED: {entry['error']}", file=sys.stderr)
+                entry["traceback_file"] = save_traceback(lab_dir, key, "traceback.txt", e)
+                print(f"   {key} FAILED: {entry['error']} (traceback: {entry['traceback_file']})", file=sys.stderr)
                 exit_code = 3
         entry["runs"] = ctx.runs.get(key, [])
         t_write = time.perf_counter()

@@ -32,7 +32,8 @@ def generic_blocks(entry: dict[str, Any]) -> list[Block]:
         by = "Ctrl-C" if entry.get("stopped_by") in (None, "SIGINT") else entry["stopped_by"]
         blocks.append(Note(f"Interrupted ({by}): the runs that finished are listed; the rest did not run."))
     elif status == "failed":
-        blocks.append(Note(f"Failed: {entry.get('error')}. The other experiments went on."))
+        where = f" Traceback: `{entry['traceback_file']}`." if entry.get("traceback_file") else ""
+        blocks.append(Note(f"Failed: {entry.get('error')}. The other experiments went on.{where}"))
     else:
         blocks.append(Note("No renderer is installed for this section; its results are in results.json."))
     rows = [[r["label"], r["status"], r["summary"].get("epochs_completed", 0), fs(r["summary"].get("mean_epoch_s"), 3),
