@@ -77,4 +77,8 @@ step export 200 bash -c "run=\$(ls -d '$OUT_DIR'/runs/*-captured | head -1) && \
 step lab "${LAB_LIMIT_S:-420}" $PY -m cifarlab lab --preset full --dataset synthetic ${LAB_ONLY:+--only $LAB_ONLY} \
     --out "$OUT_DIR/lab"
 
+# Failures keep their whole traceback in the output folder (runs, lab items, C8 modes): show their ends here,
+# so the console alone says what broke.
+find "$OUT_DIR" -name '*traceback*.txt' 2>/dev/null | while read -r f; do echo "== traceback: $f"; tail -n 25 "$f"; done
+
 echo "gpu check done in $(($(date +%s) - T0))s; output in $OUT_DIR"
