@@ -103,10 +103,16 @@ def test_report_command_rebuilds_the_e_section(lab_c1_e: tuple[int, Path, dict, 
     assert section((lab / "report.md").read_text(), "E") == section(md, "E")
 
 
-def test_only_e_trains_c1s_config_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_e_trains_c1s_config_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture) -> None:
     # The path without C1, made small: one format, batch 1, one timed call (the full smoke E is tested above).
     monkeypatch.setitem(e_export.SETTINGS, "smoke", e_export.ESettings(4, (1,), 1, 1, 0.1, ("torchscript-script",)))
     code, lab, doc, md = _lab(tmp_path, "e")
+    # The console follows E as it goes: each format's export and check, then the latency per batch size.
+    out = capsys.readouterr().out
+    assert re.search(r"TorchScript, scripted: written in [0-9.]+ s, reloaded and checked in [0-9.]+ s, "
+                     r"max \|logit diff\| \S+ \(ok\)", out), out
+    assert re.search(r"cpu batch 1, p50 per call: eager [0-9.]+ ms, torchscript-script [0-9.]+ ms", out), out
     assert code == 0 and doc["order"] == ["e"]
     entry = doc["experiments"]["e"]
     assert entry["status"] == "completed", entry.get("error")

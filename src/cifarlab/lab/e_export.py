@@ -8,6 +8,7 @@ there (`inferbench.bench`). Files: <lab>/e/export/ (artifacts, graph texts, expo
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -102,6 +103,11 @@ def e_export(ctx: LabContext) -> dict[str, Any]:
                                  check_images=described, skipped=skipped, raise_on_mismatch=False)
     except UsageError as e:  # the lab goes on with its other items (a UsageError would stop the lab)
         raise RuntimeError(str(e)) from None
+    for fmt, art in report["artifacts"].items():  # one console line per format: E is otherwise silent for its minute
+        check = art["check"]
+        ctx.note(f"{FORMAT_TITLES.get(fmt, fmt)}: written in {art['export_s']:.2f} s, reloaded and checked in "
+                 f"{art['reload_and_check_s']:.2f} s, max |logit diff| {check['max_abs_logit_diff']:.1e} "
+                 f"({'ok' if check['ok'] else 'MISMATCH'})")
     excerpts = {}
     for fmt in formats:
         if report["artifacts"][fmt]["graph_file"]:
@@ -116,7 +122,12 @@ def e_export(ctx: LabContext) -> dict[str, Any]:
         found, not_timed[str(d)] = ib.make_variants(model, d, out / "export")
         variants += found
     cuda_check = _cuda_check(variants, devices[-1], x) if len(devices) > 1 else None
+    ctx.note(f"latency: {len(variants)} variant(s) on {', '.join(str(d) for d in devices)}, batch "
+             f"{', '.join(map(str, s.batch_sizes))}")
     rows = ib.bench(variants, s.batch_sizes, iters=s.iters, warmup=s.warmup, budget_s=s.budget_s, seed=ctx.base.seed)
+    for (device, batch), group in itertools.groupby(rows, key=lambda r: (r["device"], r["batch_size"])):
+        ctx.note(f"{device} batch {batch}, p50 per call: " + ", ".join(
+            f"{r['variant']} {r['p50_ms']:.2f} ms" if r.get("p50_ms") else f"{r['variant']} {r['status']}" for r in group))
     (out / "inferbench").mkdir(parents=True, exist_ok=True)
     ib.write_outputs(rows, out / "inferbench", {
         "source": source, "settings": {**asdict(s), "timing": ib.TIMING_NOTE},
