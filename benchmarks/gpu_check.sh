@@ -7,9 +7,13 @@
 # (default: all).
 # Every step has its own time limit and writes <OUT_DIR>/<step>.log; a step that fails or runs out of time
 # does not stop the others. Needs torch, torchvision, numpy, matplotlib; runs cifarlab from src/ (no install).
+#
+# DEADLINE_S (optional): the whole check's seconds. Each step's limit shrinks to what is left (minus 70 s for
+# a step's KILL grace and the summary), and a step with less than 30 s left is skipped with a line saying so:
+# a lent machine's call limit then ends no step mid-write and the summary always prints.
 set -u
 OUT_DIR=${1:-gpu-check-$(date -u +%Y%m%d-%H%M%S)}
-STEPS=${2:-env,tests,bare,train,compile,autotune,throughput,doctor,export,lab}
+STEPS=${2:-env,tests,bare,train,compile,autotune,throughput,doctor,export,c8,lab}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -21,12 +25,20 @@ step() {  # step NAME LIMIT_S COMMAND...
     case ",$STEPS," in *",$name,"*) ;; *) return 0 ;; esac
     local start rc
     start=$(date +%s)
+    if [ -n "${DEADLINE_S:-}" ]; then
+        local left=$((DEADLINE_S - (start - T0) - 70))
+        if [ "$left" -lt 30 ]; then
+            echo "== $name: skipped, ${left}s left before DEADLINE_S=${DEADLINE_S}"
+            return 0
+        fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
     echo "== $name (limit ${limit}s, check at $((start - T0))s)"
     # -k: KILL if it has not stopped 60 s after the TERM. The lab (one python process) gets the TERM alone
     # (--foreground): sent to its whole group it would kill Inductor's compile workers mid-compile, and torch
     # 2.11 then hangs; the compound steps (bash -c) need the group signal to reach their python processes.
     local fg=()
-    [ "$name" = lab ] && fg=(--foreground)
+    case $name in lab | c8) fg=(--foreground) ;; esac
     timeout "${fg[@]}" -k 60 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
     rc=$?
     echo "   $name: exit $rc after $(($(date +%s) - start))s"
@@ -72,6 +84,11 @@ step doctor 150 $PY -m cifarlab doctor --dataset synthetic --budget 60 --out "$O
 step export 200 bash -c "run=\$(ls -d '$OUT_DIR'/runs/*-captured | head -1) && \
     $PY -m cifarlab export \"\$run\" --out '$OUT_DIR/export' && \
     $PY -m cifarlab infer-bench '$OUT_DIR/export' --device cuda --out '$OUT_DIR/inferbench'"
+
+# C8 alone (full preset: eager and the three compile modes, 10 epochs each), in its own lab folder: what each
+# mode's compile costs on this machine's caches as found (cold on a fresh machine), and a traceback for a mode that
+# fails. Run before `lab`, it leaves the caches warm: `lab` then measures the goal of a machine where it ran before.
+step c8 "${C8_LIMIT_S:-480}" $PY -m cifarlab lab --preset full --dataset synthetic --only c8 --out "$OUT_DIR/lab-c8"
 
 # The lab's full preset, per-experiment times (results.json time table); LAB_ONLY narrows it.
 step lab "${LAB_LIMIT_S:-420}" $PY -m cifarlab lab --preset full --dataset synthetic ${LAB_ONLY:+--only $LAB_ONLY} \
