@@ -254,18 +254,24 @@ def test_a_c8_mode_that_fails_says_so_on_the_console(tmp_path: Path, monkeypatch
     assert "traceback in `c8/compile-default.traceback.txt`" in section((lab / "report.md").read_text(), "C8")
 
 
-def test_a_failed_experiment_keeps_its_traceback_and_the_lab_goes_on(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def lab_with_c7_replaced(run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, Path, dict, dict]:
+    """A smoke lab of C7 and Q whose C7 is `run`: (exit code, lab folder, results.json, C7's entry)."""
     from cifarlab.lab import registry
 
+    monkeypatch.setitem(registry.EXPERIMENTS, "c7", dataclasses.replace(registry.EXPERIMENTS["c7"], run=run))
+    code = main(["lab", "--preset", "smoke", "--only", "c7,q", "--out", str(tmp_path)])
+    (lab,) = tmp_path.glob("*-lab-*")
+    doc = results(lab)
+    return code, lab, doc, doc["experiments"]["c7"]
+
+
+def test_a_failed_experiment_keeps_its_traceback_and_the_lab_goes_on(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     def broken_item(ctx) -> dict:
         raise ValueError("bad shape in C7")
 
-    monkeypatch.setitem(registry.EXPERIMENTS, "c7", dataclasses.replace(registry.EXPERIMENTS["c7"], run=broken_item))
-    assert main(["lab", "--preset", "smoke", "--only", "c7,q", "--out", str(tmp_path)]) == 3
-    (lab,) = tmp_path.glob("*-lab-*")
-    doc = results(lab)
-    c7 = doc["experiments"]["c7"]
+    code, lab, doc, c7 = lab_with_c7_replaced(broken_item, tmp_path, monkeypatch)
+    assert code == 3
     assert c7["status"] == "failed" and c7["error"] == "ValueError: bad shape in C7"
     assert c7["traceback_file"] == "c7/traceback.txt"
     assert "in broken_item" in (lab / "c7" / "traceback.txt").read_text()
@@ -279,18 +285,13 @@ def test_an_error_caused_by_the_stop_signal_is_an_interruption(tmp_path: Path, m
     import os
     import signal
 
-    from cifarlab.lab import registry
-
     def broken_by_the_signal(ctx) -> dict:
         os.kill(os.getpid(), signal.SIGTERM)  # the lab's handler records it
         time.sleep(0.05)
         raise RuntimeError("SubprocPool closed")
 
-    monkeypatch.setitem(registry.EXPERIMENTS, "c7", dataclasses.replace(registry.EXPERIMENTS["c7"], run=broken_by_the_signal))
-    assert main(["lab", "--preset", "smoke", "--only", "c7,q", "--out", str(tmp_path)]) == 143
-    (lab,) = tmp_path.glob("*-lab-*")
-    doc = results(lab)
-    c7 = doc["experiments"]["c7"]
+    code, lab, doc, c7 = lab_with_c7_replaced(broken_by_the_signal, tmp_path, monkeypatch)
+    assert code == 143
     assert doc["status"] == "interrupted" and doc["stopped_by"] == "SIGTERM"
     assert c7["status"] == "interrupted" and c7["stopped_by"] == "SIGTERM" and "SubprocPool" in c7["error"]
     assert doc["experiments"]["q"]["status"] == "not run"
