@@ -381,13 +381,28 @@ def test_calibration_twice_counts_the_second_run(tmp_path: Path, monkeypatch: py
         return out
 
     monkeypatch.setattr(timing, "_calibration_run", spy)
-    assert main(["lab", "--preset", "smoke", "--only", "c1", "--out", str(tmp_path)]) == 0
-    (lab,) = tmp_path.glob("*-lab-*")
+    assert main(["lab", "--preset", "smoke", "--only", "c1,c2", "--out", str(tmp_path / "both")]) == 0
+    (lab,) = (tmp_path / "both").glob("*-lab-*")
     cal = results(lab)["plan"]["calibration"]
     assert seen == ["calibrate-classic-1", "calibrate-classic-2", "calibrate-fast-1", "calibrate-fast-2"]
     assert cal["runs_per_pipeline"] == 2
     for pipeline in ("classic", "fast"):
         assert cal[pipeline]["run_s"] < 50 < cal[pipeline]["first_run_extra_s"]  # the second run counts
+    assert "from 3 timed steps of the fast and the classic pipeline" in (lab / "report.md").read_text()
+
+
+def test_calibration_runs_only_the_pipelines_the_items_train_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--only c1` trains on the fast path alone: the classic pipeline is not calibrated (on CUDA each pipeline's
+    calibration costs seconds of a lab meant to take minutes); items that train nothing calibrate nothing."""
+    assert main(["lab", "--preset", "smoke", "--only", "c1", "--out", str(tmp_path / "fast")]) == 0
+    (lab,) = (tmp_path / "fast").glob("*-lab-*")
+    cal = results(lab)["plan"]["calibration"]
+    assert "fast" in cal and "classic" not in cal
+    assert sorted(p.name.split("-calibrate-")[1] for p in (lab / "plan").iterdir()) == ["fast"]
+    assert "steps of the fast pipeline, calibrated in" in capsys.readouterr().out
+    assert main(["lab", "--preset", "smoke", "--only", "q", "--out", str(tmp_path / "none")]) == 0
+    (lab,) = (tmp_path / "none").glob("*-lab-*")
+    assert not (lab / "plan").exists() and "fast" not in results(lab)["plan"]["calibration"]
 
 
 def test_budget_cuts_in_order_and_says_what_it_cut() -> None:

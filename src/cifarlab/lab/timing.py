@@ -29,15 +29,22 @@ CALIBRATION_STEPS = {"cuda": 10, "cpu": 3}
 CALIBRATION_RUNS = {"cuda": 2, "cpu": 1}
 
 
-def calibrate(ctx: LabContext) -> dict[str, Any]:
-    """Time one epoch of a few steps of each pipeline (run folders in <lab>/plan/), twice on CUDA (the
-    second run counts; the first one's extra time is recorded as first_run_extra_s)."""
+def calibrated_pipeline(ctx: LabContext, pipeline: str) -> str | None:
+    """Which calibration ("fast", "classic") estimates a planned pipeline (None: none of them)."""
+    return {"fast": "fast", "classic": "classic", "cpu-classic": "classic" if ctx.device.type == "cpu" else None}.get(pipeline)
+
+
+def calibrate(ctx: LabContext, pipelines: tuple[str, ...] = ("classic", "fast")) -> dict[str, Any]:
+    """Time one epoch of a few steps of each pipeline asked for (run folders in <lab>/plan/), twice on CUDA
+    (the second run counts; the first one's extra time is recorded as first_run_extra_s)."""
 
     t0 = time.perf_counter()
     kind = "cuda" if ctx.device.type == "cuda" else "cpu"
     steps, runs = CALIBRATION_STEPS[kind], CALIBRATION_RUNS[kind]
     out: dict[str, Any] = {"steps": steps, "epochs": 1, "runs_per_pipeline": runs}
-    for name, cfg in (("classic", ctx.classic(ctx.base)), ("fast", ctx.fast(ctx.base))):
+    builders = {"classic": ctx.classic, "fast": ctx.fast}
+    for name in pipelines:
+        cfg = builders[name](ctx.base)
         first: dict[str, Any] | None = None
         for i in range(runs):
             run_name = f"calibrate-{name}" + (f"-{i + 1}" if runs > 1 else "")
@@ -82,7 +89,7 @@ def _calibration_run(ctx: LabContext, cfg: Any) -> dict[str, Any] | None:
 
 
 def _group_estimate_s(ctx: LabContext, g: PlannedRuns, cal: dict[str, Any]) -> float | None:
-    name = {"fast": "fast", "classic": "classic", "cpu-classic": "classic" if ctx.device.type == "cpu" else None}.get(g.pipeline)
+    name = calibrated_pipeline(ctx, g.pipeline)
     c = cal.get(name) if name else None
     if g.runs == 0:
         return 0.0 if g.pipeline != "none" else None
@@ -102,7 +109,10 @@ def make_plan(ctx: LabContext, keys: list[str], registry: dict[str, Experiment],
 
     planned = {k: registry[k].plan(ctx) if registry[k].plan else None for k in keys}
     if cal is None:
-        cal = calibrate(ctx) if any(p for p in planned.values()) else {"elapsed_s": 0.0}
+        # Only the pipelines some item trains on (`--only c8` calibrates the fast one: on CUDA each costs seconds).
+        needed = {calibrated_pipeline(ctx, g.pipeline) for groups in planned.values() for g in groups or [] if g.runs}
+        pipelines = tuple(p for p in ("classic", "fast") if p in needed)
+        cal = calibrate(ctx, pipelines) if pipelines else {"elapsed_s": 0.0}
     items = []
     for k in keys:
         groups = planned[k]
@@ -126,9 +136,14 @@ def make_plan(ctx: LabContext, keys: list[str], registry: dict[str, Experiment],
     return out
 
 
+def _calibrated(cal: dict[str, Any]) -> list[str]:
+    return [p for p in ("fast", "classic") if p in cal]
+
+
 def print_plan(plan: dict[str, Any], out: TextIO, fmt: Any) -> None:
     cal = plan["calibration"]
-    print(f"\nplan (estimates from {cal.get('steps', 0)} steps of each pipeline, "
+    print(f"\nplan (estimates from {cal.get('steps', 0)} steps of the {' and the '.join(_calibrated(cal)) or 'no'} "
+          f"pipeline, "
           f"calibrated in {cal['elapsed_s']:.1f} s; rough):", file=out)
     for i in plan["items"]:
         est = "?" if i["estimate_s"] is None else f"~{fmt(i['estimate_s'])}"
@@ -203,7 +218,7 @@ def time_table_blocks(doc: dict[str, Any]) -> list[Block]:
     cal = plan.get("calibration", {})
     text = (f"Where the lab's {fs(wall, 1)} s of wall time went (from the start of `cifarlab lab` to the report "
             f"written; the rows add up to {fs(total, 1)} s). 'Planned s' is the estimate printed before the work, "
-            f"from {cal.get('steps', 0)} timed steps of the fast and the classic "
+            f"from {cal.get('steps', 0)} timed steps of the {' and the '.join(_calibrated(cal)) or 'no'} "
             f"pipeline with this lab's base config: runs x (per-run overhead + first-epoch warm-up + epochs x "
             f"(iterator start + steps x step time + evaluation)); it leaves out "
             + ("; ".join(f"{i['key']}: {i['note']}" for i in plan.get("items", []) if i.get("note")) or "nothing")
