@@ -239,11 +239,13 @@ def test_a_c8_mode_that_fails_says_so_on_the_console(tmp_path: Path, monkeypatch
         return real_train(self, key, label, cfg, **kw)
 
     monkeypatch.setattr(LabContext, "train", train)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the plan says whether it is cold
     assert main(["lab", "--preset", "smoke", "--only", "c8", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert ("compile-default: FAILED, RuntimeError: no compiler here (traceback: c8/compile-default.traceback.txt; "
             "the report lists it") in out
     assert "C8's compilation, not in the total: with cold caches default ~" in out  # the plan names what it leaves out
+    assert f"inductor's on-disk cache {tmp_path / 'inductor'} is cold (empty or absent) now" in out
     (lab,) = tmp_path.glob("*-lab-*")
     res = results(lab)["experiments"]["c8"]["result"]
     assert res["failures"] == {"default": "RuntimeError: no compiler here"}

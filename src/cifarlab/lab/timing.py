@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from cifarlab.engine import Hooks
 from cifarlab.lab.budget import COMPILE_ASSUMED_S, budget_blocks
+from cifarlab.lab.c8_compile import cache_state, inductor_cache_dir
 from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
 from cifarlab.report.blocks import Block, Para, Table, fs
 from cifarlab.runner import run_training
@@ -133,6 +134,8 @@ def make_plan(ctx: LabContext, keys: list[str], registry: dict[str, Experiment],
     if any(i["key"] == "c8" and i["runs"] for i in items):  # what --budget assumes for the compiles left out
         assumed = COMPILE_ASSUMED_S["cuda" if ctx.device.type == "cuda" else "cpu"]
         out["c8_compile_assumed_s"] = {m: assumed[m] for m in ctx.preset.compile_modes if m in assumed}
+        cache_dir = inductor_cache_dir()[0]
+        out["c8_cache"] = {"dir": cache_dir, "entries": cache_state(cache_dir)["entries"]}
     return out
 
 
@@ -155,6 +158,9 @@ def print_plan(plan: dict[str, Any], out: TextIO, fmt: Any) -> None:
         modes = ", ".join(f"{m} ~{fmt(v)}" for m, v in plan["c8_compile_assumed_s"].items())
         print(f"   C8's compilation, not in the total: with cold caches {modes} (what --budget assumes; a quarter of "
               f"that with warm caches)", file=out, flush=True)
+        if cache := plan.get("c8_cache"):
+            state = f"warm ({cache['entries']:,} files)" if cache["entries"] else "cold (empty or absent)"
+            print(f"   inductor's on-disk cache {cache['dir']} is {state} now", file=out, flush=True)
 
 
 def time_table(doc: dict[str, Any], overhead_s: dict[str, float], wall_s: float) -> list[dict[str, Any]]:
