@@ -223,3 +223,18 @@ def test_a_lab_that_recorded_no_end_says_so_in_its_rebuilt_report(tmp_path) -> N
     md = (lab / "report.md").read_text()
     assert "**Unfinished lab**" in md and "Completed items: c1," in md and ", q;" not in md
     assert "**Unfinished lab**" not in (fixture / "report.md").read_text()
+
+
+@pytest.mark.parametrize("nobn_epoch_s, wording", [(1.5, "the cost of the 20 BatchNorm layers"),
+                                                   (2.5, "saved no time here")])
+def test_c7_calls_the_time_difference_bn_cost_only_when_removing_bn_was_faster(tmp_path: Path, nobn_epoch_s: float,
+                                                                               wording: str) -> None:
+    """A run without BatchNorm that is slower than the one with it measures noise, not what BN costs."""
+    slow = [dict(record(e, 2.0, 0.2), epoch_s=nobn_epoch_s) for e in (1, 2)]
+    runs = [fake_run("batchnorm", [record(1, 2.0, 0.2), record(2, 1.9, 0.3)]), fake_run("no-batchnorm", slow, norm="none")]
+    lab = write_lab(tmp_path, {"c7": {"title": "C7 Without batch normalization", "status": "completed", "runs": runs,
+                                      "result": {}}}, ["c7"])
+    build_report(lab)
+    line = next(x for x in (lab / "report.md").read_text().splitlines() if x.startswith("Epoch time without BatchNorm"))
+    assert wording in line
+    assert ("cost of the 20 BatchNorm layers" in line) == (nobn_epoch_s < 2.0)

@@ -36,9 +36,12 @@ def render_c7(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     if bn and nobn:
         a, b = bn["summary"].get("mean_epoch_s"), nobn["summary"].get("mean_epoch_s")
         if finite(a) and finite(b) and a:
+            why = ("the cost of the 20 BatchNorm layers on this machine, plus run-to-run noise (other load on the "
+                   "machine shows up here too)") if b < a else (
+                   "removing the 20 BatchNorm layers saved no time here, so the difference is run-to-run noise "
+                   "(other load on the machine shows up here too), not a cost of BatchNorm")
             blocks.append(Para(f"Epoch time without BatchNorm: {fs(b, 3)} s vs {fs(a, 3)} s with it "
-                               f"({(b - a) / a:+.1%}), one run each: the cost of the 20 BatchNorm layers on this machine, "
-                               f"plus run-to-run noise (other load on the machine shows up here too)."))
+                               f"({(b - a) / a:+.1%}), one run each: {why}."))
 
     def draw(fig: Any) -> None:
         curves(fig, [(lab, r) for lab, r in (("BN", bn), ("no BN", nobn)) if r], "C7")
