@@ -142,6 +142,8 @@ def test_time_table_rows_add_up_to_the_lab_wall_time(smoke_lab: tuple[int, Path,
     c6 = next(r for r in rows if r.get("key") == "c6")
     assert f"| {c6['part']} | completed | 4 (+1 reused) | {c6['planned_s']:.1f} | {c6['elapsed_s']:.1f} |" in header
     assert (lab / "csv" / "time_table.csv").is_file()
+    if doc["device"].startswith("cpu"):  # no GPU run to reuse: the plan must not promise one
+        assert "GPU" not in plan["c5"]["note"].replace("no GPU", "") and "the GPU run is C1's" not in md
 
 
 def test_html_plots_and_csvs_are_written(smoke_lab: tuple[int, Path, str]) -> None:

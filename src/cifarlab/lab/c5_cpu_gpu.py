@@ -84,4 +84,5 @@ def render_c5(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
 
 ITEM = Experiment("c5", "C5 CPU vs GPU epoch time", c5_cpu_gpu, render_c5, lambda p, cuda: p.cpu_epochs + (p.epochs if cuda else 0),
                   plan=lambda ctx: [PlannedRuns("cpu-classic", 1, ctx.preset.cpu_epochs, evaluate=False, images=ctx.preset.cpu_subset,
-                                                note="the GPU run is C1's, reused")])
+                                                note="the GPU run is C1's, reused" if ctx.device.type == "cuda"
+                                                else "no GPU: the CPU run only")])
