@@ -25,6 +25,12 @@ def test_c4_classifies_each_run_and_checks_the_suggestion(tmp_path: Path) -> Non
     first = entry["runs"][0]["label"]
     assert f"`{first}` (epoch " in section and f"**{diagnoses[first]['label']}**" in section
     assert "took the epoch from" in section  # the suggestion against the measured best-count run
+    # smoke: 2 steps per epoch, so the profiler's window (1 warm-up + 2 recorded steps) and its trace export
+    # fall in epoch 2, the one the doctor judges: its host time is the profiler's, and the report says so
+    for run in entry["runs"]:
+        assert run["profile"]["steps_recorded"] + 1 > run["records"][0]["steps"]
+        assert f"`{run['label']}` (epoch 2): **{diagnoses[run['label']]['label']}** -- " in section
+    assert section.count("this epoch ran profiled steps") == len(entry["runs"])
 
 
 def test_c4_sized_runs_profile_epoch_one_and_extrapolate_the_clean_epoch_two(tmp_path: Path, monkeypatch) -> None:
@@ -58,3 +64,4 @@ def test_c4_sized_runs_profile_epoch_one_and_extrapolate_the_clean_epoch_two(tmp
         assert math.isclose(t["epoch_s"], start + (epoch2["epoch_s"] - start) / 2 * 4)
         assert math.isclose(t["epoch_data_s"] + t["epoch_h2d_s"] + t["epoch_compute_s"] + t["epoch_other_s"], t["epoch_s"])
         assert f"| {fs(t['epoch_s'], 3)} |" in section  # the table shows the extrapolated epoch
+    assert "this epoch ran profiled steps" not in section  # the doctor judged the clean epoch 2

@@ -199,6 +199,15 @@ def c4_explanation(res: dict[str, Any], runs: list[dict[str, Any]], cores: Any) 
     return text
 
 
+def profiled_in_epoch(run: dict[str, Any], epoch: int) -> bool:
+    """Whether the profiler's window (one warm-up step, then the recorded steps) reached into `epoch`."""
+    recorded = run.get("profile", {}).get("steps_recorded")
+    if not isinstance(recorded, int):
+        return False
+    before = sum(r.get("steps") or 0 for r in run.get("records", []) if r.get("epoch", 0) < epoch)
+    return 1 + recorded > before
+
+
 def doctor_paragraph(res: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     """The doctor's classification of each run, and its suggestion for the 1-worker run checked against
     the best-count run that this item measured."""
@@ -206,7 +215,9 @@ def doctor_paragraph(res: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     for r in runs:
         d = res["doctor"].get(r["label"])
         if d:
-            parts.append(f"`{r['label']}` (epoch {d['epoch']}): **{d['label']}** -- {'; '.join(d['evidence'])}")
+            caveat = (" (this epoch ran profiled steps, so its host time includes the profiler's own work and its "
+                      "trace export)" if profiled_in_epoch(r, d["epoch"]) else "")
+            parts.append(f"`{r['label']}` (epoch {d['epoch']}): **{d['label']}** -- {'; '.join(d['evidence'])}{caveat}")
     rule = res["doctor_thresholds"].get("data-bound", "?")
     text = (f"The doctor's classifier (`cifarlab doctor`'s thresholds; data-bound: {rule}) on each run's last epoch: "
             + "; ".join(parts) + ".")
