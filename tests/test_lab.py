@@ -72,6 +72,8 @@ def test_report_has_every_section_with_its_measured_numbers(smoke_lab: tuple[int
     c1 = exps["c1"]["runs"][0]["summary"]
     assert pct(c1["final_train_acc"]) in section(md, "C1")
     assert "65.7%" in section(md, "C1")  # the reference column
+    assert f"| train loss after epoch {c1['epochs_completed']} |" in section(md, "C1")
+    assert "| 0.960 (epoch 5) |" in section(md, "C1")  # the reference's epoch, as on the top-1 row
 
     c2 = section(md, "C2")
     for r in exps["c2"]["runs"][0]["records"]:
