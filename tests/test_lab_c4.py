@@ -31,6 +31,8 @@ def test_c4_classifies_each_run_and_checks_the_suggestion(tmp_path: Path) -> Non
         assert run["profile"]["steps_recorded"] + 1 > run["records"][0]["steps"]
         assert f"`{run['label']}` (epoch 2): **{diagnoses[run['label']]['label']}** -- " in section
     assert section.count("this epoch ran profiled steps") == len(entry["runs"])
+    if entry["runs"][0]["device"].startswith("cpu"):  # CPU-only profile: no device column of zeros
+        assert "| operator | calls | self CPU ms | CPU total ms |\n" in section and "self device ms" not in section
 
 
 def test_c4_sized_runs_profile_epoch_one_and_extrapolate_the_clean_epoch_two(tmp_path: Path, monkeypatch) -> None:
