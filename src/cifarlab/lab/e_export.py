@@ -106,8 +106,9 @@ def e_export(ctx: LabContext) -> dict[str, Any]:
     for fmt, art in report["artifacts"].items():  # one console line per format: E is otherwise silent for its minute
         check = art["check"]
         ctx.note(f"{FORMAT_TITLES.get(fmt, fmt)}: written in {art['export_s']:.2f} s, reloaded and checked in "
-                 f"{art['reload_and_check_s']:.2f} s, max |logit diff| {check['max_abs_logit_diff']:.1e} "
-                 f"({'ok' if check['ok'] else 'MISMATCH'})")
+                 f"{art['reload_and_check_s']:.2f} s, max |logit diff| {check['max_abs_logit_diff']:.1e} against a "
+                 f"tolerance of {check['tolerance_abs']:.1e} (scaled by the largest logit): "
+                 f"{'ok' if check['ok'] else 'MISMATCH'}")
     excerpts = {}
     for fmt in formats:
         if report["artifacts"][fmt]["graph_file"]:
