@@ -455,3 +455,17 @@ def test_a_tiny_budget_cuts_c3_and_the_report_says_so(tmp_path: Path) -> None:
     assert all(len(p["runs"]) == 1 for p in doc["experiments"]["c3"]["result"]["points"])
     header = (lab / "report.md").read_text().split("## C3")[0]
     assert "Cut: C3: 1 repeat instead of 3." in header and "still does not fit" in header
+
+
+def test_console_time_table_columns_line_up_down_to_the_sum() -> None:
+    import io
+
+    from cifarlab.lab.timing import print_time_table
+
+    rows = [{"part": "C1 Training", "status": "completed", "runs": 1, "planned_s": 10.3, "elapsed_s": 10.8, "share": 0.25},
+            {"part": "report writing", "status": "", "runs": None, "planned_s": None, "elapsed_s": 32.4, "share": 0.75}]
+    out = io.StringIO()
+    print_time_table(rows, 43.2, out)
+    lines = out.getvalue().strip().splitlines()[1:]
+    assert lines[-1].lstrip().startswith("sum of rows") and lines[-1].endswith("100%")
+    assert len({len(line) for line in lines}) == 1, lines  # every row ends at the share column's right edge

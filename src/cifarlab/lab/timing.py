@@ -208,8 +208,9 @@ def print_time_table(rows: list[dict[str, Any]], wall_s: float, out: TextIO) -> 
     for c in cells:
         print("   " + "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))), file=out)
     total = sum(r["elapsed_s"] for r in rows)
-    print(f"   {'sum of rows'.ljust(widths[0])}  {''.ljust(widths[1])}  {''.rjust(widths[2])}  {''.rjust(widths[3])}  "
-          f"{fs(total, 1).rjust(widths[4])}  {total / wall_s if wall_s else 0:.0%}", file=out, flush=True)
+    last = ["sum of rows", "", "", "", fs(total, 1), f"{total / wall_s if wall_s else 0:.0%}"]
+    print("   " + "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(last, widths))),
+          file=out, flush=True)
 
 
 def time_table_blocks(doc: dict[str, Any]) -> list[Block]:
