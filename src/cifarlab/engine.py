@@ -104,7 +104,11 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     show native bf16 (runtime.cpu_has_native_bf16): on a 2-core Xeon with amx_bf16 and avx512_bf16,
     torch 2.14, bf16 autocast trained ResNet-18 at 6.3 img/s against 22.7 in fp32 (channels_last,
     batch 64) -- bf16 matmuls ran 11x faster, but convolution backward and batch norm in bf16 fall off
-    oneDNN's fast path. Ask for --precision bf16 explicitly to measure it on another CPU."""
+    oneDNN's fast path. On a 2-core AMD EPYC with avx512_bf16 and no AMX, the same torch, the opposite:
+    bf16 2.0x faster than fp32 (batch 128, channels_last; benchmarks/cpu_step.py). With evidence both ways
+    auto stays fp32 on every CPU (a default that flips by CPU kind would also change the numerics of the same
+    command between machines); --precision bf16 asks for it, and `cifarlab doctor` measures it as a candidate
+    wherever the flags show native bf16."""
     if requested != "auto":
         return requested
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
