@@ -1,5 +1,11 @@
 """The compute side of the fast path: precision choice, GradScaler, channels_last, compile, optimizer."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -92,3 +98,20 @@ def test_mixed_precision_steps_train_and_zero_grads_to_none(precision, monkeypat
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps fp32 master weights
     if scaler is not None:
         assert scaler.get_scale() == 2.0**8  # no overflow, no skipped step
+
+
+def test_cpu_step_benchmark_measures_every_layout_and_precision(tmp_path: Path) -> None:
+    """benchmarks/cpu_step.py (the README's CPU layout/precision table) runs from the source tree and writes one
+    row per (layout, precision) with its ratio to channels_last fp32."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cpu_step.json"
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "cpu_step.py"), "--batch", "2", "--steps", "1",
+                           "--warmup", "0", "--rounds", "1", "--json-out", str(out)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["layout"], r["precision"]) for r in rows] == [("channels_last", "fp32"), ("channels_last", "bf16"),
+                                                            ("contiguous", "fp32"), ("contiguous", "bf16")]
+    assert rows[0]["speedup_vs_baseline"] == 1.0 and all(r["s_per_step"] > 0 for r in rows)
+    assert "| channels_last | bf16 |" in proc.stdout
