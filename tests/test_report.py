@@ -135,7 +135,8 @@ def test_inductor_cache_dir_and_state(tmp_path: Path, monkeypatch: pytest.Monkey
     """Issue 11: C8 records where inductor's cache lives and how full it was (files below it)."""
     import tempfile
 
-    from cifarlab.lab.c8_compile import cache_label, cache_state, inductor_cache_dir
+    from cifarlab.lab.c8_compile import cache_label
+    from cifarlab.runtime import cache_state, inductor_cache_dir
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "ind"))
     assert inductor_cache_dir() == (str(tmp_path / "ind"), "from $TORCHINDUCTOR_CACHE_DIR")

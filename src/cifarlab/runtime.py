@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import platform
 import random
+import re
 import socket
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -112,3 +115,42 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads, {usable_cpus()} usable cores)"
+
+
+# ------------------------------------------------------------- inductor's on-disk cache (torch.compile)
+
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+MAX_COUNTED_ENTRIES = 1_000_000  # stop counting there (a shared cache can be huge; the count is a signal)
+
+
+def inductor_cache_dir() -> tuple[str, str]:
+    """(inductor's on-disk cache folder, how it was found). torch has no public accessor for it; its caching
+    tutorial documents the env variable TORCHINDUCTOR_CACHE_DIR and, without it, a per-user folder
+    torchinductor_<username> in the system temp directory (e.g. /tmp/torchinductor_alice): computed here
+    the same way (torch replaces characters a path cannot hold in the username)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return os.path.abspath(env), f"from ${CACHE_ENV}"
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError, ImportError):
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+    user = re.sub(r'[\\/:*?"<>|]', "_", user)
+    return (os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"),
+            f"torch's documented default, ${CACHE_ENV} unset")
+
+
+def cache_state(path: str) -> dict[str, Any]:
+    """How full the cache folder is now: entries = files below it (0 when it does not exist yet)."""
+    entries = 0
+    for _, _, files in os.walk(path):
+        entries += len(files)
+        if entries >= MAX_COUNTED_ENTRIES:
+            break
+    return {"exists": os.path.isdir(path), "entries": entries}
+
+
+def compile_cache() -> dict[str, Any]:
+    """Inductor's cache as a compiled run finds it: folder, how it was found, files in it now (0: cold)."""
+    path, source = inductor_cache_dir()
+    return {"dir": path, "source": source, "entries_before": cache_state(path)["entries"]}

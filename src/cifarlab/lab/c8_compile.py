@@ -4,10 +4,7 @@ on-disk cache was cold or warm before each compiled run."""
 
 from __future__ import annotations
 
-import getpass
 import os
-import re
-import tempfile
 from typing import Any
 
 from cifarlab.config import COMPILE_MODES
@@ -15,36 +12,7 @@ from cifarlab.lab.context import Experiment, LabContext, LabInterrupted, Planned
 from cifarlab.lab.sections import REF, REFERENCE, pipelines_para, runs_para
 from cifarlab.report.blocks import Block, Note, Para, Table, finite, fs, mean, ok_records, run_named, runs_of
 from cifarlab.report.plots import ReportContext
-
-CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
-MAX_COUNTED_ENTRIES = 1_000_000  # stop counting there (a shared cache can be huge; the count is a signal)
-
-
-def inductor_cache_dir() -> tuple[str, str]:
-    """(inductor's on-disk cache folder, how it was found). torch has no public accessor for it; its caching
-    tutorial documents the env variable TORCHINDUCTOR_CACHE_DIR and, without it, a per-user folder
-    torchinductor_<username> in the system temp directory (e.g. /tmp/torchinductor_alice): computed here
-    the same way (torch replaces characters a path cannot hold in the username)."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return os.path.abspath(env), f"from ${CACHE_ENV}"
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError, ImportError):
-        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
-    user = re.sub(r'[\\/:*?"<>|]', "_", user)
-    return (os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"),
-            f"torch's documented default, ${CACHE_ENV} unset")
-
-
-def cache_state(path: str) -> dict[str, Any]:
-    """How full the cache folder is now: entries = files below it (0 when it does not exist yet)."""
-    entries = 0
-    for _, _, files in os.walk(path):
-        entries += len(files)
-        if entries >= MAX_COUNTED_ENTRIES:
-            break
-    return {"exists": os.path.isdir(path), "entries": entries}
+from cifarlab.runtime import cache_state, inductor_cache_dir
 
 
 def cache_label(state: dict[str, Any] | None) -> str:
@@ -157,9 +125,10 @@ def render_c8(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
         Para(f"Protocol: each mode trains a fresh seeded model for {n} epochs on the fast path (no evaluation). "
              f"Setup is the one-time work the engine does before epoch 1's clock (on CUDA: cuDNN autotuning, "
              f"warm-up steps, the step's CUDA-graph capture, and with `--compile default` the compilation of the "
-             f"kernels captured inside it); whatever one-time work is left lands in epoch 1 (on a CPU, and for "
-             f"reduce-overhead / max-autotune, whose step runs eagerly around torch's own graphs: their "
-             f"compilation). So the one-time cost = setup + (epoch 1 - steady mean) is the compile cost apart from "
+             f"kernels captured inside it; every compiled mode compiles in this warm-up, on a CPU too); whatever "
+             f"one-time work is left lands in epoch 1 (for reduce-overhead / max-autotune, whose step runs eagerly "
+             f"around torch's own graphs: torch's recording of those graphs on their first calls). So the one-time "
+             f"cost = setup + (epoch 1 - steady mean) is the compile cost apart from "
              f"the epoch time, and the steady mean over epochs {first_steady}-{n} (spread min-max) is what a "
              f"compiled epoch costs after it. Step: cuda-graph = the whole step replayed as one captured graph, "
              f"eager = launched op by op. {REF}: {REFERENCE['c8']}."),

@@ -16,10 +16,10 @@ from typing import Any, TextIO
 
 from cifarlab.engine import Hooks
 from cifarlab.lab.budget import COMPILE_ASSUMED_S, budget_blocks
-from cifarlab.lab.c8_compile import cache_state, inductor_cache_dir
 from cifarlab.lab.context import Experiment, LabContext, PlannedRuns
 from cifarlab.report.blocks import Block, Para, Table, fs
 from cifarlab.runner import run_training
+from cifarlab.runtime import cache_state, inductor_cache_dir
 
 # Steps of one epoch per calibration run: steps 2.. give the step time, step 1 the warm-up. On CUDA a step is
 # milliseconds, so 10 steps cost little and average out the first replays.
