@@ -331,7 +331,9 @@ def test_an_eager_compiled_run_sends_only_the_partial_batch_to_the_plain_model()
     gets every batch."""
     model, opt = _tiny("sgd")
     assert torch.compile(model)._orig_mod is model  # what module_for recognises (nothing compiles here)
-    for wraps_model, expected in ((True, [4, 4]), (False, [4, 4, 2])):
+    # torch.compile's wrapper: one warm-up call in setup (its compilation is setup_s, also on a CPU), then the
+    # full batches; the partial one goes to the plain model.
+    for wraps_model, expected in ((True, [4, 4, 4]), (False, [4, 4, 2])):
         compiled = ShapeRecorder(model)
         if wraps_model:
             compiled._orig_mod = model
@@ -342,6 +344,29 @@ def test_an_eager_compiled_run_sends_only_the_partial_batch_to_the_plain_model()
             runner.load(x, y)
             runner.step(0.1)
         assert compiled.batch_sizes == expected
+
+
+def test_a_compiled_module_warms_up_in_setup_on_a_cpu_and_changes_nothing():
+    """Compilation is setup work: on a CPU too, a torch.compile'd module runs one untimed forward + backward in
+    setup (compiling there, so epoch 1 is not the compile), and the weights, BatchNorm statistics and optimizer
+    state are what they were. An uncompiled module on a CPU has nothing to warm up."""
+    model, opt = _tiny("sgd")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled = ShapeRecorder(model)
+    compiled._orig_mod = model
+    plain_calls: list[int] = []
+    forward = model.forward
+    model.forward = lambda x: (plain_calls.append(int(x.shape[0])), forward(x))[1]
+    runner = StepRunner(compiled, opt, "fp32", CPU, model=model)
+    runner.setup([4, 2], (3, 8, 8), channels_last=False)
+    assert compiled.batch_sizes == [4]  # the full batch's shape only: the partial one runs on the plain model ...
+    assert plain_calls == [4]  # ... which a CPU does not warm up (no autotuning): only the compiled call reached it
+    del model.forward
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not opt.state
+    assert all(p.grad is None for p in model.parameters())
+    plain = ShapeRecorder(model)
+    StepRunner(plain, opt, "fp32", CPU, model=model).setup([4, 2], (3, 8, 8), channels_last=False)
+    assert plain.batch_sizes == []
 
 
 def test_evaluation_runs_the_plain_model_not_the_compiled_one():
@@ -645,3 +670,39 @@ def test_an_eager_run_resumed_from_a_captured_checkpoint_gets_the_eager_flags_ba
     runner = engine.ensure_step_runner(TrainConfig(), state, _device_loader())
     assert runner.mode == "eager"
     assert opt.param_groups[0]["foreach"] is True and not opt.param_groups[0]["fused"]
+
+
+def test_train_with_compile_names_inductors_cache_and_keeps_compilation_in_setup(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """`cifarlab train --compile MODE` says where inductor's on-disk cache is and whether it was warm (console and
+    run.json), and the compiled module's first call happens in setup, before epoch 1's clock -- on a CPU too.
+    torch.compile is replaced by a stand-in here (compiling ResNet-18 on 2 cores takes minutes)."""
+    import json
+
+    from cifarlab.cli import main
+
+    made: list[ShapeRecorder] = []
+
+    def fake_compile(model, mode=None):
+        wrapper = ShapeRecorder(model)
+        wrapper._orig_mod = model
+        made.append(wrapper)
+        return wrapper
+
+    monkeypatch.setattr(engine.torch, "compile", fake_compile)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    (tmp_path / "inductor").mkdir()
+    (tmp_path / "inductor" / "entry").write_text("x")
+    code = main(["train", "--dataset", "synthetic", "--subset", "20", "--test-subset", "10", "--batch-size", "8",
+                 "--epochs", "1", "--compile", "default", "--no-evaluate", "--out", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert (f"compile: torch.compile mode default; inductor's on-disk cache {tmp_path / 'inductor'} (warm, 1 file(s); "
+            f"from $TORCHINDUCTOR_CACHE_DIR)") in out
+    (run,) = (tmp_path / "runs").glob("*-train")
+    doc = json.loads((run / "run.json").read_text())
+    assert doc["compile_cache"] == {"dir": str(tmp_path / "inductor"), "source": "from $TORCHINDUCTOR_CACHE_DIR",
+                                    "entries_before": 1, "entries_after": 1}
+    (wrapper,) = made
+    assert wrapper.batch_sizes == [8, 8, 8]  # the setup warm-up, then the 2 full batches (the last 4 ran plain)
+    assert "setup" in out and "not in epoch (eager step)" in out

@@ -121,17 +121,22 @@ class StepRunner:
     # --- the interface the engine uses
     def setup(self, batch_sizes: Sequence[int] = (), sample_shape: Sequence[int] = (3, 32, 32),
               channels_last: bool = True, warm_up: bool = True) -> float:
-        """On CUDA: one forward + backward per batch shape (cuDNN autotune, compilation) that changes
-        nothing -- no optimizer step and no GradScaler update, BatchNorm statistics restored.
-        Returns setup_s (device synchronized at both ends)."""
+        """On CUDA, and on a CPU when the module is torch.compile's: one forward + backward per batch shape
+        (cuDNN autotune, compilation) that changes nothing -- no optimizer step and no GradScaler update,
+        BatchNorm statistics restored -- so that work is setup_s, not epoch 1's. Returns setup_s (device
+        synchronized at both ends)."""
         t0 = DeviceClock(self.device).barrier_now()
         self.full_batch = int(batch_sizes[0]) if batch_sizes else None
-        if warm_up and self.device.type == "cuda":
+        compiled = getattr(self.module, "_orig_mod", None) is self.model
+        if warm_up and (self.device.type == "cuda" or compiled):
             with preserved_training_state(self.model, self.optimizer, keep_new_state=lambda: False):
                 for b in dict.fromkeys(batch_sizes):
+                    module = self.module_for(b)
+                    if self.device.type != "cuda" and module is self.model:
+                        continue  # a CPU has no autotuning: only the compiled shape needs its warm-up
                     x, y = _sample_batch(b, sample_shape, channels_last, self.device)
                     with autocast_context(self.precision, self.device):
-                        loss = self.loss_fn(self.module_for(b)(x), y)
+                        loss = self.loss_fn(module(x), y)
                     loss.backward()
             self.optimizer.zero_grad(set_to_none=True)
         self.setup_s = DeviceClock(self.device).barrier_now() - t0

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from cifarlab.config import TrainConfig
 from cifarlab.engine import EpochRecord, Hooks, TrainState, resolve_precision
-from cifarlab.runtime import device_label
+from cifarlab.runtime import compile_cache, device_label
 
 
 def fmt_s(value: float | None) -> str:
@@ -63,6 +63,12 @@ class ConsoleProgress:
         print(f"{self.prefix}model:  ResNet-18 norm={cfg.norm}; optimizer {cfg.optimizer} lr {cfg.lr} "
               f"momentum {cfg.momentum} wd {cfg.weight_decay}; precision {precision}, "
               f"channels_last {cfg.channels_last}, compile {cfg.compile}", file=self.out)
+        if cfg.compile != "none":
+            cache = compile_cache()
+            state = f"warm, {cache['entries_before']:,} file(s)" if cache["entries_before"] else "cold"
+            print(f"{self.prefix}compile: torch.compile mode {cfg.compile}; inductor's on-disk cache {cache['dir']} "
+                  f"({state}; {cache['source']}): its time is setup_s, apart from the epochs, and a rerun of this "
+                  f"config compiles from the cache", file=self.out)
         self.out.flush()
 
     def on_step(self, epoch: int, step: int, steps_total: int) -> None:

@@ -23,7 +23,7 @@ from cifarlab.engine import EpochRecord, Hooks, TrainState, build_state, train
 from cifarlab.errors import UsageError
 from cifarlab.fileio import read_json, write_json_atomic
 from cifarlab.runs import RunWriter, create_run_dir, ensure_writable_dir, utc_now
-from cifarlab.runtime import device_label, environment, resolve_device, seed_everything
+from cifarlab.runtime import cache_state, compile_cache, device_label, environment, resolve_device, seed_everything
 
 
 @dataclass
@@ -127,6 +127,8 @@ def run_training(
 
     engine_hooks = Hooks(on_step=user_hooks.on_step, on_epoch=on_epoch, should_stop=user_hooks.should_stop,
                          on_warning=user_hooks.on_warning)
+    if cfg.compile != "none":  # where inductor's on-disk cache is and whether it was warm (a rerun compiles from it)
+        extra["compile_cache"] = compile_cache()
     error = None
     try:
         status = train(cfg, state, train_loader, test_loader if cfg.evaluate else None, engine_hooks)
@@ -142,6 +144,8 @@ def run_training(
                 raise UsageError(disk_error_message(e, writer.path)) from None
             raise
         status, error = "oom", oom_message(cfg, e, device)
+    if "compile_cache" in extra:
+        extra["compile_cache"]["entries_after"] = cache_state(extra["compile_cache"]["dir"])["entries"]
     if state.step_runner is not None:  # eager or captured step, and why (a capture that fell back says so)
         extra["step"] = state.step_runner.describe()
     if status == "oom":
