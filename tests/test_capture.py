@@ -706,3 +706,10 @@ def test_train_with_compile_names_inductors_cache_and_keeps_compilation_in_setup
     (wrapper,) = made
     assert wrapper.batch_sizes == [8, 8, 8]  # the setup warm-up, then the 2 full batches (the last 4 ran plain)
     assert "setup" in out and "not in epoch (eager step)" in out
+    # The classic pipeline too: compilation is setup whatever the loader (its eager runs keep no warm-up).
+    made.clear()
+    assert main(["train", "--dataset", "synthetic", "--subset", "20", "--test-subset", "10", "--batch-size", "8",
+                 "--epochs", "1", "--compile", "default", "--no-evaluate", "--loader", "torch", "--workers", "0",
+                 "--out", str(tmp_path / "runs")]) == 0
+    (wrapper,) = made
+    assert wrapper.batch_sizes == [8, 8, 8]

@@ -87,9 +87,11 @@ def prepare_step_runner(cfg: TrainConfig, *, module: nn.Module, model: nn.Module
     """Build the runner and run its setup; one warning line if a wanted capture did not happen."""
     runner = build_step_runner(cfg, module=module, model=model, optimizer=optimizer, precision=precision,
                                device=device, scaler=scaler, loader=loader)
-    # Warm-up (autotune, compile, capture) on the fast path; the classic pipeline and DDP runs stay
-    # as the lab wrote them (their first epoch pays its own one-time costs).
-    warm_up = (cfg.loader == "device" or isinstance(runner, CapturedStep)) and not dist.is_active()
+    # Warm-up (autotune, compile, capture) on the fast path, and wherever torch.compile is asked for (its
+    # compilation is setup, never epoch 1's); the classic pipeline's eager runs and DDP runs stay as the lab
+    # wrote them (their first epoch pays its own one-time costs, e.g. cuDNN's autotuning).
+    warm_up = (cfg.loader == "device" or isinstance(runner, CapturedStep) or cfg.compile != "none") \
+        and not dist.is_active()
     sizes: Sequence[int] = epoch_batch_sizes(loader, cfg)
     runner.setup(sizes, sample_shape(loader), cfg.channels_last, warm_up=warm_up)
     if warm_up and device.type == "cuda":
