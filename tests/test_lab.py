@@ -469,3 +469,34 @@ def test_console_time_table_columns_line_up_down_to_the_sum() -> None:
     lines = out.getvalue().strip().splitlines()[1:]
     assert lines[-1].lstrip().startswith("sum of rows") and lines[-1].endswith("100%")
     assert len({len(line) for line in lines}) == 1, lines  # every row ends at the share column's right edge
+
+
+def test_on_cuda_c5s_cpu_run_gets_a_calibration_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CUDA machine C5 trains on the CPU, which no GPU pipeline's calibration says anything about (the H200
+    plan printed '?' for it): the plan times a few classic-pipeline steps on the CPU, once, and estimates C5 from
+    them. Simulated on this CPU with a CUDA-typed context and the calibration runs replaced."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from cifarlab.config import TrainConfig
+    from cifarlab.lab import timing
+    from cifarlab.lab.context import LabContext, PlannedRuns
+
+    seen: list[tuple] = []
+
+    def fake_run(ctx, cfg) -> dict:
+        seen.append((cfg.name, cfg.device, cfg.max_steps, cfg.evaluate, cfg.loader))
+        return {"step_s": 0.5, "start_s": 0.1, "eval_s": 0.0, "warmup_s": 0.2, "run_overhead_s": 1.0, "run_s": 3.0}
+
+    monkeypatch.setattr(timing, "_calibration_run", fake_run)
+    ctx = SimpleNamespace(device=torch.device("cuda"), base=TrainConfig(), lab_dir=tmp_path, classic=LabContext.classic,
+                          fast=lambda cfg: cfg.replace(loader="device"), data=SimpleNamespace(train=range(50_000)))
+    cal = timing.calibrate(ctx, ("fast", "cpu-classic"))
+    assert seen == [("calibrate-fast-1", "auto", 10, True, "device"), ("calibrate-fast-2", "auto", 10, True, "device"),
+                    ("calibrate-cpu-classic", "cpu", 3, False, "torch")]  # once, 3 steps, on the CPU
+    assert timing.calibrated_pipeline(ctx, "cpu-classic") == "cpu-classic"
+    # C5's CPU run: 1 run x (overhead 1.0 + warm-up 0.2 + 2 epochs x (start 0.1 + 10 steps x 0.5 s)) = 11.4 s
+    c5 = PlannedRuns("cpu-classic", 1, 2, evaluate=False, images=1280)
+    assert timing._group_estimate_s(ctx, c5, cal) == pytest.approx(11.4)
+    assert timing._calibrated(cal) == "10 steps of the fast pipeline and 3 of the classic pipeline on the CPU (C5)"

@@ -30,30 +30,41 @@ CALIBRATION_STEPS = {"cuda": 10, "cpu": 3}
 CALIBRATION_RUNS = {"cuda": 2, "cpu": 1}
 
 
+CALIBRATED = ("classic", "fast", "cpu-classic")  # in the order they are timed
+
+
 def calibrated_pipeline(ctx: LabContext, pipeline: str) -> str | None:
-    """Which calibration ("fast", "classic") estimates a planned pipeline (None: none of them)."""
-    return {"fast": "fast", "classic": "classic", "cpu-classic": "classic" if ctx.device.type == "cpu" else None}.get(pipeline)
+    """Which calibration estimates a planned pipeline (None: none of them). On a CPU-only machine C5's CPU run
+    is the classic pipeline itself; on CUDA it gets a calibration of its own."""
+    if pipeline == "cpu-classic" and ctx.device.type == "cpu":
+        return "classic"
+    return pipeline if pipeline in CALIBRATED else None
 
 
 def calibrate(ctx: LabContext, pipelines: tuple[str, ...] = ("classic", "fast")) -> dict[str, Any]:
     """Time one epoch of a few steps of each pipeline asked for (run folders in <lab>/plan/), twice on CUDA
-    (the second run counts; the first one's extra time is recorded as first_run_extra_s)."""
+    (the second run counts; the first one's extra time is recorded as first_run_extra_s). "cpu-classic" (a
+    CUDA machine's CPU, for C5) runs once, with a CPU's number of steps."""
 
     t0 = time.perf_counter()
     kind = "cuda" if ctx.device.type == "cuda" else "cpu"
     steps, runs = CALIBRATION_STEPS[kind], CALIBRATION_RUNS[kind]
     out: dict[str, Any] = {"steps": steps, "epochs": 1, "runs_per_pipeline": runs}
-    builders = {"classic": ctx.classic, "fast": ctx.fast}
+    builders = {"classic": ctx.classic, "fast": ctx.fast,
+                "cpu-classic": lambda cfg: ctx.classic(cfg).replace(device="cpu", evaluate=False)}
     for name in pipelines:
         cfg = builders[name](ctx.base)
         first: dict[str, Any] | None = None
-        for i in range(runs):
-            run_name = f"calibrate-{name}" + (f"-{i + 1}" if runs > 1 else "")
-            measured = _calibration_run(ctx, cfg.replace(epochs=1, max_steps=steps, out_dir=str(ctx.lab_dir / "plan"),
+        n_runs, n_steps = (1, CALIBRATION_STEPS["cpu"]) if name == "cpu-classic" else (runs, steps)
+        if name == "cpu-classic":
+            out["cpu_steps"] = n_steps
+        for i in range(n_runs):
+            run_name = f"calibrate-{name}" + (f"-{i + 1}" if n_runs > 1 else "")
+            measured = _calibration_run(ctx, cfg.replace(epochs=1, max_steps=n_steps, out_dir=str(ctx.lab_dir / "plan"),
                                                          name=run_name))
             first = first or measured
             out[name] = measured
-        if runs > 1 and first is not None and out[name] is not None:
+        if n_runs > 1 and first is not None and out[name] is not None:
             out[name]["first_run_extra_s"] = max(0.0, first["run_s"] - out[name]["run_s"])
     out["elapsed_s"] = time.perf_counter() - t0
     return out
@@ -112,7 +123,7 @@ def make_plan(ctx: LabContext, keys: list[str], registry: dict[str, Experiment],
     if cal is None:
         # Only the pipelines some item trains on (`--only c8` calibrates the fast one: on CUDA each costs seconds).
         needed = {calibrated_pipeline(ctx, g.pipeline) for groups in planned.values() for g in groups or [] if g.runs}
-        pipelines = tuple(p for p in ("classic", "fast") if p in needed)
+        pipelines = tuple(p for p in CALIBRATED if p in needed)
         cal = calibrate(ctx, pipelines) if pipelines else {"elapsed_s": 0.0}
     items = []
     for k in keys:
@@ -139,15 +150,18 @@ def make_plan(ctx: LabContext, keys: list[str], registry: dict[str, Experiment],
     return out
 
 
-def _calibrated(cal: dict[str, Any]) -> list[str]:
-    return [p for p in ("fast", "classic") if p in cal]
+def _calibrated(cal: dict[str, Any]) -> str:
+    """'3 steps of the fast and the classic pipeline' (+ ' and 3 of the classic pipeline on the CPU (C5)')."""
+    names = [p for p in ("fast", "classic") if p in cal]
+    parts = [f"{cal.get('steps', 0)} steps of the {' and the '.join(names)} pipeline"] if names else []
+    if "cpu-classic" in cal:
+        parts.append(f"{cal.get('cpu_steps', 0)} {'of' if names else 'steps of'} the classic pipeline on the CPU (C5)")
+    return " and ".join(parts) or "no steps of any pipeline"
 
 
 def print_plan(plan: dict[str, Any], out: TextIO, fmt: Any) -> None:
     cal = plan["calibration"]
-    print(f"\nplan (estimates from {cal.get('steps', 0)} steps of the {' and the '.join(_calibrated(cal)) or 'no'} "
-          f"pipeline, "
-          f"calibrated in {cal['elapsed_s']:.1f} s; rough):", file=out)
+    print(f"\nplan (estimates from {_calibrated(cal)}, calibrated in {cal['elapsed_s']:.1f} s; rough):", file=out)
     for i in plan["items"]:
         est = "?" if i["estimate_s"] is None else f"~{fmt(i['estimate_s'])}"
         note = f"  ({i['note']})" if i["note"] else ""
@@ -225,9 +239,8 @@ def time_table_blocks(doc: dict[str, Any]) -> list[Block]:
     cal = plan.get("calibration", {})
     text = (f"Where the lab's {fs(wall, 1)} s of wall time went (from the start of `cifarlab lab` to the report "
             f"written; the rows add up to {fs(total, 1)} s). 'Planned s' is the estimate printed before the work, "
-            f"from {cal.get('steps', 0)} timed steps of the {' and the '.join(_calibrated(cal)) or 'no'} "
-            f"pipeline with this lab's base config: runs x (per-run overhead + first-epoch warm-up + epochs x "
-            f"(iterator start + steps x step time + evaluation)); it leaves out "
+            f"from {_calibrated(cal).replace(' steps of', ' timed steps of', 1)} with this lab's base config: "
+            f"runs x (per-run overhead + first-epoch warm-up + epochs x (iterator start + steps x step time + evaluation)); it leaves out "
             + ("; ".join(f"{i['key']}: {i['note']}" for i in plan.get("items", []) if i.get("note")) or "nothing")
             + ". Reused runs (same config as an earlier item's) cost no time.")
     return [*budget_blocks(doc), Para(text), Table(COLUMNS, [_cells(r) for r in rows], csv="time_table")]
