@@ -165,6 +165,17 @@ def test_a_run_that_fails_keeps_its_full_traceback(tmp_path, monkeypatch):
     text = (run / "traceback.txt").read_text()
     assert text.startswith("Traceback") and "in broken_engine" in text and "detail on the second line" in text
 
+    # A disk too full for the traceback still gets run.json's "failed" (and names no file).
+    def no_space(self, e):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(runner_mod.RunWriter, "write_traceback", no_space)
+    with pytest.raises(RuntimeError, match="kernel launch failed"):
+        runner_mod.run_training(cfg.replace(name="full"))
+    (run,) = tmp_path.glob("*-full")
+    doc = json.loads((run / "run.json").read_text())
+    assert doc["status"] == "failed" and "traceback_file" not in doc and not (run / "traceback.txt").exists()
+
 
 # ---------------------------------------------------------------------------------- dataset files
 

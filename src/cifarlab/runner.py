@@ -137,8 +137,9 @@ def run_training(
     except BaseException as e:
         if not is_out_of_memory(e):
             with contextlib.suppress(OSError):  # a full disk must not hide the original error
-                writer.write_records(state.records)
                 extra["traceback_file"] = writer.write_traceback(e)
+            with contextlib.suppress(OSError):  # ... nor cost run.json its "failed" when the traceback did not fit
+                writer.write_records(state.records)
                 writer.write_status("failed", state.records, error=f"{type(e).__name__}: {e}", **extra)
             if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
                 raise UsageError(disk_error_message(e, writer.path)) from None
