@@ -3,7 +3,7 @@
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR] [STEPS]
 #
-# STEPS is a comma-separated subset of: env,tests,bare,train,compile,autotune,throughput,doctor,export,lab
+# STEPS is a comma-separated subset of: env,tests,bare,train,compile,autotune,throughput,doctor,export,c8,lab
 # (default: all).
 # Every step has its own time limit and writes <OUT_DIR>/<step>.log; a step that fails or runs out of time
 # does not stop the others. Needs torch, torchvision, numpy, matplotlib; runs cifarlab from src/ (no install).
