@@ -713,3 +713,32 @@ def test_train_with_compile_names_inductors_cache_and_keeps_compilation_in_setup
                  "--out", str(tmp_path / "runs")]) == 0
     (wrapper,) = made
     assert wrapper.batch_sizes == [8, 8, 8]
+
+
+def test_a_stop_during_evaluation_keeps_the_epoch_and_records_no_test_figures():
+    """Ctrl-C / SIGTERM while the test set is evaluated (a minute on a CPU for 10,000 images): evaluation stops
+    at the next batch instead of finishing, the epoch's training is kept (status ok, the run's epoch count
+    advances), its test figures stay empty (a part of the test set would be another number), one warning says
+    so, and the run ends interrupted."""
+    model = TinyNet()
+    state = engine.TrainState(model=model, optimizer=build_optimizer("sgd", model.parameters(), 0.1, 0.9, 5e-4),
+                              scaler=None, device=CPU, precision="fp32")
+    stop = [False]
+    evaluated: list[int] = []
+
+    class SignalDuringEvaluation:
+        def __iter__(self):
+            stop[0] = True  # the signal arrives as evaluation starts
+            for x, y in _batches(12, 4):
+                evaluated.append(len(y))
+                yield x, y
+
+    warnings: list[str] = []
+    hooks = engine.Hooks(should_stop=lambda: stop[0], on_warning=warnings.append)
+    cfg = TrainConfig(batch_size=4, epochs=3, loader="torch", workers=0, channels_last=False)
+    assert engine.train(cfg, state, _batches(8, 4), SignalDuringEvaluation(), hooks) == "interrupted"
+    (record,) = state.records
+    assert record.status == "ok" and state.epoch == 1
+    assert record.test_acc is None and record.test_loss is None and record.eval_s is None
+    assert evaluated == [4]  # the first batch was drawn, the check before it ran stopped the rest
+    assert len(warnings) == 1 and "epoch 1: evaluation stopped by the signal" in warnings[0]

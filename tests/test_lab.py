@@ -500,3 +500,26 @@ def test_on_cuda_c5s_cpu_run_gets_a_calibration_of_its_own(tmp_path: Path, monke
     c5 = PlannedRuns("cpu-classic", 1, 2, evaluate=False, images=1280)
     assert timing._group_estimate_s(ctx, c5, cal) == pytest.approx(11.4)
     assert timing._calibrated(cal) == "10 steps of the fast pipeline and 3 of the classic pipeline on the CPU (C5)"
+
+
+def test_calibration_times_evaluation_on_a_few_batches_and_scales_it() -> None:
+    """A calibration run evaluates CALIBRATION_TEST_BATCHES test batches, not the whole split (on a CPU the full
+    preset's 10,000 test images took a minute per calibration run, and a SIGTERM waited for it), and scales the
+    evaluation time to the whole split; a test split smaller than that is used whole."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from cifarlab.config import TrainConfig
+    from cifarlab.data.split import DataBundle, Split
+    from cifarlab.lab import timing
+
+    def split(n: int) -> Split:
+        return Split(np.zeros((n, 32, 32, 3), np.uint8), np.arange(n, dtype=np.int64) % 10)
+
+    bundle = DataBundle(train=split(100), test=split(2000), source="synthetic", description="d")
+    ctx = SimpleNamespace(data=bundle, base=TrainConfig())
+    data, scale = timing._calibration_data(ctx, TrainConfig(test_batch_size=100))
+    assert len(data.test) == timing.CALIBRATION_TEST_BATCHES * 100 == 500 and scale == 4.0
+    assert data.train is bundle.train and "calibration: 500 test images" in data.description
+    assert timing._calibration_data(ctx, TrainConfig(test_batch_size=1000)) == (bundle, 1.0)

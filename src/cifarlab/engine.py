@@ -289,9 +289,12 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate(
-    cfg: TrainConfig, state: TrainState, loader: Iterable
-) -> tuple[float, float, float]:
-    """(mean loss, top-1 accuracy, seconds) on the whole loader, device synchronized at both ends."""
+    cfg: TrainConfig, state: TrainState, loader: Iterable, should_stop: Callable[[], bool] | None = None
+) -> tuple[float, float, float] | None:
+    """(mean loss, top-1 accuracy, seconds) on the whole loader, device synchronized at both ends. None when
+    should_stop() turned true before the last batch (Ctrl-C, SIGTERM: a whole test set takes a minute on a
+    CPU); a part of the test set would be a different number, so nothing is returned. Under torchrun the
+    ranks' shards are evaluated whole (they stop together only at the step boundaries agreed in training)."""
     device = state.device
     # The plain module, never the compiled or DDP-wrapped one: a compiled module compiles again for eval
     # mode and the test batch (7.9 s on an H200 with --compile default, minutes with max-autotune) to save
@@ -307,7 +310,10 @@ def evaluate(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     count = 0
+    stop = should_stop if should_stop is not None and not dist.is_active() else None
     for inputs, targets in loader:
+        if stop is not None and stop():
+            return None
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if cfg.channels_last:
@@ -340,8 +346,16 @@ def train(
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         seed_epoch(cfg.seed, epoch, train_loader)
         record = train_epoch(cfg, state, train_loader, epoch, hooks)
+        evaluation_stopped = False
         if record.status == "ok" and cfg.evaluate and test_loader is not None:
-            record.test_loss, record.test_acc, record.eval_s = evaluate(cfg, state, test_loader)
+            measured = evaluate(cfg, state, test_loader, hooks.should_stop)
+            if measured is None:  # the epoch's training is whole and kept (checkpointed); its test figures are not
+                evaluation_stopped = True
+                (hooks.on_warning or steps.warn_stderr)(
+                    f"epoch {epoch}: evaluation stopped by the signal; the epoch's training is kept, its test loss "
+                    f"and accuracy are not recorded")
+            else:
+                record.test_loss, record.test_acc, record.eval_s = measured
         state.records.append(record)
         if record.status == "ok":
             state.epoch = epoch
@@ -349,4 +363,6 @@ def train(
             hooks.on_epoch(record, state)
         if record.status != "ok":
             return record.status
+        if evaluation_stopped:
+            return "interrupted"
     return "completed"
