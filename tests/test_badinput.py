@@ -211,3 +211,12 @@ def test_more_workers_than_usable_cores_warns_once_with_the_core_count(tmp_path,
     assert err[0] == ("cifarlab: warning: --workers 7 exceeds the 3 CPU core(s) this process may use; the extra "
                       "workers compete with training for the same cores (try --workers 2..3)")
     assert err[1].startswith("cifarlab: error: --out")
+
+
+def test_export_device_cuda_without_a_gpu_is_one_usage_line(runs, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only machine
+    code = main(["export", str(runs["finished"]), "--device", "cuda"])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert err == "cifarlab: error: --device cuda: no CUDA device is available here; use --device cpu\n"
+    assert not (runs["finished"] / "export").exists()

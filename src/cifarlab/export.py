@@ -393,6 +393,8 @@ def export_run(run_dir: str | Path, formats: list[str], *, out_dir: str | Path |
                device: str = "cpu", check_images: int = CHECK_IMAGES,
                skipped: dict[str, str] | None = None) -> tuple[dict[str, Any], Path]:
     """`cifarlab export`: the run's checkpoint -> artifacts in out_dir (default RUN_DIR/export)."""
+    if device == "cuda" and not torch.cuda.is_available():  # export's --device has no 'auto' to suggest
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
     model, source = load_run_model(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
     x, described = check_batch(source, check_images)
