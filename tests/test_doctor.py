@@ -17,8 +17,8 @@ import cifarlab.doctor as doctor
 import cifarlab.engine as engine
 from cifarlab.config import TrainConfig
 from cifarlab.data import DataBundle, load_data
-from cifarlab.doctor_advice import HostFacts, Measurement, choose_repeats, classify, from_epoch_record, plan_round, propose
-from cifarlab.doctor_report import noise_share, summarize, verdict
+from cifarlab.doctor_advice import Candidate, Diagnosis, HostFacts, Measurement, choose_repeats, classify, from_epoch_record, plan_round, propose
+from cifarlab.doctor_report import noise_share, recommendation, summarize, verdict
 from cifarlab.engine import EpochRecord
 from cifarlab.runtime import resolve_device
 
@@ -191,3 +191,21 @@ def test_every_ranked_figure_comes_from_its_own_rerun(tiny, monkeypatch, tmp_pat
     assert any(c["status"] == "not applicable here" and c["reason"] for c in saved["candidates"])
     assert (result.path / "doctor.md").read_text().startswith("# cifarlab doctor")
     assert (result.path / "doctor_step_split.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_recommendation_says_no_change_was_measured_when_the_budget_cut_them_all() -> None:
+    def result(cands):
+        return doctor.DoctorResult(
+            config=TrainConfig(), device="cpu", environment={}, data_description="", budget_s=60.0, steps=2,
+            warmup_steps=1, repeats=0, baseline=[_m(images=18, epoch_s=1.0)], diagnosis=Diagnosis("compute-bound", [], []),
+            candidates=cands, noise=0.10, noise_note="", ranked=[], best=None, recommendation="")
+
+    cut = Candidate("bf16", ["--precision", "bf16"], {"precision": "bf16"}, "bf16", ("compute",), status="cut")
+    na = Candidate("cuda-graph", ["--cuda-graph", "on"], {}, "graph", ("host",), status="not applicable here")
+    # on a 60 s budget the CPU baseline took 36 s and every candidate was cut: none was compared with the noise
+    text = recommendation(result([cut, na]))
+    assert "no change found that helps by more than the noise" not in text
+    assert text == ("recommendation: no change was measured (cut by the budget: --precision bf16); keep the current "
+                    "flags (18.0 img/s) -- rerun with a larger --budget to try them")
+    assert recommendation(result([na])) == ("recommendation: no change was measured (none applies here); keep the "
+                                            "current flags (18.0 img/s)")

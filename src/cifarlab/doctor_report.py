@@ -160,6 +160,13 @@ def one_line(m: Measurement) -> str:
 def recommendation(result: "DoctorResult") -> str:
     """One line: the exact flags and the measured gain of the best change beating the noise, or none."""
     base = result.baseline_summary
+    if not result.ranked:  # nothing was rerun: no change was compared with the noise at all
+        cut = [" ".join(c.flags) for c in result.candidates if c.status == "cut"]
+        failed = [" ".join(c.flags) for c in result.candidates if c.status == "failed"]
+        why = "; ".join(f"{what}: {', '.join(flags)}" for what, flags in (("cut by the budget", cut), ("failed", failed))
+                        if flags)
+        return (f"recommendation: no change was measured ({why or 'none applies here'}); keep the current flags "
+                f"({base.images_per_s_median:.1f} img/s)" + (" -- rerun with a larger --budget to try them" if cut else ""))
     if result.best is None:
         hint = [f"{' '.join(c.flags)} ({g:+.0%})" for c, s, g in result.ranked
                 if g > 0 and verdict(s, base, result.noise).startswith("unconfirmed")]
@@ -288,7 +295,8 @@ def chart_png(result: "DoctorResult") -> bytes:
     ax.set_xticks(range(len(bars)), [b[0] for b in bars])
     ax.set_ylabel("ms per step (median)")
     ax.set_title("Step time split: baseline vs the best change" if len(bars) > 1
-                 else "Step time split: baseline (no change beat the noise)")
+                 else "Step time split: baseline (no change beat the noise)" if result.ranked
+                 else "Step time split: baseline (no change measured)")
     ax.set_ylim(0, 1.3 * max(tops + [1e-9]))
     ax.legend(fontsize=8)
     fig.tight_layout()
