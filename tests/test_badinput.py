@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import cifarlab.commands as commands
 from cifarlab.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from cifarlab.cli import build_parser, config_from_args, main
 from cifarlab.config import TrainConfig
@@ -220,3 +221,17 @@ def test_export_device_cuda_without_a_gpu_is_one_usage_line(runs, monkeypatch, c
     assert code == 2, (out, err)
     assert err == "cifarlab: error: --device cuda: no CUDA device is available here; use --device cpu\n"
     assert not (runs["finished"] / "export").exists()
+
+
+@pytest.mark.parametrize("error", [MemoryError("Unable to allocate 2.24 TiB for an array"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 26214400000 bytes")])
+def test_inspect_out_of_memory_is_one_line_naming_the_batch_size(error, monkeypatch, capsys):
+    def too_big(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(commands, "inspect_model", too_big)  # what --batch-size 99999999 / 100000 raised on a 24 GiB host
+    code = main(["inspect", "--batch-size", "100000"])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert err == ("cifarlab: error: out of memory at --batch-size 100000 (the inspection's backward pass); "
+                   "try a smaller --batch-size, e.g. 32\n")

@@ -25,7 +25,7 @@ from cifarlab.launcher import run_train_command
 from cifarlab.modelfacts import explain, inspect_model
 from cifarlab.optim import OPTIMIZERS
 from cifarlab.progress import ConsoleProgress
-from cifarlab.runner import prepare, run_training
+from cifarlab.runner import is_out_of_memory, prepare, run_training
 from cifarlab.runtime import workers_warning
 
 EXIT_DIVERGED = 3  # README "Exit codes"; interrupted: 128 + signal (130 SIGINT, 143 SIGTERM); usage: 2
@@ -92,7 +92,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     # 4x4 positions per image, so one image is enough (issue 11: the seed report's counts are one image's)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1 (got {args.batch_size})")
-    facts = inspect_model(names, norm="none" if args.no_batchnorm else "batch", batch_size=args.batch_size)
+    try:
+        facts = inspect_model(names, norm="none" if args.no_batchnorm else "batch", batch_size=args.batch_size)
+    except (RuntimeError, MemoryError) as e:  # numpy's failed allocation is a MemoryError, torch's CPU one a RuntimeError
+        if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
+            raise
+        smaller = 32 if args.batch_size > 32 else max(1, args.batch_size // 2)  # 32: the default
+        raise UsageError(f"out of memory at --batch-size {args.batch_size} (the inspection's backward pass); "
+                         f"try a smaller --batch-size, e.g. {smaller}") from None
     if args.json:
         print(json.dumps(facts, indent=2))
         return 0
