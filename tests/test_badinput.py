@@ -118,6 +118,8 @@ BAD = [
     (["train", "--epochs=3=4"], "invalid int value: '3=4'"),
     (["inspect", "--batch-size", "0"], "--batch-size must be >= 1 (got 0)"),
     (["inspect", "--batch-size", "two"], "invalid int value: 'two'"),
+    # the first call is always untimed (first_call_ms): --warmup 0 would claim a cold first call was timed
+    (["infer-bench", "{tmp}/nope", "--warmup", "0"], "--warmup 0 is out of range; use 1..10000"),
     # --resume: every way a run folder can be unusable
     (["train", "--resume", "{tmp}/nope"], "--resume '{tmp}/nope' is not a folder"),
     (["train", "--resume", "{afile}"], "is not a folder"),

@@ -68,7 +68,8 @@ def add_infer_bench_parser(sub: Any, run: Callable[[argparse.Namespace], int]) -
                    help="a run folder (its export/ is used, or a temporary export is made) or an export folder")
     p.add_argument("--batch-sizes", default="1,100,128", metavar="B1,B2", help="batch sizes (default 1,100,128)")
     p.add_argument("--iters", type=int, default=20, metavar="N", help="timed calls per variant and batch size (default 20)")
-    p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed calls first (default 2)")
+    p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed calls first, at least 1 (default 2; the first call's "
+                   "latency is kept as first_call_ms)")
     p.add_argument("--budget-s", type=float, default=1.0, metavar="S",
                    help="stop timing a batch size once its variants took about S seconds each (after at least 5 "
                         "calls; default 1.0)")

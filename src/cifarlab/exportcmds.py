@@ -45,8 +45,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_infer_bench(args: argparse.Namespace) -> int:
     sizes = batch_sizes(args.batch_sizes)
     iters = positive("--iters", args.iters, 100_000)
-    if not 0 <= args.warmup <= 10_000:
-        raise UsageError(f"--warmup {args.warmup} is out of range; use 0..10000")
+    if not 1 <= args.warmup <= 10_000:  # bench() always makes the first call untimed (its first_call_ms)
+        raise UsageError(f"--warmup {args.warmup} is out of range; use 1..10000 (the first call is never timed; "
+                         f"its latency is first_call_ms in inferbench.csv/json)")
     if not args.budget_s > 0:
         raise UsageError(f"--budget-s {args.budget_s} must be > 0 (seconds per variant and batch size)")
 
