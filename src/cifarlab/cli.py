@@ -112,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(words)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(words)
+        if extra:  # argparse's own error would point at the top-level help, which lists no subcommand's flags
+            parser.prog = f"{PROG} {args.command}"
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.argv = words  # the launcher forwards the user's own train flags to torchrun's processes
         return int(args.func(args) or 0)
     except UsageError as e:
