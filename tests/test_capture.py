@@ -461,6 +461,22 @@ def test_cuda_graph_on_needs_cuda():
         engine.ensure_step_runner(TrainConfig(cuda_graph="on"), state, _device_loader())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--device auto is CUDA here")
+def test_cuda_graph_on_without_cuda_is_one_line_before_anything_is_printed_or_written(tmp_path, capsys) -> None:
+    """`--device auto` resolving to the CPU with `--cuda-graph on` is bad input: one line and exit 2, before the
+    banner and before a run folder exists (it used to print the banner and leave a run folder marked failed)."""
+    from cifarlab.cli import main
+
+    for command in ("train", "doctor"):
+        code = main([command, "--dataset", "synthetic", "--subset", "16", "--cuda-graph", "on",
+                     "--out", str(tmp_path / command)])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "", out
+        assert err.strip() == ("cifarlab: error: --cuda-graph on needs a CUDA device (this run uses cpu); "
+                               "use --cuda-graph auto or off")
+        assert not (tmp_path / command).exists() or not any((tmp_path / command).iterdir())
+
+
 def test_why_a_run_steps_eagerly():
     cuda = torch.device("cuda")  # only its type is looked at
     assert steps.capture_blocker(TrainConfig(), cuda) is None  # the fast path on CUDA captures

@@ -24,6 +24,7 @@ from cifarlab.errors import UsageError
 from cifarlab.fileio import read_json, write_json_atomic
 from cifarlab.runs import RunWriter, create_run_dir, ensure_writable_dir, utc_now
 from cifarlab.runtime import cache_state, compile_cache, device_label, environment, resolve_device, seed_everything
+from cifarlab.steps import check_cuda_graph
 
 
 @dataclass
@@ -47,6 +48,7 @@ def prepare(cfg: TrainConfig) -> tuple[torch.device, DataBundle]:
     cfg.validate()
     ensure_writable_dir(Path(cfg.out_dir))
     device = resolve_device(cfg.device)
+    check_cuda_graph(cfg, device)
     return device, load_data(cfg)
 
 

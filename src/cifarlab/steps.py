@@ -60,12 +60,17 @@ def sample_shape(loader: Any) -> tuple[int, int, int]:
     return (3, 32, 32)
 
 
+def check_cuda_graph(cfg: TrainConfig, device: torch.device) -> None:
+    """--cuda-graph on asks for a capture only CUDA can do: one usage line, before anything is printed or written."""
+    if cfg.cuda_graph == "on" and device.type != "cuda":
+        raise UsageError(f"--cuda-graph on needs a CUDA device (this run uses {device.type}); use --cuda-graph auto or off")
+
+
 def build_step_runner(cfg: TrainConfig, *, module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
                       precision: str, device: torch.device, scaler: Any, loader: Any) -> StepRunner:
     """A CapturedStep where the run can be one CUDA graph per step, else the eager StepRunner (with
     the reason in .note; with --cuda-graph on also in .fallback_reason, since it was asked for)."""
-    if cfg.cuda_graph == "on" and device.type != "cuda":
-        raise UsageError(f"--cuda-graph on needs a CUDA device (this run uses {device.type}); use --cuda-graph auto or off")
+    check_cuda_graph(cfg, device)
     blocker = capture_blocker(cfg, device, scaler)
     if blocker is None:
         return CapturedStep(module, optimizer, precision, device, model=model,
