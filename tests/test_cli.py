@@ -121,3 +121,22 @@ def test_module_entry_point_and_lazy_torch():
     assert out.strip() == "False"
     res = subprocess.run([sys.executable, "-m", "cifarlab", "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and "cifarlab" in res.stdout
+
+
+def test_a_closed_pipe_is_no_traceback(tmp_path) -> None:
+    """`cifarlab inspect | head`: when the reader goes away before the output is written, no BrokenPipeError
+    traceback (neither from the command nor from the interpreter's flush at exit)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "cifarlab", "inspect", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=300)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 1
