@@ -4,6 +4,7 @@ from its own rerun (fresh measurement objects with their own steps and timings).
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 import time
@@ -164,7 +165,11 @@ def test_every_ranked_figure_comes_from_its_own_rerun(tiny, monkeypatch, tmp_pat
         return real_measure(c, d, dev, steps, label, **kw)
 
     monkeypatch.setattr(doctor, "measure", spy)
-    result = doctor.run_doctor(cfg, 120, tmp_path, None, steps=4, only=["workers", "loader-device", "batch"], repeats=2)
+    console = io.StringIO()
+    result = doctor.run_doctor(cfg, 120, tmp_path, console, steps=4, only=["workers", "loader-device", "batch"],
+                               repeats=2)
+    # the data line names the test split (part of the data description) and says the doctor never evaluates it
+    assert console.getvalue().splitlines()[0].endswith("(training steps only: the test split is never evaluated)")
 
     measured = [c for c in result.candidates if c.status == "measured"]
     assert {c.key for c in measured} == {"workers-0", "loader-device", "batch-16"}

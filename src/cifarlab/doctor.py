@@ -390,7 +390,7 @@ def run_doctor(cfg: TrainConfig, budget_s: float | None, out_dir: str | Path, st
     if budget_s is not None and (not math.isfinite(budget_s) or budget_s <= 0):
         raise UsageError(f"--budget must be a positive number of seconds (got {budget_s})")
     device, data = prepare(cfg.replace(out_dir=str(out_dir)))
-    _say(stream, f"doctor: {data.description}")
+    _say(stream, f"doctor: {data.description} (training steps only: the test split is never evaluated)")
     _say(stream, f"device: {device}; loader {cfg.loader}" + (f", workers {cfg.workers}" if cfg.loader == "torch" else "")
          + f", batch {cfg.batch_size}; budget {budget_s if budget_s is not None else DEFAULT_BUDGET_S[device.type]:.0f} s")
     result = diagnose(cfg, data, device, budget_s, steps=steps, only=only, repeats=repeats, stream=stream, started_at=t0)
