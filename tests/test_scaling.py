@@ -4,11 +4,13 @@ on real CPU processes (gloo)."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from cifarlab.cli import main
-from cifarlab.lab.scaling import s4_allreduce, s6_answers
+from cifarlab.config import LAB_PRESETS, TrainConfig
+from cifarlab.lab.scaling import s4_allreduce, s5_large_batch, s6_answers
 
 
 def test_ring_bus_bandwidth_formula():
@@ -52,3 +54,19 @@ def test_scaling_suite_smoke_on_two_cpu_processes(tmp_path, capsys):
         assert title in md, title
     for name in ("s2_speedup", "s3_compute_vs_comm", "s4_allreduce"):
         assert (lab / "plots" / f"{name}.png").is_file() and (lab / "csv" / f"{name}.csv").is_file()
+
+
+def test_large_batch_runs_train_whole_epochs_not_the_presets_step_cap(monkeypatch):
+    # The smoke lab preset caps epochs at 2 steps; s5 must not inherit it, or the baseline (batch 8) and the
+    # large batch (32) take the same 2 steps per epoch and the large one sees 4x the images: the report's
+    # "N epochs each on M training images" and "k-times fewer optimizer steps" would both be false.
+    seen = []
+    monkeypatch.setattr(s5_large_batch, "run_train", lambda ctx, key, label, cfg, nproc=None: seen.append(cfg))
+    monkeypatch.setattr(s5_large_batch, "s1_points", lambda ctx, key: {"largest_batch": 16})
+    monkeypatch.setattr(s5_large_batch, "process_counts", lambda ctx: [1, 2])
+    preset = LAB_PRESETS["smoke"]
+    ctx = SimpleNamespace(preset=preset, base=TrainConfig().replace(max_steps=preset.max_steps),
+                          data=SimpleNamespace(source="synthetic", train=range(32)), fast=lambda cfg: cfg)
+    res = s5_large_batch.s5_large_batch(ctx)
+    assert len(seen) == 4 and all(c.max_steps is None for c in seen)
+    assert res["train_images"] == 128 and all(c.subset == 128 for c in seen)

@@ -29,8 +29,10 @@ def s5_large_batch(ctx: LabContext) -> dict[str, Any]:
     base_lr = ctx.base.lr
     global_batch = batch * n
     k = global_batch / sp.baseline_batch
+    # whole epochs (max_steps=None): a per-epoch step cap inherited from the lab preset would give every run the
+    # same steps, so the large batch would see k times the images instead of taking k times fewer steps
     cfg = ctx.fast(ctx.base).replace(dataset=ctx.data.source, subset=images, epochs=sp.large_epochs, evaluate=True,
-                                     checkpoint_every=0, sync_timing=False)
+                                     checkpoint_every=0, sync_timing=False, max_steps=None)
     nproc = n if n > 1 else None
     plan = [
         ("baseline", f"baseline-b{sp.baseline_batch}-n1", cfg.replace(batch_size=sp.baseline_batch), None),
