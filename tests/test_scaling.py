@@ -10,7 +10,7 @@ import pytest
 
 from cifarlab.cli import main
 from cifarlab.config import LAB_PRESETS, TrainConfig
-from cifarlab.lab.scaling import s4_allreduce, s5_large_batch, s6_answers
+from cifarlab.lab.scaling import s3_compute_comm, s4_allreduce, s5_large_batch, s6_answers
 
 
 def test_ring_bus_bandwidth_formula():
@@ -70,3 +70,15 @@ def test_large_batch_runs_train_whole_epochs_not_the_presets_step_cap(monkeypatc
     res = s5_large_batch.s5_large_batch(ctx)
     assert len(seen) == 4 and all(c.max_steps is None for c in seen)
     assert res["train_images"] == 128 and all(c.subset == 128 for c in seen)
+
+
+def test_s3_does_not_call_the_largest_in_flight_time_the_slowest_ranks():
+    # comm_busy_s is the max over ranks of the in-flight time (common.point); the rank that waits longest in
+    # all-reduces is usually the fastest one, not the slowest rank whose T_N the estimate uses.
+    row = {"batch": 4, "nproc": 2, "t1_s": 0.4, "t1_images": 8, "tn_s": 0.8, "tn_images": 16, "compute_est_s": 0.4,
+           "comm_est_s": 0.4, "comm_busy_s": 0.36, "comm_busy_min_s": 0.14, "comm_sum_s": 0.37, "allreduces": 6,
+           "gap_s": 0.04}
+    rc = SimpleNamespace(plot=lambda *a, **k: None)
+    text = " ".join(b.text for b in s3_compute_comm.render_s3({"result": {"rows": [row], "skipped": None}}, rc)
+                    if hasattr(b, "text"))
+    assert "on the slowest rank" not in text and "rank where it is largest" in text

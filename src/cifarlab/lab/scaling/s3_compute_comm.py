@@ -57,7 +57,8 @@ def render_s3(entry: dict[str, Any], rc: ReportContext) -> list[Any]:
              "(the 1-device time for the same number of images, split N ways), communication ≈ T_N − T1/N. "
              "**Measured**: a DDP communication hook that does DDP's default work (divide the gradient bucket by "
              "N, all-reduce it) and records when each bucket's all-reduce was handed over and when it completed; "
-             "'in flight' is the union of those intervals on the slowest rank, 'sum' their plain sum."),
+             "'in flight' is the union of those intervals, 'sum' their plain sum, each on the rank where it is "
+             "largest (not necessarily the slowest rank that T_N comes from)."),
         Table(["per-device batch", "devices", "T1 s", "T1 images", "T_N s", "T_N images", "compute ≈ T1/N s",
                "comm ≈ T_N − T1/N s", "all-reduce in flight s", "all-reduce sum s", "all-reduces/rank",
                "estimate − measured s"], rows, csv="s3_compute_vs_comm"),
