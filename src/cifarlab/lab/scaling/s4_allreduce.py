@@ -67,10 +67,13 @@ def render_s4(entry: dict[str, Any], rc: ReportContext) -> list[Any]:
         ax.set(xlabel="processes", ylabel="ring bus bandwidth GB/s", title="s4 all-reduce of 44.7 MB")
         ax.grid(axis="y", alpha=0.3)
 
+    cuda = any(str(r.get("device", "")).startswith("cuda") for r in res["rows"])
+    sync = ("the device synchronized before and after" if cuda else
+            "on the CPU (gloo) the call returns when the reduction is done, so there is no device to synchronize")
     return [
         Para("A standalone `dist.all_reduce` of one fp32 tensor the size of ResNet-18's gradients (11,173,962 "
-             "elements = 44.7 MB), after warm-up iterations; each timed iteration starts after a barrier, the device "
-             "synchronized before and after; the time of an iteration is its slowest rank. Ring all-reduce: each "
+             f"elements = 44.7 MB), after warm-up iterations; each timed iteration starts after a barrier, {sync}; "
+             "the time of an iteration is its slowest rank. Ring all-reduce: each "
              "rank sends (and receives) 2(N−1)/N · S bytes, so **bus bandwidth = 2(N−1)/N · S / time**; algorithm "
              "bandwidth = S / time. GB/s = 10⁹ bytes/s."),
         Table(["processes", "backend", "elements", "MB", "iterations", "median ms", "min ms", "algbw GB/s",
