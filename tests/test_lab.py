@@ -124,6 +124,13 @@ def test_report_has_every_section_with_its_measured_numbers(smoke_lab: tuple[int
     assert "8,920,240 of 11,164,362" in section(md, "Q3")
 
 
+def test_header_says_the_fast_path_synchronizes_at_epoch_boundaries_only(smoke_lab: tuple[int, Path, str]) -> None:
+    _, _, md = smoke_lab
+    assert "read with the device synchronized (on the fast path only at epoch boundaries" in md
+    assert "the device synchronized before each clock read" not in md  # not true of the fast path's runs
+    assert "The 'reference (past run" in md  # the lab suite has reference columns
+
+
 def test_time_table_rows_add_up_to_the_lab_wall_time(smoke_lab: tuple[int, Path, str]) -> None:
     """Issue 11: per item and per piece of lab overhead, the rows add up to the wall time (within 5%), the
     plan before the work is stored beside it, and the report's header shows both."""

@@ -43,6 +43,19 @@ def generic_blocks(entry: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def _timing_sentence(doc: dict[str, Any]) -> str:
+    """The header's note on what the timings are. Labs written before run_size was stored keep their sentence."""
+    if "run_size" not in doc:
+        return (f"Timings are seconds of wall-clock time, the device synchronized before each clock read; evaluation "
+                f"is never inside an epoch. The '{REF}' column holds a seed report's figures for orientation only.")
+    text = ("Timings are seconds of wall-clock time, read with the device synchronized (on the fast path only at "
+            "epoch boundaries: its epoch and data wait are exact, its h2d and compute are not split); evaluation is "
+            "never inside an epoch.")
+    if doc.get("suite", "lab") == "lab":
+        text += f" The '{REF}' column holds a seed report's figures for orientation only."
+    return text
+
+
 def header_blocks(doc: dict[str, Any]) -> list[Block]:
     m = doc.get("machine", {})
     p = doc.get("preset", {})
@@ -67,8 +80,7 @@ def header_blocks(doc: dict[str, Any]) -> list[Block]:
             ["fast path", "device-resident loader" if doc.get("fast_loader") == "device"
              else "not installed: classic loader used where the fast path was meant"],
         ]),
-        Para(f"Timings are seconds of wall-clock time, the device synchronized before each clock read; evaluation "
-             f"is never inside an epoch. The '{REF}' column holds a seed report's figures for orientation only."),
+        Para(_timing_sentence(doc)),
     ]
     if doc.get("status") == "running":  # the lab records its end (completed / interrupted) before its report
         done = [k for k in doc.get("order", []) if doc.get("experiments", {}).get(k, {}).get("status") == "completed"]
