@@ -694,6 +694,7 @@ def test_train_with_compile_names_inductors_cache_and_keeps_compilation_in_setup
     run.json), and the compiled module's first call happens in setup, before epoch 1's clock -- on a CPU too.
     torch.compile is replaced by a stand-in here (compiling ResNet-18 on 2 cores takes minutes)."""
     import json
+    import os
 
     from cifarlab.cli import main
 
@@ -709,6 +710,9 @@ def test_train_with_compile_names_inductors_cache_and_keeps_compilation_in_setup
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     (tmp_path / "inductor").mkdir()
     (tmp_path / "inductor" / "entry").write_text("x")
+    walks: list[str] = []
+    real_walk = os.walk
+    monkeypatch.setattr(os, "walk", lambda top, *a, **kw: (walks.append(str(top)), real_walk(top, *a, **kw))[1])
     code = main(["train", "--dataset", "synthetic", "--subset", "20", "--test-subset", "10", "--batch-size", "8",
                  "--epochs", "1", "--compile", "default", "--no-evaluate", "--out", str(tmp_path / "runs")])
     out = capsys.readouterr().out
@@ -722,6 +726,8 @@ def test_train_with_compile_names_inductors_cache_and_keeps_compilation_in_setup
     (wrapper,) = made
     assert wrapper.batch_sizes == [8, 8, 8]  # the setup warm-up, then the 2 full batches (the last 4 ran plain)
     assert "setup" in out and "not in epoch (eager step)" in out
+    # the cache folder is walked once before the run (banner and run.json share it) and once after
+    assert walks.count(str(tmp_path / "inductor")) == 2
     # The classic pipeline too: compilation is setup whatever the loader (its eager runs keep no warm-up).
     made.clear()
     assert main(["train", "--dataset", "synthetic", "--subset", "20", "--test-subset", "10", "--batch-size", "8",

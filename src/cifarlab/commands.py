@@ -26,7 +26,7 @@ from cifarlab.modelfacts import explain, inspect_model
 from cifarlab.optim import OPTIMIZERS
 from cifarlab.progress import ConsoleProgress
 from cifarlab.runner import is_out_of_memory, prepare, run_training
-from cifarlab.runtime import workers_warning
+from cifarlab.runtime import compile_cache, workers_warning
 
 EXIT_DIVERGED = 3  # README "Exit codes"; interrupted: 128 + signal (130 SIGINT, 143 SIGTERM); usage: 2
 
@@ -53,9 +53,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"{PROG}: interrupted ({stop.signal_name}) before training started; nothing written", file=sys.stderr)
             return stop.exit_code or 130
         progress = ConsoleProgress(total_epochs=cfg.epochs)
-        progress.banner(cfg, data.description, device)
+        # inductor's cache is looked at once (a walk of its folder): the banner says it, run.json records it
+        cache = compile_cache() if cfg.compile != "none" else None
+        progress.banner(cfg, data.description, device, cache)
         hooks = dataclasses.replace(progress.hooks(), should_stop=stop.should_stop)
-        result = run_training(cfg, hooks=hooks, data=data, resume=resume)
+        result = run_training(cfg, hooks=hooks, data=data, resume=resume,
+                              extra_status={"compile_cache": cache} if cache else None)
         progress.finish(result)
     return _train_outcome(result, stop.signal_name, stop.exit_code)
 

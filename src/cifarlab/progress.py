@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from cifarlab.config import TrainConfig
 from cifarlab.engine import EpochRecord, Hooks, TrainState, resolve_precision
-from cifarlab.runtime import compile_cache, device_label
+from cifarlab.runtime import device_label
 
 
 def fmt_s(value: float | None) -> str:
@@ -43,7 +43,9 @@ class ConsoleProgress:
         self._epoch_t0 = time.perf_counter()
         self._last_draw = 0.0
 
-    def banner(self, cfg: TrainConfig, data_description: str, device: Any) -> None:
+    def banner(self, cfg: TrainConfig, data_description: str, device: Any,
+               compile_cache: dict[str, Any] | None = None) -> None:
+        """The run's data, device, model and (with --compile) inductor's cache as runtime.compile_cache found it."""
         if device.type != "cuda":
             mode = "synchronized (exact data/h2d/compute split; CPU ops finish before they return)"
         elif cfg.sync_timing:
@@ -63,11 +65,11 @@ class ConsoleProgress:
         print(f"{self.prefix}model:  ResNet-18 norm={cfg.norm}; optimizer {cfg.optimizer} lr {cfg.lr} "
               f"momentum {cfg.momentum} wd {cfg.weight_decay}; precision {precision}, "
               f"channels_last {cfg.channels_last}, compile {cfg.compile}", file=self.out)
-        if cfg.compile != "none":
-            cache = compile_cache()
-            state = f"warm, {cache['entries_before']:,} file(s)" if cache["entries_before"] else "cold"
-            print(f"{self.prefix}compile: torch.compile mode {cfg.compile}; inductor's on-disk cache {cache['dir']} "
-                  f"({state}; {cache['source']}): its time is setup_s, apart from the epochs, and a rerun of this "
+        if compile_cache:
+            files = compile_cache["entries_before"]
+            state = f"warm, {files:,} file(s)" if files else "cold"
+            print(f"{self.prefix}compile: torch.compile mode {cfg.compile}; inductor's on-disk cache {compile_cache['dir']} "
+                  f"({state}; {compile_cache['source']}): its time is setup_s, apart from the epochs, and a rerun of this "
                   f"config compiles from the cache", file=self.out)
         self.out.flush()
 

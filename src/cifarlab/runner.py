@@ -129,8 +129,8 @@ def run_training(
 
     engine_hooks = Hooks(on_step=user_hooks.on_step, on_epoch=on_epoch, should_stop=user_hooks.should_stop,
                          on_warning=user_hooks.on_warning)
-    if cfg.compile != "none":  # where inductor's on-disk cache is and whether it was warm (a rerun compiles from it)
-        extra["compile_cache"] = compile_cache()
+    if cfg.compile != "none" and "compile_cache" not in extra:  # inductor's cache: where, warm or not (unless the
+        extra["compile_cache"] = compile_cache()                   # caller already looked, as `train` does)
     error = None
     try:
         status = train(cfg, state, train_loader, test_loader if cfg.evaluate else None, engine_hooks)
