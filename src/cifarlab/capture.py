@@ -127,8 +127,7 @@ class StepRunner:
         synchronized at both ends)."""
         t0 = DeviceClock(self.device).barrier_now()
         self.full_batch = int(batch_sizes[0]) if batch_sizes else None
-        compiled = getattr(self.module, "_orig_mod", None) is self.model
-        if warm_up and (self.device.type == "cuda" or compiled):
+        if warm_up and (self.device.type == "cuda" or self.compiles_model):
             with preserved_training_state(self.model, self.optimizer, keep_new_state=lambda: False):
                 for b in dict.fromkeys(batch_sizes):
                     module = self.module_for(b)
@@ -164,11 +163,16 @@ class StepRunner:
         """(loss x images, correct, first bad step or -1): one device read, after the epoch."""
         return self.sums.read()
 
+    @property
+    def compiles_model(self) -> bool:
+        """Whether the step's module is torch.compile's wrapper of the plain model (not DDP's, not the model)."""
+        return getattr(self.module, "_orig_mod", None) is self.model
+
     def module_for(self, batch: int) -> nn.Module:
         """The step's module for full batches; the plain model for the partial last batch when the module
         is torch.compile's wrapper of that model: a second input shape would cost a second compile (dynamic
         shapes; with max-autotune, minutes of autotuning) for one step an epoch. DDP wrappers are kept."""
-        if self.full_batch is not None and batch != self.full_batch and getattr(self.module, "_orig_mod", None) is self.model:
+        if self.full_batch is not None and batch != self.full_batch and self.compiles_model:
             return self.model
         return self.module
 

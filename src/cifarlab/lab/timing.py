@@ -57,9 +57,10 @@ def calibrate(ctx: LabContext, pipelines: tuple[str, ...] = ("classic", "fast"))
     for name in pipelines:
         cfg = builders[name](ctx.base)
         first: dict[str, Any] | None = None
-        n_runs, n_steps = (1, CALIBRATION_STEPS["cpu"]) if name == "cpu-classic" else (runs, steps)
+        n_runs, n_steps = runs, steps
         if name == "cpu-classic":
-            out["cpu_steps"] = n_steps
+            n_runs = 1
+            n_steps = out["cpu_steps"] = CALIBRATION_STEPS["cpu"]
         for i in range(n_runs):
             run_name = f"calibrate-{name}" + (f"-{i + 1}" if n_runs > 1 else "")
             measured = _calibration_run(ctx, cfg.replace(epochs=1, max_steps=n_steps, out_dir=str(ctx.lab_dir / "plan"),
