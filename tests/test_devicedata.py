@@ -208,3 +208,31 @@ def test_cli_trains_with_the_device_loader_and_records_sane_timings(tmp_path, ca
         assert parts == pytest.approx(r["epoch_s"], rel=1e-9)
         assert 0 <= r["data_s"] < r["compute_s"] and r["images_per_s"] > 0 and r["eval_s"] > 0
         assert math.isfinite(r["train_loss"]) and 0 <= r["test_acc"] <= 1
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_chunked_epoch_gives_the_per_batch_pixels_bit_for_bit(world, channels_last):
+    """CUDA prepares the epoch in chunks of many batches (few launches); a CPU one batch at a time. The
+    batches must not depend on it: same boundaries, same pixels, same labels, same layout, partial batch kept."""
+    images = noise_images(75, seed=5)
+    labels = np.arange(75)
+
+    def epoch(chunk: int, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        loader = DeviceLoader(images, labels, 8, CPU, augment=True, shuffle=True, seed=2, rank=rank, world=world,
+                              channels_last=channels_last, chunk_images=chunk)
+        seed_epoch(2, 3, loader)
+        return list(loader)
+
+    for rank in range(world):
+        per_batch = epoch(1, rank)  # rounded up to one batch: the CPU default
+        for chunk in (20, 64, 10_000):  # not a multiple of the batch (rounded up to 24), several, all at once
+            chunked = epoch(chunk, rank)
+            assert [len(y) for _, y in chunked] == [len(y) for _, y in per_batch]
+            for (x1, y1), (x2, y2) in zip(per_batch, chunked):
+                assert torch.equal(x1, x2) and torch.equal(y1, y2)
+                layout = torch.channels_last if channels_last else torch.contiguous_format
+                assert x2.is_contiguous(memory_format=layout)
+    assert DeviceLoader(images, labels, 8, CPU, augment=False, shuffle=False).chunk_images == 8  # CPU: one batch
+    with pytest.raises(ValueError, match="chunk_images"):
+        DeviceLoader(images, labels, 8, CPU, augment=False, shuffle=False, chunk_images=0)
