@@ -166,7 +166,18 @@ def download_cifar10(data_dir: str | Path) -> None:
 def _check_before_download(data_dir: Path) -> None:
     """Name what is wrong on disk instead of blaming the network: a batch 'file' that is a folder
     (extraction cannot replace it), or a local archive whose md5 is wrong (torchvision would silently
-    try to re-download it; a matching one is unpacked without any network)."""
+    try to re-download it; a matching one is unpacked without any network). Also a --data that is a
+    file, or that is the batches folder itself (the download would land inside it)."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"--data {data_dir} is a file, not a folder; point --data at the folder that holds "
+                        f"{BASE_FOLDER}/ (or where it may be downloaded)")
+    if any((data_dir / name).is_file() for name in TRAIN_FILES + TEST_FILES):
+        raise DataError(f"--data {data_dir} holds the CIFAR-10 batch files itself; --data names the folder above "
+                        f"{BASE_FOLDER}/: use --data {data_dir.parent}"
+                        + ("" if data_dir.name == BASE_FOLDER else f" after renaming {data_dir.name} to {BASE_FOLDER}"))
+    if cifar_folder(data_dir).exists() and not cifar_folder(data_dir).is_dir():
+        raise DataError(f"{cifar_folder(data_dir)} is not a folder; remove it (CIFAR-10's files belong in a folder "
+                        "of that name)")
     for name in TRAIN_FILES + TEST_FILES:
         path = cifar_folder(data_dir) / name
         if path.exists() and not path.is_file():

@@ -1,0 +1,56 @@
+"""What a user sees when --data points at the wrong thing, and what the outputs say about the data used
+(found by an audit of the data path; each test failed before its fix)."""
+
+from __future__ import annotations
+
+import pytest
+from tests.conftest import make_cifar_dir
+
+import cifarlab.data.cifar as data_mod
+from cifarlab.cli import main
+from cifarlab.data import BASE_FOLDER
+
+TINY = ["--subset", "16", "--test-subset", "10", "--batch-size", "8", "--loader", "torch", "--workers", "0"]
+OFFLINE = "http://127.0.0.1:9/cifar-10-python.tar.gz"  # refused at once: any download attempt fails
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    assert err.count("\n") == 1 and err.startswith("cifarlab: error: ") and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setattr(data_mod, "ARCHIVE_URL", OFFLINE)
+
+
+def test_data_pointing_at_a_file_is_named_not_blamed_on_the_download(tmp_path, capsys):
+    not_a_folder = tmp_path / "data.txt"
+    not_a_folder.write_text("x")
+    code, _, err = run_cli(["train", "--data", not_a_folder, "--out", tmp_path / "runs", *TINY], capsys)
+    assert code == 2 and f"--data {not_a_folder} is a file, not a folder" in one_line(err)
+    assert "download failed" not in err and "FileExistsError" not in err
+
+
+def test_data_pointing_at_the_batches_folder_itself_names_its_parent(tmp_path, capsys):
+    root = make_cifar_dir(tmp_path / "data", per_train_file=4, n_test=4)
+    inner = root / BASE_FOLDER
+    code, _, err = run_cli(["train", "--data", inner, "--out", tmp_path / "runs", *TINY], capsys)
+    assert code == 2 and f"use --data {root}" in one_line(err)
+    assert "download failed" not in err
+    assert not (inner / BASE_FOLDER).exists() and not (inner / data_mod.ARCHIVE_NAME).exists()
+
+
+def test_batches_folder_that_is_a_file_is_named(tmp_path, capsys):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / BASE_FOLDER).write_text("x")
+    code, _, err = run_cli(["train", "--data", root, "--out", tmp_path / "runs", *TINY], capsys)
+    assert code == 2 and f"{root / BASE_FOLDER} is not a folder" in one_line(err)
+    assert "download failed" not in err
