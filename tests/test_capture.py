@@ -390,6 +390,43 @@ def test_first_non_finite_step_is_recorded_on_the_device():
     assert sums.read() == (0.0, 0, -1)
 
 
+# ------------------------------------------------------------------------------- evaluation
+
+
+def test_why_evaluation_runs_eagerly():
+    cuda = torch.device("cuda")  # only its type is looked at
+    assert steps.eval_capture_blocker(TrainConfig(), cuda) is None  # the fast path on CUDA captures
+    assert "off" in steps.eval_capture_blocker(TrainConfig(cuda_graph="off"), cuda)
+    assert "classic" in steps.eval_capture_blocker(TrainConfig(loader="torch"), cuda)
+    assert steps.eval_capture_blocker(TrainConfig(loader="torch", cuda_graph="on"), cuda) is None
+    assert "CUDA" in steps.eval_capture_blocker(TrainConfig(), CPU)
+
+
+def test_data_parallel_evaluates_eagerly(monkeypatch):
+    monkeypatch.setattr(steps.dist, "is_active", lambda: True)
+    assert "data parallel" in steps.eval_capture_blocker(TrainConfig(), torch.device("cuda"))
+
+
+def test_eval_capture_that_fails_warns_once_records_why_and_evaluates_eagerly(monkeypatch):
+    """Asked to capture where it cannot (here: a CPU), evaluation gives eager's numbers, one warning for the
+    whole run, and the reason in the state that run.json's eval_step is written from."""
+    model, opt = _tiny("sgd")
+    eager = engine.TrainState(model=model, optimizer=opt, scaler=None, device=CPU, precision="fp32")
+    expected = engine.evaluate(TrainConfig(channels_last=False, cuda_graph="off"), eager, _batches(10, 4))
+    monkeypatch.setattr(steps, "eval_capture_blocker", lambda *a: None)  # pretend CUDA is eligible
+    state = engine.TrainState(model=model, optimizer=opt, scaler=None, device=CPU, precision="fp32")
+    warnings: list[str] = []
+    cfg = TrainConfig(channels_last=False)
+    first = engine.evaluate(cfg, state, _batches(10, 4), warn=warnings.append)
+    second = engine.evaluate(cfg, state, _batches(10, 4), warn=warnings.append)
+    assert first[:2] == second[:2] == expected[:2]
+    assert len(warnings) == 1 and "evaluating eagerly" in warnings[0] and "CUDA" in warnings[0]
+    described = state.eval_forward.describe()
+    assert described["step"] == "eager" and "CUDA" in described["fallback_reason"]
+    assert described["replayed_batches"] == 0
+    assert eager.eval_forward.describe()["note"] == "--cuda-graph off"
+
+
 # --------------------------------------------------------------------------------- fallback
 
 
@@ -764,3 +801,22 @@ def test_a_stop_during_evaluation_keeps_the_epoch_and_records_no_test_figures():
     assert record.test_acc is None and record.test_loss is None and record.eval_s is None
     assert evaluated == [4]  # the first batch was drawn, the check before it ran stopped the rest
     assert len(warnings) == 1 and "epoch 1: evaluation stopped by the signal" in warnings[0]
+
+
+@needs_cuda
+def test_cuda_captured_evaluation_matches_eager_and_follows_the_weights():
+    """Evaluation replays a graph captured per evaluation: the same loss and accuracy as eager (partial batch
+    included), the graph really used, and after a training step the next evaluation sees the new weights."""
+    device, ((model, opt), _), data = _cuda_pair("sgd", batch=32, n=80)  # 32, 32, 16
+    cfg = TrainConfig(batch_size=32)
+    captured = engine.TrainState(model=model, optimizer=opt, scaler=None, device=device, precision="bf16")
+    eager = engine.TrainState(model=model, optimizer=opt, scaler=None, device=device, precision="bf16")
+    off = TrainConfig(batch_size=32, cuda_graph="off")
+    for _ in range(2):
+        loss_c, acc_c, _ = engine.evaluate(cfg, captured, data)
+        loss_e, acc_e, _ = engine.evaluate(off, eager, data)
+        assert captured.eval_forward.mode == "cuda-graph" and captured.eval_forward.fallback_reason is None
+        assert math.isclose(loss_c, loss_e, rel_tol=1e-2) and abs(acc_c - acc_e) <= 2 / 80
+        model.train()
+        _plain_step(model, opt, *data[0])  # the weights move in place: the next capture reads them
+    assert captured.eval_forward.replays == 4  # 2 full batches per evaluation; the partial one eager

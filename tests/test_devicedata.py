@@ -208,6 +208,11 @@ def test_cli_trains_with_the_device_loader_and_records_sane_timings(tmp_path, ca
         assert parts == pytest.approx(r["epoch_s"], rel=1e-9)
         assert 0 <= r["data_s"] < r["compute_s"] and r["images_per_s"] > 0 and r["eval_s"] > 0
         assert math.isfinite(r["train_loss"]) and 0 <= r["test_acc"] <= 1
+    eval_step = json.loads((run_dir / "run.json").read_text())["eval_step"]  # how evaluation's forward ran
+    if torch.cuda.is_available():
+        assert eval_step["step"] == "cuda-graph" and eval_step["replayed_batches"] == 2  # one full test batch x 2
+    else:
+        assert eval_step["step"] == "eager" and "CUDA" in eval_step["note"]
 
 
 @pytest.mark.parametrize("world", [1, 2])

@@ -510,12 +510,14 @@ def test_on_cuda_c5s_cpu_run_gets_a_calibration_of_its_own(tmp_path: Path, monke
 
 
 def test_calibration_times_evaluation_on_a_few_batches_and_scales_it() -> None:
-    """A calibration run evaluates CALIBRATION_TEST_BATCHES test batches, not the whole split (on a CPU the full
+    """On a CPU a calibration run evaluates CALIBRATION_TEST_BATCHES test batches, not the whole split (the full
     preset's 10,000 test images took a minute per calibration run, and a SIGTERM waited for it), and scales the
-    evaluation time to the whole split; a test split smaller than that is used whole."""
+    evaluation time to the whole split; a test split smaller than that is used whole. On CUDA the whole split
+    (a captured evaluation's capture would be scaled up), except for C5's CPU run."""
     from types import SimpleNamespace
 
     import numpy as np
+    import torch
 
     from cifarlab.config import TrainConfig
     from cifarlab.data.split import DataBundle, Split
@@ -525,8 +527,12 @@ def test_calibration_times_evaluation_on_a_few_batches_and_scales_it() -> None:
         return Split(np.zeros((n, 32, 32, 3), np.uint8), np.arange(n, dtype=np.int64) % 10)
 
     bundle = DataBundle(train=split(100), test=split(2000), source="synthetic", description="d")
-    ctx = SimpleNamespace(data=bundle, base=TrainConfig())
+    ctx = SimpleNamespace(data=bundle, base=TrainConfig(), device=torch.device("cpu"))
     data, scale = timing._calibration_data(ctx, TrainConfig(test_batch_size=100))
-    assert len(data.test) == timing.CALIBRATION_TEST_BATCHES * 100 == 500 and scale == 4.0
+    assert len(data.test) == timing.CALIBRATION_TEST_BATCHES["cpu"] * 100 == 500 and scale == 4.0
     assert data.train is bundle.train and "calibration: 500 test images" in data.description
     assert timing._calibration_data(ctx, TrainConfig(test_batch_size=1000)) == (bundle, 1.0)
+    on_cuda = SimpleNamespace(data=bundle, base=TrainConfig(), device=torch.device("cuda"))  # only its type is read
+    assert timing._calibration_data(on_cuda, TrainConfig(test_batch_size=100)) == (bundle, 1.0)
+    cpu_side, scale = timing._calibration_data(on_cuda, TrainConfig(test_batch_size=100, device="cpu"))  # C5's
+    assert len(cpu_side.test) == 500 and scale == 4.0

@@ -11,7 +11,8 @@ What each per-epoch timing includes (lab C2), all in seconds of host wall-clock 
              computed as epoch_s - data_s - h2d_s - compute_s, so the four parts add up to epoch_s.
 - epoch_s:   wall time of the training epoch, from before the iterator is created to after the last
              step has finished on the device. Evaluation is never inside it.
-- eval_s:    the test-set evaluation after the epoch, timed on its own.
+- eval_s:    the test-set evaluation after the epoch, timed on its own (on the fast path on CUDA, one
+             captured forward graph per evaluation, its capture included: capture.EvalForward).
 
 With sync_timing off (the fast path), the device is synchronized only at epoch boundaries: epoch_s
 and data_s stay exact, but the split between h2d and compute is unknowable and is recorded as None
@@ -33,7 +34,7 @@ from torch import nn
 
 from cifarlab import collectives as dist
 from cifarlab import steps
-from cifarlab.capture import STEP_EAGER, StepRunner, autocast_context
+from cifarlab.capture import STEP_EAGER, EvalForward, StepRunner
 from cifarlab.config import TrainConfig
 from cifarlab.models import resnet18
 from cifarlab.optim import build_optimizer
@@ -92,6 +93,7 @@ class TrainState:
     records: list[EpochRecord] = field(default_factory=list)
     train_module: nn.Module | None = None  # compiled / wrapped module used for steps (else model)
     step_runner: StepRunner | None = None  # built and set up once, before the first epoch
+    eval_forward: EvalForward | None = None  # built at the first evaluation
     setup_reported: bool = False  # setup_s already put on an epoch record
 
     @property
@@ -289,7 +291,8 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate(
-    cfg: TrainConfig, state: TrainState, loader: Iterable, should_stop: Callable[[], bool] | None = None
+    cfg: TrainConfig, state: TrainState, loader: Iterable, should_stop: Callable[[], bool] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[float, float, float] | None:
     """(mean loss, top-1 accuracy, seconds) on the whole loader, device synchronized at both ends. None when
     should_stop() turned true before the last batch (Ctrl-C, SIGTERM: a whole test set takes a minute on a
@@ -301,6 +304,10 @@ def evaluate(
     # a fraction of a second per evaluation; DDP's forward would start collectives that shards of unequal
     # length cannot match.
     model = state.model
+    if state.eval_forward is None:
+        state.eval_forward = steps.build_eval_forward(cfg, model, state.precision, device)
+    forward = state.eval_forward
+    had_fallen_back = forward.fallback_reason is not None
     if dist.is_active():
         dist.broadcast_buffers(model)  # rank 0's BatchNorm buffers, so every shard sees the same model
     model.eval()
@@ -311,19 +318,21 @@ def evaluate(
     correct = torch.zeros((), device=device, dtype=torch.int64)
     count = 0
     stop = should_stop if should_stop is not None and not dist.is_active() else None
-    for inputs, targets in loader:
-        if stop is not None and stop():
-            return None
-        inputs = inputs.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if cfg.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with autocast_context(state.precision, device):
-            outputs = model(inputs)
-        loss_sum += loss_fn(outputs.float(), targets).double()
-        correct += (outputs.argmax(dim=1) == targets).sum()
-        count += targets.shape[0]
+    with forward.session():
+        for inputs, targets in loader:
+            if stop is not None and stop():
+                return None
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if cfg.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            outputs = forward(inputs)  # a captured graph's output: used up before the next call
+            loss_sum += loss_fn(outputs.float(), targets).double()
+            correct += (outputs.argmax(dim=1) == targets).sum()
+            count += targets.shape[0]
     eval_s = clock.barrier_now() - start
+    if forward.fallback_reason is not None and not had_fallen_back:
+        (warn or steps.warn_stderr)(f"CUDA graph evaluation not used, evaluating eagerly: {forward.fallback_reason}")
     loss_total, correct_total = float(loss_sum), int(correct)
     if dist.is_active():  # each rank evaluated its own shard: sum them; eval_s of the slowest
         loss_total, correct_total, count, eval_s = dist.reduce_eval(loss_total, correct_total, count, eval_s)
@@ -348,7 +357,7 @@ def train(
         record = train_epoch(cfg, state, train_loader, epoch, hooks)
         evaluation_stopped = False
         if record.status == "ok" and cfg.evaluate and test_loader is not None:
-            measured = evaluate(cfg, state, test_loader, hooks.should_stop)
+            measured = evaluate(cfg, state, test_loader, hooks.should_stop, hooks.on_warning)
             if measured is None:  # the epoch's training is whole and kept (checkpointed); its test figures are not
                 evaluation_stopped = True
                 (hooks.on_warning or steps.warn_stderr)(

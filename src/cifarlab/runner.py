@@ -151,6 +151,8 @@ def run_training(
         extra["compile_cache"]["entries_after"] = cache_state(extra["compile_cache"]["dir"])["entries"]
     if state.step_runner is not None:  # eager or captured step, and why (a capture that fell back says so)
         extra["step"] = state.step_runner.describe()
+    if state.eval_forward is not None:  # evaluation's forward: captured per evaluation or eager, and why
+        extra["eval_step"] = state.eval_forward.describe()
     if status == "oom":
         release_device_memory(device)
     last = state.records[-1] if state.records else None

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cifarlab import collectives as dist
-from cifarlab.capture import CapturedStep, StepRunner
+from cifarlab.capture import CapturedStep, EvalForward, StepRunner
 from cifarlab.config import TrainConfig
 from cifarlab.errors import UsageError
 from cifarlab.timing import DeviceClock
@@ -104,6 +104,26 @@ def prepare_step_runner(cfg: TrainConfig, *, module: nn.Module, model: nn.Module
     if runner.fallback_reason is not None:
         (warn or warn_stderr)(f"CUDA graph step not used, training eagerly: {runner.fallback_reason}")
     return runner
+
+
+def eval_capture_blocker(cfg: TrainConfig, device: torch.device) -> str | None:
+    """Why evaluation's forward is not one captured CUDA graph (None: it is)."""
+    if cfg.cuda_graph == "off":
+        return "--cuda-graph off"
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device (this run: {device.type})"
+    if cfg.loader != "device" and cfg.cuda_graph == "auto":
+        return "the classic pipeline (--loader torch) evaluates eagerly, as the lab's script does"
+    if dist.is_active():  # NCCL's watchdog thread queries events, which a global-mode capture forbids
+        return "data parallel (several processes): each rank evaluates its shard eagerly"
+    return None
+
+
+def build_eval_forward(cfg: TrainConfig, model: nn.Module, precision: str, device: torch.device) -> EvalForward:
+    """Evaluation's forward: captured per evaluation on the fast path on CUDA (a host-bound eager forward of
+    batch 100 launches ~100 kernels), else eager with the reason in .note."""
+    blocker = eval_capture_blocker(cfg, device)
+    return EvalForward(model, precision, device, capture=blocker is None, note=blocker)
 
 
 def warm_device_loader(loader: Any, device: torch.device) -> float:
