@@ -54,3 +54,11 @@ def test_batches_folder_that_is_a_file_is_named(tmp_path, capsys):
     code, _, err = run_cli(["train", "--data", root, "--out", tmp_path / "runs", *TINY], capsys)
     assert code == 2 and f"{root / BASE_FOLDER} is not a folder" in one_line(err)
     assert "download failed" not in err
+
+
+def test_a_partly_present_dataset_names_the_missing_files(tmp_path, capsys):
+    root = make_cifar_dir(tmp_path / "data", per_train_file=4, n_test=4)
+    (root / BASE_FOLDER / "data_batch_4").unlink()
+    code, _, err = run_cli(["train", "--data", root, "--out", tmp_path / "runs", *TINY], capsys)
+    assert code == 2 and f"CIFAR-10 files missing in {root / BASE_FOLDER}: data_batch_4" in one_line(err)
+    assert "CIFAR-10 is not in" not in err  # five of the six files are there

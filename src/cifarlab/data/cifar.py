@@ -155,8 +155,12 @@ def download_cifar10(data_dir: str | Path) -> None:
     except Exception as e:
         if created:  # leave no empty (or half-downloaded) folder behind that we made ourselves
             shutil.rmtree(data_dir, ignore_errors=True)
+        folder = cifar_folder(data_dir)
+        missing = [n for n in TRAIN_FILES + TEST_FILES if not (folder / n).is_file()]
+        absent = (f"CIFAR-10 files missing in {folder}: {', '.join(missing)}"
+                  if len(missing) < len(TRAIN_FILES + TEST_FILES) else f"CIFAR-10 is not in {folder}")
         raise DataError(
-            f"CIFAR-10 is not in {cifar_folder(data_dir)} and the download failed ({type(e).__name__}: {e}); "
+            f"{absent}, and the download failed ({type(e).__name__}: {e}); "
             f"put {ARCHIVE_NAME} (md5 {ARCHIVE_MD5}) unpacked under {data_dir}, or use --dataset synthetic"
         ) from None
     finally:
