@@ -62,3 +62,21 @@ def test_a_partly_present_dataset_names_the_missing_files(tmp_path, capsys):
     code, _, err = run_cli(["train", "--data", root, "--out", tmp_path / "runs", *TINY], capsys)
     assert code == 2 and f"CIFAR-10 files missing in {root / BASE_FOLDER}: data_batch_4" in one_line(err)
     assert "CIFAR-10 is not in" not in err  # five of the six files are there
+
+
+def test_the_description_says_which_splits_were_subset_and_when_a_subset_asked_for_too_many(tmp_path):
+    from cifarlab.config import TrainConfig
+    from cifarlab.data import load_data
+
+    root = make_cifar_dir(tmp_path / "data", per_train_file=10, n_test=20)  # 50 train / 20 test
+    bundle = load_data(TrainConfig(data_dir=str(root), subset=30, test_subset=1000))
+    assert (len(bundle.train), len(bundle.test)) == (30, 20)
+    assert bundle.description.endswith(
+        "; stratified subset 30 train / all 20 test (--test-subset 1000 asked for more)")
+    bundle = load_data(TrainConfig(data_dir=str(root), subset=500))
+    assert bundle.description.endswith(
+        "; all 50 train (--subset 500 asked for more) / all 20 test")
+    assert "subset 50 train" not in bundle.description  # it used everything: no subset was taken
+    synthetic = load_data(TrainConfig(dataset="synthetic", subset=60_000, test_subset=16))
+    assert synthetic.description.endswith(
+        "; all 50000 train (--subset 60000 asked for more) / stratified subset 16 test")
