@@ -14,6 +14,8 @@ crash, a full disk or a second Ctrl-C during the write leaves the previous check
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import random
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cifarlab import collectives
 from cifarlab.config import TrainConfig
 from cifarlab.engine import EpochRecord, TrainState
 from cifarlab.errors import UsageError
@@ -199,6 +202,7 @@ def resume_config(run_dir: str | Path, given: dict[str, Any]) -> TrainConfig:
     cfg = cfg.replace(out_dir=str(folder.resolve().parent), **{k: given[k] for k in given})
     cfg.validate()
     _refuse_live_run(folder, flag)
+    _claim_run(folder, flag)
     # Read the checkpoint now, so a bad one is reported before any data is loaded.
     ckpt = load_checkpoint(folder / CHECKPOINT_NAME)
     saved, now = ckpt["config"], cfg.to_dict()
@@ -223,6 +227,34 @@ def _refuse_live_run(folder: Path, flag: str) -> None:
     pid = run.get("pid")
     if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
         raise UsageError(f"{flag} is still being trained by process {pid}; stop it first (Ctrl-C) or wait")
+
+
+# Run folders this process resumes, each held under an exclusive flock until the process exits (the kernel
+# drops the lock then, however it ends).
+_CLAIMED: dict[str, int] = {}
+
+
+def _claim_run(folder: Path, flag: str) -> None:
+    """Refuse a folder another --resume is already continuing. run.json names a live process only once that
+    process has loaded its data and built its model; two resumes started together both passed that check and
+    then trained into the same folder, overwriting each other's checkpoint and records. Under torchrun only rank
+    0 claims (every rank resumes the same folder). Where a folder cannot be locked (no flock), nothing is refused."""
+    key = str(folder.resolve())
+    if key in _CLAIMED or (collectives.is_active() and not collectives.is_main()):
+        return
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise UsageError(f"{flag} is being resumed by another process right now; wait for it to end "
+                             f"(or stop it with Ctrl-C) instead of training the same folder twice") from None
+        return
+    _CLAIMED[key] = fd
 
 
 def _alive(pid: int) -> bool:

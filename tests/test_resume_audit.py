@@ -1,0 +1,59 @@
+"""Resume edge cases found by an audit of checkpoints, resume and run folders: each test fails on the code
+before its fix. Run folders are built by hand (a checkpoint of a tiny config) unless a test trains."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from cifarlab.checkpoint import save_checkpoint
+from cifarlab.cli import main
+from cifarlab.config import TrainConfig
+from cifarlab.engine import EpochRecord, build_state
+
+CFG = TrainConfig(dataset="synthetic", subset=16, test_subset=10, batch_size=8, epochs=2, loader="torch", workers=0,
+                  device="cpu")
+
+
+def _record(epoch: int) -> EpochRecord:
+    return EpochRecord(epoch=epoch, status="ok", train_loss=2.0, train_acc=0.1, test_loss=None, test_acc=None,
+                       images=16, steps=2, epoch_s=1.0, data_s=0.1, h2d_s=0.0, compute_s=0.9, other_s=0.0,
+                       loader_start_s=0.0, eval_s=None, images_per_s=16.0, timing_mode="synchronized")
+
+
+def resumable(root: Path, name: str = "run", cfg: TrainConfig = CFG, **ckpt_cfg) -> Path:
+    """A run folder interrupted after epoch 1 of 2: config.json, run.json and checkpoint.pt."""
+    path = root / name
+    path.mkdir(parents=True)
+    cfg = cfg.replace(out_dir=str(root))
+    (path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (path / "run.json").write_text(json.dumps({"status": "interrupted", "started": "2026-01-01T00:00:00+00:00"}))
+    state = build_state(cfg, torch.device("cpu"))
+    state.epoch, state.records = 1, [_record(1)]
+    save_checkpoint(path, cfg.replace(**ckpt_cfg), state)
+    return path
+
+
+def one_line_usage_error(capsys, argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_a_folder_another_resume_is_training_is_refused(tmp_path, capsys):
+    """Two `train --resume R` started together both passed the live-run check (run.json names the process only
+    after its data and model are ready) and trained into the same folder, overwriting each other's files."""
+    run = resumable(tmp_path)
+    fd = os.open(run, os.O_RDONLY)  # what the other resuming process holds
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        err = one_line_usage_error(capsys, ["train", "--resume", str(run)])
+        assert f"--resume {str(run)!r} is being resumed by another process right now" in err
+    finally:
+        os.close(fd)
