@@ -80,3 +80,22 @@ def test_the_description_says_which_splits_were_subset_and_when_a_subset_asked_f
     synthetic = load_data(TrainConfig(dataset="synthetic", subset=60_000, test_subset=16))
     assert synthetic.description.endswith(
         "; all 50000 train (--subset 60000 asked for more) / stratified subset 16 test")
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_batches_pickled_at_any_protocol_are_read(tmp_path, protocol):
+    # Someone packaging their own CIFAR-format data may well use pickle.HIGHEST_PROTOCOL (5), whose
+    # numpy arrays rebuild through numpy's _frombuffer; it was refused as 'not a valid CIFAR-10 batch'.
+    import pickle
+
+    import numpy as np
+
+    from cifarlab.data import read_batch
+
+    rows = np.random.default_rng(0).integers(0, 256, (6, 3072), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 3, 4, 9])
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": rows, b"labels": labels}, protocol=protocol))
+    split = read_batch(path)
+    assert (split.images == rows.reshape(6, 3, 32, 32).transpose(0, 2, 3, 1)).all()
+    assert split.labels.tolist() == labels.tolist()

@@ -57,6 +57,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),  # how Python 3 pickles bytes at protocol 2
+        # protocol 5 (pickle.HIGHEST_PROTOCOL): frombuffer(bytes in the file, dtype).reshape(shape)
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
