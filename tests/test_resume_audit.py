@@ -8,12 +8,14 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
-from cifarlab.checkpoint import save_checkpoint
+from cifarlab.checkpoint import CHECKPOINT_NAME, resume_config, save_checkpoint
 from cifarlab.cli import main
 from cifarlab.config import TrainConfig
 from cifarlab.engine import EpochRecord, build_state
+from cifarlab.errors import UsageError
 
 CFG = TrainConfig(dataset="synthetic", subset=16, test_subset=10, batch_size=8, epochs=2, loader="torch", workers=0,
                   device="cpu")
@@ -57,3 +59,23 @@ def test_a_folder_another_resume_is_training_is_refused(tmp_path, capsys):
         assert f"--resume {str(run)!r} is being resumed by another process right now" in err
     finally:
         os.close(fd)
+
+
+def test_a_run_saved_before_a_config_key_existed_resumes(tmp_path):
+    """cuda_graph was added to TrainConfig after checkpoints were: a run saved before it has the key neither in
+    config.json nor in its checkpoint. config.json is read with the default filled in, the checkpoint's config was
+    compared raw, so resume refused: 'config.json and checkpoint.pt disagree on cuda_graph; the folder was edited'."""
+    run = resumable(tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    del config["cuda_graph"]
+    (run / "config.json").write_text(json.dumps(config))
+    ckpt = torch.load(run / CHECKPOINT_NAME, weights_only=True)
+    del ckpt["config"]["cuda_graph"]
+    torch.save(ckpt, run / CHECKPOINT_NAME)
+    cfg = resume_config(run, {})
+    assert cfg.cuda_graph == TrainConfig().cuda_graph and cfg.epochs == 2
+    # an edit is still an edit
+    ckpt["config"]["lr"] = 0.5
+    torch.save(ckpt, run / CHECKPOINT_NAME)
+    with pytest.raises(UsageError, match="disagree on lr"):
+        resume_config(run, {})

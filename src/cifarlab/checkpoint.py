@@ -205,7 +205,7 @@ def resume_config(run_dir: str | Path, given: dict[str, Any]) -> TrainConfig:
     _claim_run(folder, flag)
     # Read the checkpoint now, so a bad one is reported before any data is loaded.
     ckpt = load_checkpoint(folder / CHECKPOINT_NAME)
-    saved, now = ckpt["config"], cfg.to_dict()
+    saved, now = _as_current_config(ckpt["config"]), cfg.to_dict()
     differ = sorted(k for k in set(saved) | set(now) if k not in ("epochs", "out_dir") and saved.get(k) != now.get(k))
     if differ:
         raise UsageError(f"{flag}: config.json and {CHECKPOINT_NAME} disagree on {', '.join(differ)}; "
@@ -214,6 +214,16 @@ def resume_config(run_dir: str | Path, given: dict[str, Any]) -> TrainConfig:
         raise UsageError(f"{flag}: all {ckpt['epoch']} epochs are already finished; "
                          f"add --epochs N with N > {ckpt['epoch']} to train further")
     return cfg
+
+
+def _as_current_config(saved: Any) -> Any:
+    """The checkpoint's config as this cifarlab reads it: a key added to TrainConfig after the run was saved
+    takes its default, as it does when config.json is read -- so a run from an older cifarlab is not taken
+    for a folder whose config.json was edited."""
+    try:
+        return TrainConfig.from_dict(saved).to_dict()
+    except (UsageError, TypeError, ValueError, AttributeError):
+        return saved if isinstance(saved, dict) else {}
 
 
 def _refuse_live_run(folder: Path, flag: str) -> None:
