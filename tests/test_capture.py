@@ -751,7 +751,7 @@ def test_train_with_compile_names_inductors_cache_and_keeps_compilation_in_setup
     real_walk = os.walk
     monkeypatch.setattr(os, "walk", lambda top, *a, **kw: (walks.append(str(top)), real_walk(top, *a, **kw))[1])
     code = main(["train", "--dataset", "synthetic", "--subset", "20", "--test-subset", "10", "--batch-size", "8",
-                 "--epochs", "1", "--compile", "default", "--no-evaluate", "--out", str(tmp_path / "runs")])
+                 "--epochs", "1", "--compile", "default", "--no-evaluate", "--device", "cpu", "--out", str(tmp_path / "runs")])
     out = capsys.readouterr().out
     assert code == 0
     assert (f"compile: torch.compile mode default; inductor's on-disk cache {tmp_path / 'inductor'} (warm, 1 file(s); "
@@ -769,7 +769,7 @@ def test_train_with_compile_names_inductors_cache_and_keeps_compilation_in_setup
     made.clear()
     assert main(["train", "--dataset", "synthetic", "--subset", "20", "--test-subset", "10", "--batch-size", "8",
                  "--epochs", "1", "--compile", "default", "--no-evaluate", "--loader", "torch", "--workers", "0",
-                 "--out", str(tmp_path / "runs")]) == 0
+                 "--device", "cpu", "--out", str(tmp_path / "runs")]) == 0
     (wrapper,) = made
     assert wrapper.batch_sizes == [8, 8, 8]
 
