@@ -143,6 +143,10 @@ class StepRunner:
                     if self.device.type != "cuda" and module is self.model:
                         continue  # a CPU has no autotuning: only the compiled shape needs its warm-up
                     x, y = _sample_batch(b, sample_shape, channels_last, self.device)
+                    # No gradient kept from the previous shape: under torch.compile's own CUDA graphs
+                    # (reduce-overhead) a compiled backward's gradients live in its graph pool, and the
+                    # next compiled call would overwrite them before this backward accumulates into them.
+                    self.model.zero_grad(set_to_none=True)
                     with autocast_context(self.precision, self.device):
                         loss = self.loss_fn(module(x), y)
                     loss.backward()
@@ -377,10 +381,12 @@ class CapturedStep(StepRunner):
 
 class EvalForward:
     """`model(inputs)` under the run's autocast, for evaluation (eval mode, no_grad: the caller's). With
-    capture=True (CUDA): per evaluation (`session()`), the first full batch is run eagerly EVAL_WARMUP_CALLS
-    times on a side stream, then captured; every batch of that size is copied into the static input and
-    replayed (its logits are the graph's static output, valid until the next call). A failure falls back to
-    eager for the rest of the run, with `fallback_reason`; the caller warns."""
+    capture=True (CUDA): per evaluation (`session()`), the first batch (the full test batch, unless the split
+    is smaller) is run eagerly EVAL_WARMUP_CALLS times on a side stream, then captured; every batch of that
+    shape is copied into the static input and replayed (its logits are the graph's static output, valid until
+    the next call); another shape (the partial last batch) runs eagerly. Every evaluation's graph draws from
+    one memory pool kept for the run, so they reuse the same memory. A failure falls back to eager for the
+    rest of the run, with `fallback_reason`; the caller warns."""
 
     def __init__(self, model: nn.Module, precision: str, device: torch.device, *, capture: bool,
                  note: str | None = None) -> None:
@@ -395,6 +401,7 @@ class EvalForward:
         self._static_x: torch.Tensor | None = None
         self._static_out: torch.Tensor | None = None
         self._tried = False  # this evaluation already tried to capture
+        self._pool: Any = None  # the graphs' memory pool (torch.cuda.graph_pool_handle), one per run
 
     @property
     def mode(self) -> str:
@@ -452,7 +459,9 @@ class EvalForward:
                     reference = self.model(static_x)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream):
             with autocast_context(self.precision, self.device, cache_enabled=False):
                 static_out = self.model(static_x)
         graph.replay()
