@@ -536,3 +536,16 @@ def test_calibration_times_evaluation_on_a_few_batches_and_scales_it() -> None:
     assert timing._calibration_data(on_cuda, TrainConfig(test_batch_size=100)) == (bundle, 1.0)
     cpu_side, scale = timing._calibration_data(on_cuda, TrainConfig(test_batch_size=100, device="cpu"))  # C5's
     assert len(cpu_side.test) == 500 and scale == 4.0
+
+
+def test_lab_runs_keep_their_warning_hook() -> None:
+    """A run's warning (e.g. a CUDA graph that fell back) goes through the lab's progress hook, which names the
+    run, not to bare stderr: merging the lab's hooks with an item's must keep on_warning."""
+    from cifarlab.engine import Hooks
+    from cifarlab.lab.context import _merge
+
+    seen: list[str] = []
+    merged = _merge(Hooks(on_warning=seen.append), Hooks(should_stop=lambda: False))
+    assert merged.on_warning is not None and merged.should_stop is not None
+    merged.on_warning("capture fell back")
+    assert seen == ["capture fell back"]

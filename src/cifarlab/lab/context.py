@@ -149,7 +149,8 @@ def _merge(a: Hooks, b: Hooks | None) -> Hooks:
     stop = None
     if a.should_stop or b.should_stop:
         stop = lambda: bool((a.should_stop and a.should_stop()) or (b.should_stop and b.should_stop()))  # noqa: E731
-    return Hooks(on_step=both(a.on_step, b.on_step), on_epoch=both(a.on_epoch, b.on_epoch), should_stop=stop)
+    return Hooks(on_step=both(a.on_step, b.on_step), on_epoch=both(a.on_epoch, b.on_epoch), should_stop=stop,
+                 on_warning=a.on_warning or b.on_warning)
 
 
 def median_of(values: list[float | None]) -> float:
