@@ -280,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         info["devices"][device.type] = {"environment": environment(device), "data": data.description,
                                         "torch_threads": torch.get_num_threads(), "peak_matmul_flop_s": peaks}
         for batch in args.batch_sizes:
+            if args.compile != "none":
+                # A fresh compile per batch size: otherwise the second size recompiles the same frames as a
+                # dynamic-shape graph (automatic dynamic shapes), a different program from a run at that size.
+                torch.compiler.reset()
             contenders = []
             for pipe in pipelines(args.compile, device):
                 if args.pipelines and pipe.name not in args.pipelines:
