@@ -70,8 +70,10 @@ step compile 420 bash -c "$PY -m cifarlab train --dataset synthetic --epochs 5 -
 
 # max-autotune's kernels inside the captured step (torch's mode without its own CUDA graphs): the bare step, then
 # 5 epochs end to end; its autotuning (minutes when the cache is cold) is part of setup_s.
-step autotune 480 bash -c "$PY benchmarks/bare_step.py --batches 128,512 --kinds eager,compile+cuda-graph \
-    --compile-mode max-autotune-no-cudagraphs --json-out '$OUT_DIR/bare_step_autotune.json' 2>&1 | grep -v '^  \|^AUTOTUNE\|^strides\|^dtypes' \
+# (pipefail: a failing bare_step fails the step, not grep; the filter drops autotuning tables, whose lines start
+# with two spaces and a kernel name, and keeps bare_step's '  (capture fell back: ...)' lines.)
+step autotune 480 bash -c "set -o pipefail; $PY benchmarks/bare_step.py --batches 128,512 --kinds eager,compile+cuda-graph \
+    --compile-mode max-autotune-no-cudagraphs --json-out '$OUT_DIR/bare_step_autotune.json' 2>&1 | grep -v '^  [a-z]\|^AUTOTUNE\|^strides\|^dtypes' \
     && $PY -m cifarlab train --dataset synthetic --epochs 5 --no-sync-timing --compile max-autotune-no-cudagraphs \
     --out '$OUT_DIR/runs' --name autotuned"
 
@@ -97,5 +99,20 @@ step lab "${LAB_LIMIT_S:-420}" $PY -m cifarlab lab --preset full --dataset synth
 # Failures keep their whole traceback in the output folder (runs, lab items, C8 modes): show their ends here,
 # so the console alone says what broke.
 find "$OUT_DIR" -name '*traceback*.txt' 2>/dev/null | while read -r f; do echo "== traceback: $f"; tail -n 25 "$f"; done
+
+# How every run's training step and evaluation ran (cuda-graph / eager) and why: a fallback is visible here.
+find "$OUT_DIR" -name run.json 2>/dev/null | sort | $PY -c '
+import json, sys
+for path in sys.stdin.read().split():
+    try:
+        doc = json.load(open(path))
+    except (OSError, ValueError):
+        continue
+    def said(d):
+        d = d or {}
+        return d.get("step", "-") + "".join(f" ({k}: {d[k]})" for k in ("note", "fallback_reason") if d.get(k))
+    step, evaluation = said(doc.get("step")), said(doc.get("eval_step"))
+    print(f"== {path}: step {step}; eval {evaluation}")
+'
 
 echo "gpu check done in $(($(date +%s) - T0))s; output in $OUT_DIR"
