@@ -79,3 +79,19 @@ def test_a_run_saved_before_a_config_key_existed_resumes(tmp_path):
     torch.save(ckpt, run / CHECKPOINT_NAME)
     with pytest.raises(UsageError, match="disagree on lr"):
         resume_config(run, {})
+
+
+@pytest.mark.parametrize("text", ['{"status": "interr', "[1, 2]", "\xff\xfe"])
+def test_a_broken_run_json_is_one_line_not_a_traceback(tmp_path, capsys, text):
+    """run.json cut short (or not an object) passed the live-run check, which ignores what it cannot read; the
+    runner then read it again for the start time after loading data and building the model: JSONDecodeError
+    (or AttributeError) traceback. Now one line before any data is loaded, naming the file and the way out."""
+    run = resumable(tmp_path)
+    (run / "run.json").write_bytes(text.encode("latin-1"))
+    err = one_line_usage_error(capsys, ["train", "--resume", str(run)])
+    assert f"{run / 'run.json'} is unreadable or not a JSON object" in err and "delete it to resume" in err
+    if text != "[1, 2]":
+        return
+    (run / "run.json").unlink()  # the way out the message names
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"

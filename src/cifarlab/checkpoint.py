@@ -227,12 +227,19 @@ def _as_current_config(saved: Any) -> Any:
 
 
 def _refuse_live_run(folder: Path, flag: str) -> None:
+    path = folder / "run.json"
     try:
-        with open(folder / "run.json", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             run = json.load(f)
-    except (OSError, ValueError):
-        return  # no readable status: the checkpoint decides
-    if not isinstance(run, dict) or run.get("status") != "running" or run.get("host") != socket.gethostname():
+    except FileNotFoundError:
+        return  # no status: the checkpoint decides
+    except (OSError, ValueError) as e:  # the resumed run would read it for its start time and earlier resumes
+        run = e
+    if not isinstance(run, dict):
+        found = type(run).__name__
+        raise UsageError(f"{path} is unreadable or not a JSON object ({found}); restore it, or delete it to "
+                         f"resume without its history (start time, earlier resumes)")
+    if run.get("status") != "running" or run.get("host") != socket.gethostname():
         return
     pid = run.get("pid")
     if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
