@@ -250,9 +250,14 @@ def test_a_c8_mode_that_fails_says_so_on_the_console(tmp_path: Path, monkeypatch
         return real_train(self, key, label, cfg, **kw)
 
     monkeypatch.setattr(LabContext, "train", train)
+    import torch
+
+    resets: list[int] = []  # each compiled mode starts from torch.compiler.reset(), as in a fresh process
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the plan says whether it is cold
     assert main(["lab", "--preset", "smoke", "--only", "c8", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    assert resets == [1]  # before default, not before eager
     assert ("compile-default: FAILED, RuntimeError: no compiler here (traceback: c8/compile-default.traceback.txt; "
             "the report lists it") in out
     assert "C8's compilation, not in the total: with cold caches default ~" in out  # the plan names what it leaves out

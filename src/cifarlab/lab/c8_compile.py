@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
 from cifarlab.config import COMPILE_MODES
 from cifarlab.lab.context import Experiment, LabContext, LabInterrupted, PlannedRuns, save_traceback
 from cifarlab.lab.sections import REF, REFERENCE, pipelines_para, runs_para
@@ -42,6 +44,9 @@ def c8_compile(ctx: LabContext) -> dict[str, Any]:
     for mode in p.compile_modes:
         label = "eager" if mode == "none" else f"compile-{mode}"
         if mode != "none":
+            # Each mode compiles as a fresh process would (the on-disk caches aside): no frame cache, recompile
+            # count or CUDA graph tree (with its memory pool) left in this process by the mode before it.
+            torch.compiler.reset()
             before = cache_state(cache_dir)
             cache[mode] = {"entries_before": before["entries"], "existed": before["exists"]}
         try:
