@@ -95,3 +95,19 @@ def test_a_broken_run_json_is_one_line_not_a_traceback(tmp_path, capsys, text):
     (run / "run.json").unlink()  # the way out the message names
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("change", [{"precision": "bf16"}, {"device": "cuda"}, {"processes": 2}])
+def test_a_run_resumed_on_another_device_precision_or_process_count_is_refused(tmp_path, capsys, change):
+    """--device/--precision auto resolve per machine and --nproc is not in the config: a run started on a GPU
+    (bf16) or on 2 processes resumed on a CPU box (fp32) or as 1 process went on silently as a different
+    experiment, and run.json then named only the new device and precision for every epoch."""
+    run = resumable(tmp_path)
+    ckpt = torch.load(run / CHECKPOINT_NAME, weights_only=True)
+    assert ckpt["run"] == {"device": "cpu", "precision": "fp32", "processes": 1}
+    ckpt["run"].update(change)
+    torch.save(ckpt, run / CHECKPOINT_NAME)
+    err = one_line_usage_error(capsys, ["train", "--resume", str(run)])
+    assert f"{run / CHECKPOINT_NAME}: its 1 epoch(s) ran on " in err and "a different experiment" in err
+    assert "this run would go on on cpu, fp32, 1 process(es)" in err
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"  # nothing was written

@@ -98,9 +98,17 @@ def checkpoint_dict(cfg: TrainConfig, state: TrainState) -> dict[str, Any]:
         "rng": rng_state(),
         "records": [r.to_dict() for r in state.records if r.status == "ok" and r.epoch <= state.epoch],
         "config": cfg.to_dict(),
+        "run": run_identity(state),
         "torch_version": str(torch.__version__),  # TorchVersion is not weights_only-loadable
         "saved_unix_s": time.time(),
     }
+
+
+def run_identity(state: TrainState) -> dict[str, Any]:
+    """What config.json does not pin down but the run's numbers depend on: the device type and precision that
+    "auto" resolved to, and the number of processes (--nproc; the global batch is --batch-size times it)."""
+    return {"device": state.device.type, "precision": state.precision,
+            "processes": collectives.world_size() if collectives.is_active() else 1}
 
 
 def save_checkpoint(folder: Path, cfg: TrainConfig, state: TrainState) -> Path:
@@ -286,7 +294,16 @@ def _alive(pid: int) -> bool:
 
 def restore(state: TrainState, ckpt: dict[str, Any], path: Path) -> None:
     """Put a loaded checkpoint into a freshly built state (same config): weights, optimizer, scaler,
-    RNGs, completed epochs and their records."""
+    RNGs, completed epochs and their records. Refuses a state built on another device type, precision or number
+    of processes than the checkpoint's (--device/--precision auto resolve per machine; --nproc is not in the
+    config): the epochs after the resume would belong to a different experiment than the ones before."""
+    saved, now = ckpt.get("run"), run_identity(state)
+    if isinstance(saved, dict) and {k: saved.get(k) for k in now} != now:
+        def say(d: dict[str, Any]) -> str:
+            return f"{d.get('device')}, {d.get('precision')}, {d.get('processes')} process(es)"
+        raise UsageError(f"{path}: its {ckpt['epoch']} epoch(s) ran on {say(saved)}; this run would go on on "
+                         f"{say(now)}, a different experiment -- resume it where it ran (--nproc "
+                         f"{saved.get('processes')} where it had several), or start a new run")
     try:
         _module(state).load_state_dict(ckpt["model"])
         state.optimizer.load_state_dict(ckpt["optimizer"])
