@@ -99,3 +99,17 @@ def test_batches_pickled_at_any_protocol_are_read(tmp_path, protocol):
     split = read_batch(path)
     assert (split.images == rows.reshape(6, 3, 32, 32).transpose(0, 2, 3, 1)).all()
     assert split.labels.tolist() == labels.tolist()
+
+
+def test_the_smoke_lab_says_its_preset_chose_synthetic_data_not_that_cifar10_was_unavailable(tmp_path, capsys):
+    import json
+
+    root = make_cifar_dir(tmp_path / "data", per_train_file=4, n_test=4)
+    code, out, _ = run_cli(["lab", "--preset", "smoke", "--only", "q", "--data", root, "--dataset", "cifar10",
+                            "--out", tmp_path / "labs"], capsys)
+    assert code == 0
+    banner = next(line for line in out.splitlines() if line.startswith("!! SYNTHETIC DATA"))
+    assert "not available" not in banner  # CIFAR-10 was on disk and asked for
+    assert "the smoke preset always runs on" in banner and "--data and --dataset are not used" in banner
+    (lab_dir,) = list((tmp_path / "labs").iterdir())
+    assert json.loads((lab_dir / "results.json").read_text())["data"]["banner"] == banner[3:]

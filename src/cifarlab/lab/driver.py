@@ -181,7 +181,10 @@ def run_size(base: TrainConfig, train_images: int) -> dict[str, int]:
     return {"images_per_run": base.epochs * images, "steps_per_run": base.epochs * steps}
 
 
-def data_banner(source: str) -> str:
+def data_banner(source: str, preset: LabPreset | None = None) -> str:
+    if source == "synthetic" and preset is not None and preset.dataset == "synthetic":
+        return (f"SYNTHETIC DATA: the {preset.name} preset always runs on a deterministic CIFAR-shaped stand-in "
+                "(--data and --dataset are not used); timings are real, accuracies are NOT CIFAR-10 accuracies")
     if source == "synthetic":
         return ("SYNTHETIC DATA: CIFAR-10 was not available (or not asked for), so this lab ran on a deterministic "
                 "CIFAR-shaped stand-in; timings are real, accuracies are NOT CIFAR-10 accuracies")
@@ -207,7 +210,7 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
     ctx = LabContext(base=base, preset=preset, data=data, device=device, lab_dir=lab_dir, fast_loader=fast_loader,
                      repeats=lab.repeats or preset.repeats, progress_hooks=progress.hooks,
                      note=lambda message: print(f"   {message}", file=out, flush=True))
-    banner = data_banner(data.source)
+    banner = data_banner(data.source, preset)
     env = environment(device)
     env["usable_cpus"] = usable_cpus()
     doc: dict[str, Any] = {
