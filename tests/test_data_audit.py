@@ -113,3 +113,15 @@ def test_the_smoke_lab_says_its_preset_chose_synthetic_data_not_that_cifar10_was
     assert "the smoke preset always runs on" in banner and "--data and --dataset are not used" in banner
     (lab_dir,) = list((tmp_path / "labs").iterdir())
     assert json.loads((lab_dir / "results.json").read_text())["data"]["banner"] == banner[3:]
+
+
+def test_a_data_path_with_a_tilde_is_the_home_folder_as_for_the_download(tmp_path, monkeypatch, capsys):
+    # '--data=~/x' reaches us unexpanded; torchvision's download expands '~', the reader did not, so
+    # data in $HOME/x was reported missing (and a download would have landed where it is never read).
+    from cifarlab.config import TrainConfig
+    from cifarlab.data import load_data
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_cifar_dir(tmp_path / "x", per_train_file=4, n_test=4)
+    bundle = load_data(TrainConfig(data_dir="~/x", dataset="cifar10"))
+    assert len(bundle.train) == 20 and str(tmp_path / "x" / BASE_FOLDER) in bundle.description

@@ -118,7 +118,8 @@ def _concat(splits: list[Split]) -> Split:
 
 
 def cifar_folder(data_dir: str | Path) -> Path:
-    return Path(data_dir) / BASE_FOLDER
+    # '~' expanded as torchvision's download expands it: '--data=~/x' reaches us unexpanded
+    return Path(data_dir).expanduser() / BASE_FOLDER
 
 
 def cifar_present(data_dir: str | Path) -> bool:
@@ -149,7 +150,8 @@ def load_cifar10(data_dir: str | Path) -> tuple[Split, Split, str]:
 
 def download_cifar10(data_dir: str | Path) -> None:
     """Fetch and unpack the official archive, checking its md5. Raises DataError when offline."""
-    _check_before_download(Path(data_dir))
+    data_dir = Path(data_dir).expanduser()
+    _check_before_download(data_dir)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # an offline machine must fail in seconds, not hang
     created = not Path(data_dir).exists()
