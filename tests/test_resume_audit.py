@@ -14,8 +14,9 @@ import torch
 from cifarlab.checkpoint import CHECKPOINT_NAME, resume_config, save_checkpoint
 from cifarlab.cli import main
 from cifarlab.config import TrainConfig
-from cifarlab.engine import EpochRecord, build_state
+from cifarlab.engine import EpochRecord, Hooks, build_state
 from cifarlab.errors import UsageError
+from cifarlab.runner import run_training
 
 CFG = TrainConfig(dataset="synthetic", subset=16, test_subset=10, batch_size=8, epochs=2, loader="torch", workers=0,
                   device="cpu")
@@ -111,3 +112,27 @@ def test_a_run_resumed_on_another_device_precision_or_process_count_is_refused(t
     assert f"{run / CHECKPOINT_NAME}: its 1 epoch(s) ran on " in err and "a different experiment" in err
     assert "this run would go on on cpu, fp32, 1 process(es)" in err
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"  # nothing was written
+
+
+@pytest.mark.parametrize("evaluate", [True, False])
+def test_a_stop_during_an_epochs_last_step_keeps_the_finished_epoch(tmp_path, evaluate):
+    """A Ctrl-C that lands during an epoch's last step marked the whole, finished epoch 'interrupted': its
+    training was thrown away (no checkpoint, 'records of 0 finished epoch(s) kept') and a resume trained it
+    again. Seen twice in two tries on a 4-step subset run. The epoch is now kept and checkpointed; the stop
+    takes effect at its evaluation (or, without one, before the next epoch), and the resumed run matches one
+    that never stopped."""
+    cfg = TrainConfig(dataset="synthetic", subset=16, test_subset=10, batch_size=8, test_batch_size=10, epochs=2,
+                      loader="torch", workers=0, seed=7, lr=0.05, evaluate=evaluate, out_dir=str(tmp_path / "runs"))
+    seen = {"at": (0, 0)}
+
+    def on_step(epoch: int, step: int, total: int) -> None:
+        seen["at"] = (epoch, step)
+
+    cut = run_training(cfg, hooks=Hooks(on_step=on_step, should_stop=lambda: seen["at"] >= (1, 2)))  # 2 steps/epoch
+    assert cut.status == "interrupted"
+    assert [(r.epoch, r.status, r.steps) for r in cut.records] == [(1, "ok", 2)]
+    assert torch.load(cut.path / CHECKPOINT_NAME, weights_only=True)["epoch"] == 1
+    resumed = run_training(resume_config(cut.path, {}), resume=cut.path)
+    straight = run_training(cfg.replace(name="straight"))
+    metrics = lambda rs: [(r.epoch, r.status, r.train_loss, r.train_acc) for r in rs]  # noqa: E731
+    assert metrics(resumed.records) == metrics(straight.records)

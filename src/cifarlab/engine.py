@@ -229,7 +229,8 @@ def train_epoch(
             if check_now and int(runner.first_bad_step) >= 0:
                 status = "diverged"
             elif hooks.should_stop is not None and hooks.should_stop():
-                status = "interrupted"
+                # after the epoch's last step the epoch is whole: train() keeps it, then stops (one process)
+                status = "ok" if steps == steps_total and not dist.is_active() else "interrupted"
             if dist.is_active():
                 # Every rank must stop at the same step, or the others wait forever in the next
                 # all-reduce: agree (one tiny all-reduce, timed as other_s) at the same steps on all ranks.
@@ -374,4 +375,6 @@ def train(
             return record.status
         if evaluation_stopped:
             return "interrupted"
+        if epoch < cfg.epochs and hooks.should_stop is not None and not dist.is_active() and hooks.should_stop():
+            return "interrupted"  # the signal came during the epoch's last step (or with no evaluation to stop)
     return "completed"
