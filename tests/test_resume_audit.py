@@ -136,3 +136,20 @@ def test_a_stop_during_an_epochs_last_step_keeps_the_finished_epoch(tmp_path, ev
     straight = run_training(cfg.replace(name="straight"))
     metrics = lambda rs: [(r.epoch, r.status, r.train_loss, r.train_acc) for r in rs]  # noqa: E731
     assert metrics(resumed.records) == metrics(straight.records)
+
+
+def test_a_read_only_run_folder_is_refused_before_loading_naming_the_way_out(tmp_path, capsys, monkeypatch):
+    """Resuming a run on a read-only mount failed only after the data was loaded and the model built, saying
+    '... make it writable or choose another --out' -- and --resume refuses --out."""
+    import errno
+    import tempfile
+
+    run = resumable(tmp_path)
+
+    def read_only(*a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    err = one_line_usage_error(capsys, ["train", "--resume", str(run)])
+    assert err.endswith(f"--resume {str(run)!r} is not writable (Read-only file system); make it writable, or copy "
+                        f"the folder somewhere writable and resume the copy")

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import socket
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -211,6 +212,7 @@ def resume_config(run_dir: str | Path, given: dict[str, Any]) -> TrainConfig:
     cfg.validate()
     _refuse_live_run(folder, flag)
     _claim_run(folder, flag)
+    _refuse_unwritable(folder, flag)
     # Read the checkpoint now, so a bad one is reported before any data is loaded.
     ckpt = load_checkpoint(folder / CHECKPOINT_NAME)
     saved, now = _as_current_config(ckpt["config"]), cfg.to_dict()
@@ -280,6 +282,18 @@ def _claim_run(folder: Path, flag: str) -> None:
                              f"(or stop it with Ctrl-C) instead of training the same folder twice") from None
         return
     _CLAIMED[key] = fd
+
+
+def _refuse_unwritable(folder: Path, flag: str) -> None:
+    """A resumed run writes into its own folder: say so before any data is loaded (the write itself failed
+    later, saying '... or choose another --out', a flag --resume refuses)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cifarlab-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{flag} is not writable ({e.strerror or e}); make it writable, or copy the folder "
+                         f"somewhere writable and resume the copy") from None
 
 
 def _alive(pid: int) -> bool:
