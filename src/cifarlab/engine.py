@@ -34,8 +34,9 @@ from torch import nn
 
 from cifarlab import collectives as dist
 from cifarlab import steps
-from cifarlab.capture import STEP_EAGER, EvalForward, StepRunner
+from cifarlab.capture import STEP_EAGER, StepRunner
 from cifarlab.config import TrainConfig
+from cifarlab.evalstep import EvalForward
 from cifarlab.models import resnet18
 from cifarlab.optim import build_optimizer
 from cifarlab.timing import DeviceClock, SegmentTimer

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from cifarlab import collectives as dist
-from cifarlab.capture import CapturedStep, EvalForward, StepRunner
+from cifarlab.capture import CapturedStep, StepRunner
 from cifarlab.config import TrainConfig
 from cifarlab.errors import UsageError
+from cifarlab.evalstep import EvalForward
 from cifarlab.timing import DeviceClock
 
 
