@@ -153,3 +153,17 @@ def test_a_read_only_run_folder_is_refused_before_loading_naming_the_way_out(tmp
     err = one_line_usage_error(capsys, ["train", "--resume", str(run)])
     assert err.endswith(f"--resume {str(run)!r} is not writable (Read-only file system); make it writable, or copy "
                         f"the folder somewhere writable and resume the copy")
+
+
+def test_a_resumed_runs_elapsed_time_adds_the_earlier_processes(tmp_path, capsys):
+    """run.json's elapsed_s is the time spent running, all processes together: a resume adds its own seconds to
+    the earlier ones (it counted only the last process while `started` kept the first start), and the resume
+    entry records what came before."""
+    run = resumable(tmp_path)
+    doc = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**doc, "elapsed_s": 1000.0}))
+    assert main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err
+    after = json.loads((run / "run.json").read_text())
+    assert after["status"] == "completed" and after["started"] == doc["started"]
+    assert after["resumed"][-1]["elapsed_before_s"] == 1000.0
+    assert 1000.0 < after["elapsed_s"] < 1000.0 + 300.0  # one more tiny epoch, not a second start from zero

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import socket
 import time
@@ -83,7 +84,7 @@ def run_training(
     extra = dict(extra_status or {})
     extra.update(pid=os.getpid(), host=socket.gethostname())  # lets --resume refuse a run still alive
     extra.update(ddp.run_section(cfg))  # {} unless launched by torchrun
-    started = ""
+    started, elapsed_before_s = "", 0.0
     if resume is not None:
         run_dir = Path(resume)
         restore(state, load_checkpoint(run_dir / CHECKPOINT_NAME), run_dir / CHECKPOINT_NAME)
@@ -92,7 +93,10 @@ def run_training(
                              f"add --epochs N with N > {state.epoch} to train further")
         previous = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
         started = previous.get("started", "")
-        extra["resumed"] = [*previous.get("resumed", []), {"at": utc_now(), "from_epoch": state.epoch}]
+        before = previous.get("elapsed_s")
+        elapsed_before_s = float(before) if isinstance(before, (int, float)) and math.isfinite(before) else 0.0
+        extra["resumed"] = [*previous.get("resumed", []),
+                            {"at": utc_now(), "from_epoch": state.epoch, "elapsed_before_s": elapsed_before_s}]
     # Under torchrun: DistributedDataParallel, built after a resume so every rank starts from the restored weights.
     ddp.wrap_model(cfg, state)
     label = device_label(device)
@@ -105,6 +109,7 @@ def run_training(
         device_label=label,
         precision=state.precision,
         started=started,
+        elapsed_before_s=elapsed_before_s,
     ))
     with _disk_errors_as_usage_error(writer.path):
         if resume is None:

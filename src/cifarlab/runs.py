@@ -83,6 +83,9 @@ class RunWriter:
     device_label: str
     precision: str = "fp32"
     started: str = ""
+    # Seconds the run's earlier processes ran (a resumed run): elapsed_s is the time spent running, all
+    # processes together, not `updated - started`, which would count the pause before the resume.
+    elapsed_before_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.started = self.started or utc_now()
@@ -111,7 +114,7 @@ class RunWriter:
             "name": self.config.name,
             "started": self.started,
             "updated": utc_now(),
-            "elapsed_s": time.perf_counter() - self._t0,
+            "elapsed_s": self.elapsed_before_s + time.perf_counter() - self._t0,
             "data": self.data_description,
             "device": self.device_label,
             "precision": self.precision,
