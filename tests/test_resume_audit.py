@@ -167,3 +167,20 @@ def test_a_resumed_runs_elapsed_time_adds_the_earlier_processes(tmp_path, capsys
     assert after["status"] == "completed" and after["started"] == doc["started"]
     assert after["resumed"][-1]["elapsed_before_s"] == 1000.0
     assert 1000.0 < after["elapsed_s"] < 1000.0 + 300.0  # one more tiny epoch, not a second start from zero
+
+
+def test_a_resumed_runs_summary_counts_every_processs_setup_and_no_first_epoch_as_steady():
+    """Records of a run resumed once: epochs 1 and 3 each open a process (setup_s set). The summary's setup_s
+    is both processes' and the steady mean leaves out both first epochs (it counted epoch 3, which pays the
+    second process's start-up, and only the first setup)."""
+    from dataclasses import replace
+
+    from cifarlab.runs import summarize
+
+    rows = [replace(_record(1), epoch_s=5.0, setup_s=2.0), _record(2), replace(_record(3), epoch_s=4.0, setup_s=1.5),
+            _record(4)]
+    summary = summarize([r.to_dict() for r in rows])
+    assert summary["setup_s"] == 3.5
+    assert summary["mean_epoch_s_after_first"] == 1.0 and summary["first_epoch_s"] == 5.0
+    single = summarize([r.to_dict() for r in rows[:2]])  # one process: as before
+    assert single["setup_s"] == 2.0 and single["mean_epoch_s_after_first"] == 1.0

@@ -138,14 +138,17 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         vals = [r[key] for r in rs if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
 
-    steady = done[1:] or done
+    # Each process's first epoch carries its setup_s (a resumed run has several): each pays that process's
+    # one-time costs again (worker start-up, allocator warm-up), so none of them counts as steady.
+    steady = [r for r in done[1:] if r.get("setup_s") is None] or done
+    setups = [r["setup_s"] for r in done if r.get("setup_s") is not None]
     return {
         "epochs_completed": len(done),
         "final_train_loss": last["train_loss"],
         "final_train_acc": last["train_acc"],
         "final_test_loss": last.get("test_loss"),
         "final_test_acc": last.get("test_acc"),
-        "setup_s": done[0].get("setup_s"),  # one-time setup before epoch 1 (autotuning, capture), not in any epoch
+        "setup_s": sum(setups) if setups else None,  # one-time setup (autotuning, capture) of every process, in no epoch
         "step_mode": last.get("step_mode"),
         "first_epoch_s": done[0]["epoch_s"],
         "mean_epoch_s": mean("epoch_s", done),
