@@ -12,7 +12,7 @@ What each per-epoch timing includes (lab C2), all in seconds of host wall-clock 
 - epoch_s:   wall time of the training epoch, from before the iterator is created to after the last
              step has finished on the device. Evaluation is never inside it.
 - eval_s:    the test-set evaluation after the epoch, timed on its own (on the fast path on CUDA, one
-             captured forward graph per evaluation, its capture included: capture.EvalForward).
+             captured forward graph per evaluation, its capture included: evalstep.EvalForward).
 
 With sync_timing off (the fast path), the device is synchronized only at epoch boundaries: epoch_s
 and data_s stay exact, but the split between h2d and compute is unknowable and is recorded as None
