@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from cifarlab.data import DataBundle, take
@@ -82,7 +83,16 @@ def render_c5(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     return blocks
 
 
+def plan_c5(ctx: LabContext) -> list[PlannedRuns]:
+    cpu = PlannedRuns("cpu-classic", 1, ctx.preset.cpu_epochs, evaluate=False, images=ctx.preset.cpu_subset,
+                      note="no GPU: the CPU run only")
+    if ctx.device.type != "cuda":
+        return [cpu]
+    reused = ctx.fast_base_run_before("c5")  # the GPU run is C1's configuration
+    if reused:
+        return [dataclasses.replace(cpu, note=f"the GPU run is {reused}, reused")]
+    return [dataclasses.replace(cpu, note=""), PlannedRuns("fast", 1, ctx.preset.epochs)]
+
+
 ITEM = Experiment("c5", "C5 CPU vs GPU epoch time", c5_cpu_gpu, render_c5, lambda p, cuda: p.cpu_epochs + (p.epochs if cuda else 0),
-                  plan=lambda ctx: [PlannedRuns("cpu-classic", 1, ctx.preset.cpu_epochs, evaluate=False, images=ctx.preset.cpu_subset,
-                                                note="the GPU run is C1's, reused" if ctx.device.type == "cuda"
-                                                else "no GPU: the CPU run only")])
+                  plan=plan_c5)

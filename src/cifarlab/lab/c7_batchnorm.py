@@ -50,5 +50,10 @@ def render_c7(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     return blocks
 
 
-ITEM = Experiment("c7", "C7 Without batch normalization", c7_batchnorm, render_c7, lambda p, c: p.epochs,
-                  plan=lambda ctx: [PlannedRuns("fast", 1, ctx.preset.epochs, note="the BatchNorm run is C1's, reused")])
+def plan_c7(ctx: LabContext) -> list[PlannedRuns]:
+    reused = ctx.fast_base_run_before("c7")  # the BatchNorm run is C1's configuration
+    return [PlannedRuns("fast", 1 if reused else 2, ctx.preset.epochs,
+                        note=f"the BatchNorm run is {reused}, reused" if reused else "")]
+
+
+ITEM = Experiment("c7", "C7 Without batch normalization", c7_batchnorm, render_c7, lambda p, c: p.epochs, plan=plan_c7)

@@ -20,6 +20,10 @@ from cifarlab.runner import run_training
 from cifarlab.runs import summarize
 
 FULL_EPOCH_IMAGES = 50_000  # one CIFAR-10 training epoch (C5 extrapolates to it)
+# The items that train C1's configuration (fast path, base config), as the plan names that run: the first of
+# them in a lab trains it, the later ones reuse it (C5 only on CUDA, where its GPU run is that configuration).
+FAST_BASE_RUNS = {"c1": "C1's run", "e": "E's run of C1's configuration", "c5": "C5's GPU run",
+                  "c6": "C6's SGD run", "c7": "C7's BatchNorm run"}
 
 
 class LabInterrupted(KeyboardInterrupt):
@@ -65,6 +69,7 @@ class LabContext:
     should_stop: Callable[[], bool] = lambda: False  # Ctrl-C / SIGTERM seen: start no new run
     note: Callable[[str], None] = lambda message: None  # one console line (e.g. a C8 mode that failed)
     shared: dict[str, Any] = field(default_factory=dict)  # e.g. C3's best worker count, for C4/C5
+    keys: tuple[str, ...] = ()  # the items this lab runs, in order (the plan: which runs will be reused)
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # key -> finished run infos
     _done: dict[TrainConfig, dict[str, Any]] = field(default_factory=dict)
 
@@ -118,6 +123,15 @@ class LabContext:
         if result.status == "interrupted":
             raise LabInterrupted(f"{key}/{label}")
         return info
+
+    def fast_base_run_before(self, key: str) -> str | None:
+        """Which earlier item of this lab trains C1's configuration (the fast path, base config) before `key`
+        does, so that `key`'s run of it is reused: for the plan's run counts and notes. None: none does, so
+        `key` trains it itself."""
+        for k in self.keys[: self.keys.index(key)] if key in self.keys else ():
+            if k in FAST_BASE_RUNS and (k != "c5" or self.device.type == "cuda"):
+                return FAST_BASE_RUNS[k]
+        return None
 
     def best_workers(self) -> tuple[int, str]:
         if "best_workers" in self.shared:

@@ -208,7 +208,7 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
     cuda = device.type == "cuda"
     progress = LabProgress(planned={k: EXPERIMENTS[k].planned_epochs(preset, cuda) for k in keys}, out=out)
     ctx = LabContext(base=base, preset=preset, data=data, device=device, lab_dir=lab_dir, fast_loader=fast_loader,
-                     repeats=lab.repeats or preset.repeats, progress_hooks=progress.hooks,
+                     repeats=lab.repeats or preset.repeats, progress_hooks=progress.hooks, keys=tuple(keys),
                      note=lambda message: print(f"   {message}", file=out, flush=True))
     banner = data_banner(data.source, preset)
     env = environment(device)

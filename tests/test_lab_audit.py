@@ -1,0 +1,38 @@
+"""The lab's composition (`--only`), its plan and `--budget`, checked as a user would read them (lab audit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cifarlab.config import LAB_PRESETS
+from cifarlab.lab.context import LabContext
+from cifarlab.lab.registry import EXPERIMENTS
+
+
+def _ctx(keys: tuple[str, ...], device: str = "cpu") -> LabContext:
+    return LabContext(base=None, preset=LAB_PRESETS["smoke"], data=None, device=torch.device(device),  # type: ignore[arg-type]
+                      lab_dir=Path("."), fast_loader="device", repeats=1, progress_hooks=None, keys=keys)  # type: ignore[arg-type]
+
+
+def _plan(key: str, ctx: LabContext) -> list[tuple[str, int, str]]:
+    return [(g.pipeline, g.runs, g.note) for g in EXPERIMENTS[key].plan(ctx)]  # type: ignore[misc]
+
+
+def test_the_plan_counts_a_run_as_reused_only_when_an_earlier_item_of_this_lab_trains_it() -> None:
+    """`--only c6` trains all five optimizers and `--only c7` both models: the plan said 4 and 1 runs, 'SGD is
+    C1's run, reused', with no C1 in the lab. With E, C6 or C5's GPU run first, the plan names that run."""
+    assert _plan("c6", _ctx(("c6",))) == [("fast", 5, "")]
+    assert _plan("c7", _ctx(("c7",))) == [("fast", 2, "")]
+    assert _plan("c6", _ctx(("c1", "c6", "c7"))) == [("fast", 4, "SGD is C1's run, reused")]
+    assert _plan("c7", _ctx(("c1", "c6", "c7"))) == [("fast", 1, "the BatchNorm run is C1's run, reused")]
+    assert _plan("c6", _ctx(("e", "c6"))) == [("fast", 4, "SGD is E's run of C1's configuration, reused")]
+    assert _plan("c7", _ctx(("c6", "c7"))) == [("fast", 1, "the BatchNorm run is C6's SGD run, reused")]
+    assert _plan("c7", _ctx(("c5", "c7"))) == [("fast", 2, "")]  # on a CPU C5 trains no fast-path run
+    # On CUDA C5's GPU run is C1's configuration: planned when nothing before it trains it, reused otherwise.
+    assert [(p, n) for p, n, _ in _plan("c5", _ctx(("c5",), "cuda"))] == [("cpu-classic", 1), ("fast", 1)]
+    assert _plan("c5", _ctx(("c1", "c5"), "cuda"))[0][2] == "the GPU run is C1's run, reused"
+    assert _plan("c7", _ctx(("c5", "c7"), "cuda")) == [("fast", 1, "the BatchNorm run is C5's GPU run, reused")]
+    assert _plan("c5", _ctx(("c5",))) == [("cpu-classic", 1, "no GPU: the CPU run only")]
+
