@@ -36,3 +36,15 @@ def test_the_plan_counts_a_run_as_reused_only_when_an_earlier_item_of_this_lab_t
     assert _plan("c7", _ctx(("c5", "c7"), "cuda")) == [("fast", 1, "the BatchNorm run is C5's GPU run, reused")]
     assert _plan("c5", _ctx(("c5",))) == [("cpu-classic", 1, "no GPU: the CPU run only")]
 
+
+def test_a_budget_nothing_can_be_cut_for_says_it_does_not_fit(tmp_path: Path) -> None:
+    """`--budget 0.1` on a lab with nothing to cut (C3 already at 1 repeat and 2 worker counts, C8 skipped on a
+    CPU) said 'Nothing was cut.' -- as if the lab fitted -- and then ran four times over the budget."""
+    from cifarlab.lab.budget import budget_summary
+
+    b = {"budget_min": 0.1, "budget_s": 6.0, "spent_s": 2.0, "report_allowance_s": 10.0, "available_s": -6.0,
+         "estimate_before_s": 13.0, "estimate_s": 13.0, "fits": False, "cuts": [], "not_estimated": ["e", "q"]}
+    text = budget_summary(b, lambda s: f"{s:.0f}s")
+    assert "Nothing was cut" not in text
+    assert "does not fit, and nothing could be cut" in text and "~13s estimated, over the budget" in text
+    assert budget_summary({**b, "available_s": 20.0, "fits": True}, lambda s: f"{s:.0f}s").endswith("Nothing was cut.")

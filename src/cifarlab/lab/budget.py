@@ -159,6 +159,10 @@ def budget_summary(b: dict[str, Any], fmt: Callable[[float], str]) -> str:
     head = (f"Budget {fmt(b['budget_s'])} (--budget {b['budget_min']:g}): setup and calibration took {fmt(b['spent_s'])}, "
             f"{fmt(b['report_allowance_s'])} kept for the report, {fmt(max(0.0, b['available_s']))} left for the items, "
             f"estimated at {fmt(b['estimate_before_s'])} as planned{compile_note}{unest}. ")
+    if not b["cuts"] and not b["fits"]:
+        return head + (f"It does not fit, and nothing could be cut (--budget cuts only C3's repeats, timed steps and "
+                       f"worker counts and C8's modes and epochs, and this lab had none of them left to cut): the "
+                       f"lab runs as planned, ~{fmt(b['estimate_s'])} estimated, over the budget.")
     if not b["cuts"]:
         return head + "Nothing was cut."
     tail = (f"fits: ~{fmt(b['estimate_s'])} estimated after the cuts." if b["fits"] else
