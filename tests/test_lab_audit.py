@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
+from cifarlab.cli import main
 from cifarlab.config import LAB_PRESETS
 from cifarlab.lab.context import LabContext
 from cifarlab.lab.registry import EXPERIMENTS
@@ -48,3 +50,12 @@ def test_a_budget_nothing_can_be_cut_for_says_it_does_not_fit(tmp_path: Path) ->
     assert "Nothing was cut" not in text
     assert "does not fit, and nothing could be cut" in text and "~13s estimated, over the budget" in text
     assert budget_summary({**b, "available_s": 20.0, "fits": True}, lambda s: f"{s:.0f}s").endswith("Nothing was cut.")
+
+
+def test_a_budget_too_large_for_seconds_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--budget 1e308` passed the check (finite minutes) and crashed with an OverflowError traceback when the
+    plan printed its infinite seconds, after creating the lab folder."""
+    assert main(["lab", "--preset", "smoke", "--only", "q", "--budget", "1e308", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--budget 1e+308" in err and "--budget 5" in err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())

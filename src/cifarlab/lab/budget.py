@@ -40,6 +40,9 @@ def check_budget(budget_min: Any) -> float | None:
     if isinstance(budget_min, bool) or not isinstance(budget_min, (int, float)) or not math.isfinite(budget_min) \
             or budget_min <= 0:
         raise UsageError(f"--budget must be a positive number of minutes (got {budget_min}), e.g. --budget 5")
+    if not math.isfinite(float(budget_min) * 60.0):  # 1e308 minutes: no number of seconds, no duration to print
+        raise UsageError(f"--budget {budget_min:g} minutes is too large to be a number of seconds; give a positive "
+                         f"number of minutes such as --budget 5, or leave --budget out for no budget")
     return float(budget_min) * 60.0
 
 
