@@ -3,7 +3,7 @@
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR] [STEPS]
 #
-# STEPS is a comma-separated subset of: env,tests,bare,train,compile,autotune,throughput,doctor,export,c8,lab
+# STEPS is a comma-separated subset of: env,tests,loader,bare,train,compile,autotune,throughput,doctor,export,c8,lab
 # (default: all).
 # Every step has its own time limit and writes <OUT_DIR>/<step>.log; a step that fails or runs out of time
 # does not stop the others. Needs torch, torchvision, numpy, matplotlib; runs cifarlab from src/ (no install).
@@ -13,7 +13,7 @@
 # a lent machine's call limit then ends no step mid-write and the summary always prints.
 set -u
 OUT_DIR=${1:-gpu-check-$(date -u +%Y%m%d-%H%M%S)}
-STEPS=${2:-env,tests,bare,train,compile,autotune,throughput,doctor,export,c8,lab}
+STEPS=${2:-env,tests,loader,bare,train,compile,autotune,throughput,doctor,export,c8,lab}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -53,6 +53,9 @@ step tests 240 $PY -m pytest -q -rs -p no:cacheprovider tests/test_capture.py te
 
 # The bare step, eager vs one captured CUDA graph vs torch.compile(default) inside the graph, fixed batch
 # (no data loading), batch 128 and 512; each compile row's setup_s is its (cold or disk-cached) compile.
+# The device loader batch by batch against in chunks of 8,192 images: ops per epoch, host and device seconds.
+step loader 60 $PY benchmarks/loader_ops.py --device cuda
+
 step bare 240 $PY benchmarks/bare_step.py --batches 128,512 --steps 200 --json-out "$OUT_DIR/bare_step.json"
 
 # The lab's C1 run, full-size synthetic split, 5 epochs: captured step (default) and eager, same seed;

@@ -13,7 +13,7 @@ from torchvision.transforms import functional as TF
 from cifarlab.cli import main
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, TrainConfig
 from cifarlab.data import build_loaders, classic_train_transform, load_data
-from cifarlab.data.device import PAD, DeviceLoader, crop_flip, normalize
+from cifarlab.data.device import CHUNK_IMAGES, PAD, DeviceLoader, crop_flip, normalize
 from cifarlab.engine import resolve_precision, seed_epoch
 from cifarlab.runtime import resolve_device
 
@@ -218,7 +218,7 @@ def test_cli_trains_with_the_device_loader_and_records_sane_timings(tmp_path, ca
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_chunked_epoch_gives_the_per_batch_pixels_bit_for_bit(world, channels_last):
-    """CUDA prepares the epoch in chunks of many batches (few launches); a CPU one batch at a time. The
+    """The loader prepares the epoch in chunks of many batches (few ops); batch by batch was the old way. The
     batches must not depend on it: same boundaries, same pixels, same labels, same layout, partial batch kept."""
     images = noise_images(75, seed=5)
     labels = np.arange(75)
@@ -230,7 +230,7 @@ def test_chunked_epoch_gives_the_per_batch_pixels_bit_for_bit(world, channels_la
         return list(loader)
 
     for rank in range(world):
-        per_batch = epoch(1, rank)  # rounded up to one batch: the CPU default
+        per_batch = epoch(1, rank)  # rounded up to one batch
         for chunk in (20, 64, 10_000):  # not a multiple of the batch (rounded up to 24), several, all at once
             chunked = epoch(chunk, rank)
             assert [len(y) for _, y in chunked] == [len(y) for _, y in per_batch]
@@ -238,6 +238,23 @@ def test_chunked_epoch_gives_the_per_batch_pixels_bit_for_bit(world, channels_la
                 assert torch.equal(x1, x2) and torch.equal(y1, y2)
                 layout = torch.channels_last if channels_last else torch.contiguous_format
                 assert x2.is_contiguous(memory_format=layout)
-    assert DeviceLoader(images, labels, 8, CPU, augment=False, shuffle=False).chunk_images == 8  # CPU: one batch
+    assert DeviceLoader(images, labels, 8, CPU, augment=False, shuffle=False).chunk_images == CHUNK_IMAGES
     with pytest.raises(ValueError, match="chunk_images"):
         DeviceLoader(images, labels, 8, CPU, augment=False, shuffle=False, chunk_images=0)
+
+
+def test_a_chunked_epoch_launches_far_fewer_ops_than_batch_by_batch():
+    """The point of chunks on CUDA: the epoch's gather/pad/crop/flip/normalize ops run per chunk, and a batch is
+    two slices (views, no kernel). Counted with the profiler on this CPU; a full CIFAR epoch at batch 128 gave
+    7,824 non-view ops batch by batch against 144 in chunks of 8,192 (benchmarks/loader_ops.py)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    images, labels = noise_images(1024, seed=7), np.arange(1024)
+
+    def top_level_ops(chunk: int) -> int:
+        loader = DeviceLoader(images, labels, 16, CPU, augment=True, shuffle=True, chunk_images=chunk)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            assert sum(1 for _ in loader) == 64
+        return sum(1 for e in prof.events() if e.cpu_parent is None)
+
+    assert top_level_ops(1) > 5 * top_level_ops(1024)
