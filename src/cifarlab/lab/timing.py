@@ -261,8 +261,9 @@ def time_table_blocks(doc: dict[str, Any]) -> list[Block]:
     total = sum(r["elapsed_s"] for r in rows)
     plan = doc.get("plan", {})
     cal = plan.get("calibration", {})
-    text = (f"Where the lab's {fs(wall, 1)} s of wall time went (from the start of `cifarlab lab` to the report "
-            f"written; the rows add up to {fs(total, 1)} s). 'Planned s' is the estimate printed before the work, "
+    text = (f"Where the lab's {fs(wall, 1)} s of wall time went (from the lab's start, once Python and torch are "
+            f"loaded, to the report written: `time cifarlab lab` also counts those few seconds of interpreter start "
+            f"and imports; the rows add up to {fs(total, 1)} s). 'Planned s' is the estimate printed before the work, "
             f"from {_calibrated(cal).replace(' steps of', ' timed steps of', 1)} with this lab's base config: "
             f"runs x (per-run overhead + first-epoch warm-up + epochs x (iterator start + steps x step time + evaluation)); it leaves out "
             + ("; ".join(f"{i['key']}: {i['note']}" for i in plan.get("items", []) if i.get("note")) or "nothing")
