@@ -153,6 +153,8 @@ def test_time_table_rows_add_up_to_the_lab_wall_time(smoke_lab: tuple[int, Path,
     assert (lab / "csv" / "time_table.csv").is_file()
     if doc["device"].startswith("cpu"):  # no GPU run to reuse: the plan must not promise one
         assert "GPU" not in plan["c5"]["note"].replace("no GPU", "") and "the GPU run is C1's" not in md
+        # C8 costs nothing here, and its row says why
+        assert plan["c8"]["estimate_s"] == 0.0 and plan["c8"]["note"] == "skipped: the smoke preset does not compile on a CPU"
 
 
 def test_html_plots_and_csvs_are_written(smoke_lab: tuple[int, Path, str]) -> None:

@@ -216,8 +216,10 @@ def _render_c8_v1(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
 
 def plan_c8(ctx: LabContext) -> list[PlannedRuns]:
     p = ctx.preset
-    if (ctx.device.type == "cpu" and not p.compile_on_cpu) or not any(m != "none" for m in p.compile_modes):
-        return []
+    if ctx.device.type == "cpu" and not p.compile_on_cpu:  # a row that says why it costs nothing
+        return [PlannedRuns("fast", 0, 0, evaluate=False, note=f"skipped: the {p.name} preset does not compile on a CPU")]
+    if not any(m != "none" for m in p.compile_modes):
+        return [PlannedRuns("fast", 0, 0, evaluate=False, note="skipped: --budget left no compile mode")]
     return [PlannedRuns("fast", len(p.compile_modes), p.compile_epochs, evaluate=False, note="compilation not included")]
 
 
