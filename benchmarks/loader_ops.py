@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/loader_ops.py [--device cuda] [--images 50000] [--batch-size 128]
 
-For each chunk size (1 = batch by batch, as before chunks; 8192 = the default) one epoch of the fast
+For each chunk size (1 = batch by batch, the CPU default; 8192 = the CUDA default) one epoch of the fast
 path's loader over random CIFAR-shaped images is iterated twice: once under torch.profiler to count the
 top-level aten ops (views included) and the non-view ops (each launches a kernel on a GPU), once timed:
 host seconds to iterate the epoch, and seconds until the device has finished (synchronized). The loader
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cifarlab.data.device import CHUNK_IMAGES, DeviceLoader
+from cifarlab.data.device import CUDA_CHUNK_IMAGES, DeviceLoader
 
 VIEW_OPS = {"aten::slice", "aten::view", "aten::permute", "aten::select", "aten::unsqueeze", "aten::alias",
             "aten::detach", "aten::as_strided", "aten::expand", "aten::reshape", "aten::_unsafe_view"}
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--images", type=int, default=50_000)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--chunks", default=f"1,{CHUNK_IMAGES}", help="comma-separated chunk sizes in images")
+    p.add_argument("--chunks", default=f"1,{CUDA_CHUNK_IMAGES}", help="comma-separated chunk sizes in images")
     args = p.parse_args()
     device = torch.device(args.device)
     rng = np.random.default_rng(0)

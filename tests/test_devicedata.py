@@ -13,7 +13,7 @@ from torchvision.transforms import functional as TF
 from cifarlab.cli import main
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, TrainConfig
 from cifarlab.data import build_loaders, classic_train_transform, load_data
-from cifarlab.data.device import CHUNK_IMAGES, PAD, DeviceLoader, crop_flip, normalize
+from cifarlab.data.device import PAD, DeviceLoader, crop_flip, normalize
 from cifarlab.engine import resolve_precision, seed_epoch
 from cifarlab.runtime import resolve_device
 
@@ -218,7 +218,7 @@ def test_cli_trains_with_the_device_loader_and_records_sane_timings(tmp_path, ca
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_chunked_epoch_gives_the_per_batch_pixels_bit_for_bit(world, channels_last):
-    """The loader prepares the epoch in chunks of many batches (few ops); batch by batch was the old way. The
+    """CUDA prepares the epoch in chunks of many batches (few launches); a CPU one batch at a time. The
     batches must not depend on it: same boundaries, same pixels, same labels, same layout, partial batch kept."""
     images = noise_images(75, seed=5)
     labels = np.arange(75)
@@ -238,7 +238,7 @@ def test_chunked_epoch_gives_the_per_batch_pixels_bit_for_bit(world, channels_la
                 assert torch.equal(x1, x2) and torch.equal(y1, y2)
                 layout = torch.channels_last if channels_last else torch.contiguous_format
                 assert x2.is_contiguous(memory_format=layout)
-    assert DeviceLoader(images, labels, 8, CPU, augment=False, shuffle=False).chunk_images == CHUNK_IMAGES
+    assert DeviceLoader(images, labels, 8, CPU, augment=False, shuffle=False).chunk_images == 8  # CPU: one batch
     with pytest.raises(ValueError, match="chunk_images"):
         DeviceLoader(images, labels, 8, CPU, augment=False, shuffle=False, chunk_images=0)
 

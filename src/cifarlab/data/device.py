@@ -12,13 +12,14 @@ lives on the same device:
 Per chunk of the epoch's order: one gather of the images, zero padding, crop and flip as one batched
 index op on uint8 (so padding is zeros *before* normalizing, as RandomCrop pads the PIL image), then
 ToTensor's /255 and Normalize's (x - mean) / std in the same order as torchvision, output in
-channels_last; the chunk's batches are then slices of it (views: no work per batch). A chunk is 8,192
-images (`CHUNK_IMAGES`): ~20 ops per chunk instead of per batch, 144 an epoch instead of 7,824 at batch 128
-(`benchmarks/loader_ops.py`), so on CUDA ~140 kernel launches instead of ~8,000, with ~200 MB of transient
-memory; on the 2-core CPU the epoch's loader work also fell from 4.39 s to 0.80 s. Every op works image by
-image, so the pixels are the same bit for bit whatever the chunk. No Python loop over images, no host->device
-copy, no host-device synchronization inside the loop. The chunk's work lands in the data wait of its first
-batch.
+channels_last; the chunk's batches are then slices of it (views: no work per batch). On CUDA a chunk is
+8,192 images (`CUDA_CHUNK_IMAGES`): ~20 ops per chunk instead of per batch, 144 an epoch instead of 7,824 at
+batch 128 (`benchmarks/loader_ops.py`), so ~140 kernel launches instead of ~8,000, with ~200 MB of transient
+device memory. On a CPU there is no launch to save and a batch's working set stays in cache: on the idle
+2-core EPYC an epoch's loader work took 0.38-0.47 s batch by batch against 0.70-0.78 s in chunks of 8,192 (three runs), so a
+CPU chunk is one batch. Every op works image by image, so the pixels are the same bit for bit whatever the
+chunk. No Python loop over images, no host->device copy, no host-device synchronization inside the loop.
+The chunk's work lands in the data wait of its first batch.
 
 Data parallel (torchrun; the runner passes rank and world): every rank draws the same permutation and augmentation and keeps positions
 rank, rank+world, ...; the train split is padded (wrapped) to a multiple of world like
@@ -40,7 +41,7 @@ from cifarlab.data.split import DataBundle
 
 PAD = 4  # RandomCrop(32, padding=4)
 FLIP_P = 0.5  # RandomHorizontalFlip()
-CHUNK_IMAGES = 8192  # images prepared per pass (see the module docstring)
+CUDA_CHUNK_IMAGES = 8192  # images prepared per pass on CUDA; one batch on a CPU (see the module docstring)
 
 
 def draw_augmentation(n: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,9 +116,10 @@ class DeviceLoader:
         self.images = images_t.to(self.device)
         self.labels = labels_t.to(self.device, dtype=torch.int64)
         self.batch_size = batch_size
-        # Images prepared per pass, rounded up to a whole number of batches so that batch boundaries do not
-        # depend on it.
-        chunk = CHUNK_IMAGES if chunk_images is None else chunk_images
+        # Images prepared per pass (None: CUDA_CHUNK_IMAGES on CUDA, one batch elsewhere), rounded up to a
+        # whole number of batches so that batch boundaries do not depend on it.
+        default = CUDA_CHUNK_IMAGES if self.device.type == "cuda" else 1
+        chunk = default if chunk_images is None else chunk_images
         if chunk < 1:
             raise ValueError(f"chunk_images must be >= 1, got {chunk}")
         self.chunk_images = -(-chunk // batch_size) * batch_size
