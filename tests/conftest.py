@@ -1,4 +1,5 @@
-"""Shared fixtures: small datasets in the real CIFAR-10 on-disk format, read by the real code."""
+"""Shared fixtures: small datasets in the real CIFAR-10 on-disk format, read by the real code; running the CLI
+and checking its one-line errors."""
 
 from __future__ import annotations
 
@@ -7,7 +8,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cifarlab.cli import main
 from cifarlab.data import BASE_FOLDER, TEST_FILES, TRAIN_FILES, synthetic_split, write_cifar_batch
+
+# A training run of a few seconds on the classic pipeline without worker processes.
+TINY = ["--subset", "16", "--test-subset", "10", "--batch-size", "8", "--loader", "torch", "--workers", "0"]
+
+
+def run_cli(args, capsys):
+    """(exit code, stdout, stderr) of `cifarlab ARGS`."""
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    """err, after checking it is one `cifarlab: error:` line and no traceback."""
+    assert err.count("\n") == 1 and err.startswith("cifarlab: error: ") and "Traceback" not in err, err
+    return err
 
 
 def make_cifar_dir(root: Path, per_train_file: int = 40, n_test: int = 40, seed: int = 0) -> Path:

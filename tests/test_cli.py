@@ -5,16 +5,9 @@ import subprocess
 import sys
 
 import pytest
-
-from cifarlab.cli import main
+from tests.conftest import run_cli
 
 TINY = ["--epochs", "1", "--subset", "40", "--test-subset", "20", "--batch-size", "20", "--workers", "0"]
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize(

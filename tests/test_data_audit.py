@@ -4,25 +4,12 @@
 from __future__ import annotations
 
 import pytest
-from tests.conftest import make_cifar_dir
+from tests.conftest import TINY, make_cifar_dir, one_line, run_cli
 
 import cifarlab.data.cifar as data_mod
-from cifarlab.cli import main
 from cifarlab.data import BASE_FOLDER
 
-TINY = ["--subset", "16", "--test-subset", "10", "--batch-size", "8", "--loader", "torch", "--workers", "0"]
 OFFLINE = "http://127.0.0.1:9/cifar-10-python.tar.gz"  # refused at once: any download attempt fails
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    assert err.count("\n") == 1 and err.startswith("cifarlab: error: ") and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture(autouse=True)

@@ -16,28 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.conftest import make_cifar_dir
+from tests.conftest import TINY, make_cifar_dir, one_line, run_cli
 
 import cifarlab.data.cifar as data_mod
 import cifarlab.runner as runner_mod
-from cifarlab.cli import main
 from cifarlab.config import TrainConfig
 from cifarlab.data import ARCHIVE_NAME, BASE_FOLDER, TEST_FILES, TRAIN_FILES, load_data
 from cifarlab.errors import DataError
-
-TINY = ["--subset", "16", "--test-subset", "10", "--batch-size", "8", "--loader", "torch", "--workers", "0"]
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    assert err.count("\n") == 1 and err.startswith("cifarlab: error: ") and "Traceback" not in err, err
-    return err
-
 
 # ------------------------------------------------------------------------------------ divergence
 
