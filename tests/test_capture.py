@@ -393,13 +393,6 @@ def test_first_non_finite_step_is_recorded_on_the_device():
 # ------------------------------------------------------------------------------- evaluation
 
 
-def test_why_evaluation_runs_eagerly():
-    cuda = torch.device("cuda")  # only its type is looked at
-    assert steps.eval_capture_blocker(TrainConfig(), cuda) is None  # the fast path on CUDA captures
-    assert "off" in steps.eval_capture_blocker(TrainConfig(cuda_graph="off"), cuda)
-    assert "classic" in steps.eval_capture_blocker(TrainConfig(loader="torch"), cuda)
-    assert steps.eval_capture_blocker(TrainConfig(loader="torch", cuda_graph="on"), cuda) is None
-    assert "CUDA" in steps.eval_capture_blocker(TrainConfig(), CPU)
 
 
 def test_data_parallel_evaluates_eagerly(monkeypatch):
@@ -514,17 +507,23 @@ def test_cuda_graph_on_without_cuda_is_one_line_before_anything_is_printed_or_wr
         assert not (tmp_path / command).exists() or not any((tmp_path / command).iterdir())
 
 
-def test_why_a_run_steps_eagerly():
+@pytest.mark.parametrize("blocker", [steps.capture_blocker, steps.eval_capture_blocker])
+def test_why_a_run_steps_or_evaluates_eagerly(blocker):
     cuda = torch.device("cuda")  # only its type is looked at
-    assert steps.capture_blocker(TrainConfig(), cuda) is None  # the fast path on CUDA captures
-    assert "off" in steps.capture_blocker(TrainConfig(cuda_graph="off"), cuda)
-    assert "classic" in steps.capture_blocker(TrainConfig(loader="torch"), cuda)
-    assert steps.capture_blocker(TrainConfig(loader="torch", cuda_graph="on"), cuda) is None
+    assert blocker(TrainConfig(), cuda) is None  # the fast path on CUDA captures
+    assert "off" in blocker(TrainConfig(cuda_graph="off"), cuda)
+    assert "classic" in blocker(TrainConfig(loader="torch"), cuda)
+    assert blocker(TrainConfig(loader="torch", cuda_graph="on"), cuda) is None
+    assert "CUDA device" in blocker(TrainConfig(), CPU)
+
+
+def test_what_only_the_training_step_cannot_capture():
+    cuda = torch.device("cuda")
     assert "own" in steps.capture_blocker(TrainConfig(compile="reduce-overhead"), cuda)
     assert steps.capture_blocker(TrainConfig(compile="default"), cuda) is None  # compiled kernels inside the graph
     assert steps.capture_blocker(TrainConfig(compile="max-autotune-no-cudagraphs"), cuda) is None
     assert "GradScaler" in steps.capture_blocker(TrainConfig(), cuda, object())
-    assert "CUDA device" in steps.capture_blocker(TrainConfig(), CPU)
+    assert steps.eval_capture_blocker(TrainConfig(compile="reduce-overhead"), cuda) is None  # eval: the plain model
 
 
 def test_epoch_batch_sizes_and_sample_shape():

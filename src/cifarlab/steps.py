@@ -19,14 +19,23 @@ from cifarlab.evalstep import EvalForward
 from cifarlab.timing import DeviceClock
 
 
-def capture_blocker(cfg: TrainConfig, device: torch.device, scaler: Any = None) -> str | None:
-    """Why this run's step cannot be one captured CUDA graph (None: it can)."""
+def _graph_blocker(cfg: TrainConfig, device: torch.device, classic: str) -> str | None:
+    """What stops any CUDA graph in this run, the step's or evaluation's (None: nothing); `classic` says why
+    the classic pipeline stays eager unless --cuda-graph on."""
     if cfg.cuda_graph == "off":
         return "--cuda-graph off"
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device (this run: {device.type})"
     if cfg.loader != "device" and cfg.cuda_graph == "auto":
-        return "the classic pipeline (--loader torch) steps eagerly (--cuda-graph on captures it too)"
+        return classic
+    return None
+
+
+def capture_blocker(cfg: TrainConfig, device: torch.device, scaler: Any = None) -> str | None:
+    """Why this run's step cannot be one captured CUDA graph (None: it can)."""
+    if blocker := _graph_blocker(cfg, device, "the classic pipeline (--loader torch) steps eagerly "
+                                              "(--cuda-graph on captures it too)"):
+        return blocker
     if dist.is_active():
         return "data parallel (several processes): eager step, DDP's bucketed all-reduce is not captured"
     if scaler is not None:
@@ -109,12 +118,9 @@ def prepare_step_runner(cfg: TrainConfig, *, module: nn.Module, model: nn.Module
 
 def eval_capture_blocker(cfg: TrainConfig, device: torch.device) -> str | None:
     """Why evaluation's forward is not one captured CUDA graph (None: it is)."""
-    if cfg.cuda_graph == "off":
-        return "--cuda-graph off"
-    if device.type != "cuda":
-        return f"CUDA graphs need a CUDA device (this run: {device.type})"
-    if cfg.loader != "device" and cfg.cuda_graph == "auto":
-        return "the classic pipeline (--loader torch) evaluates eagerly, as the lab's script does"
+    if blocker := _graph_blocker(cfg, device, "the classic pipeline (--loader torch) evaluates eagerly, "
+                                              "as the lab's script does"):
+        return blocker
     if dist.is_active():  # NCCL's watchdog thread queries events, which a global-mode capture forbids
         return "data parallel (several processes): each rank evaluates its shard eagerly"
     return None
