@@ -112,3 +112,21 @@ def test_a_data_path_with_a_tilde_is_the_home_folder_as_for_the_download(tmp_pat
     make_cifar_dir(tmp_path / "x", per_train_file=4, n_test=4)
     bundle = load_data(TrainConfig(data_dir="~/x", dataset="cifar10"))
     assert len(bundle.train) == 20 and str(tmp_path / "x" / BASE_FOLDER) in bundle.description
+
+
+def test_a_partly_present_dataset_of_the_users_own_files_is_never_overwritten_by_a_download(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """Five batch files there (not the official ones), one missing: a download would unpack the archive over the
+    five. It is refused before any network access, naming the missing file and what would be overwritten."""
+    import torchvision.datasets.utils as tv_utils
+
+    calls: list[str] = []
+    monkeypatch.setattr(data_mod, "download_and_extract_archive", lambda *a, **k: calls.append("download"))
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", lambda *a, **k: calls.append("download"))
+    root = make_cifar_dir(tmp_path / "data", per_train_file=4, n_test=4)
+    (root / BASE_FOLDER / "data_batch_4").unlink()
+    before = (root / BASE_FOLDER / "data_batch_1").read_bytes()
+    code, _, err = run_cli(["train", "--data", root, "--dataset", "cifar10", "--out", tmp_path / "runs", *TINY], capsys)
+    assert code == 2 and calls == []
+    assert "downloading would unpack the official archive over data_batch_1" in one_line(err)
+    assert (root / BASE_FOLDER / "data_batch_1").read_bytes() == before

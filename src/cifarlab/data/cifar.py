@@ -191,6 +191,17 @@ def _check_before_download(data_dir: Path) -> None:
         path = cifar_folder(data_dir) / name
         if path.exists() and not path.is_file():
             raise DataError(f"{path} is a folder (or other non-file), not a CIFAR-10 batch file; remove it")
+    # Some files there, some missing: the archive unpacks all six over them. Only where those already there are
+    # the official files (same md5: nothing changes) may it; the user's own files are never overwritten.
+    folder = cifar_folder(data_dir)
+    present = [n for n in TRAIN_FILES + TEST_FILES if (folder / n).is_file()]
+    official = official_md5s()
+    changed = [n for n in present if _md5(folder / n) != official.get(n)]
+    if changed:
+        missing = [n for n in TRAIN_FILES + TEST_FILES if n not in present]
+        raise DataError(f"CIFAR-10 files missing in {folder}: {', '.join(missing)}; downloading would unpack the official "
+                        f"archive over {', '.join(changed)}, which differ from the official files: restore the missing "
+                        f"files, or move {folder} away to download a fresh copy")
     archive = data_dir / ARCHIVE_NAME
     if archive.exists():
         if not archive.is_file():
