@@ -3,8 +3,14 @@
 On the fast path on CUDA an eager forward of a test batch is launch-bound (~100 small kernels; on an H200 an
 evaluation of 10,000 images took 0.25-0.45 s). Each evaluation therefore warms up on its first batch,
 captures `model(x)` in eval mode and replays it for every batch of that shape (the partial last batch runs
-eagerly). The graph lives for one evaluation only, so it never holds addresses that a later step,
-checkpoint load or warm-up could change; the graphs of one run share a memory pool.
+eagerly). The graph is replayed in one evaluation only, so it never reads addresses that a later step,
+checkpoint load or warm-up could change.
+
+Memory: a graph's private pool is not handed back when the graph is destroyed (public reports: reserved memory
+growing ~23 MB per capture with a fresh pool each time), so the run's graphs share one pool handle. A shared
+handle whose graphs are all gone trips torch's allocator (`TORCH_INTERNAL_ASSERT(use_count > 0)` when the
+next capture increfs it), so the previous evaluation's graph is kept, never replayed, until the next one is
+captured: one pool per run, at most two graphs in it, only during a capture.
 """
 
 from __future__ import annotations
@@ -28,8 +34,7 @@ class EvalForward:
     capture=True (CUDA): per evaluation (`session()`), the first batch (the full test batch, unless the split
     is smaller) is run eagerly EVAL_WARMUP_CALLS times on a side stream, then captured; every batch of that
     shape is copied into the static input and replayed (its logits are the graph's static output, valid until
-    the next call); another shape (the partial last batch) runs eagerly. Every evaluation's graph draws from
-    one memory pool kept for the run, so they reuse the same memory. A failure falls back to eager for the
+    the next call); another shape (the partial last batch) runs eagerly. A failure falls back to eager for the
     rest of the run, with `fallback_reason`; the caller warns."""
 
     def __init__(self, model: nn.Module, precision: str, device: torch.device, *, capture: bool,
@@ -45,7 +50,8 @@ class EvalForward:
         self._static_x: torch.Tensor | None = None
         self._static_out: torch.Tensor | None = None
         self._tried = False  # this evaluation already tried to capture
-        self._pool: Any = None  # the graphs' memory pool (torch.cuda.graph_pool_handle), one per run
+        self._pool: Any = None  # the run's graph pool handle (torch.cuda.graph_pool_handle)
+        self._previous: Any = None  # the last evaluation's graph: keeps _pool in use until the next capture
 
     @property
     def mode(self) -> str:
@@ -58,6 +64,8 @@ class EvalForward:
         try:
             yield self
         finally:
+            if self._graph is not None:
+                self._previous = self._graph  # not replayed again; released once the next graph is captured
             self._graph = self._static_x = self._static_out = None
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -67,7 +75,7 @@ class EvalForward:
                 return self._capture(inputs)
             except Exception as e:  # eager from here, for the rest of the run
                 self.fallback_reason = f"{type(e).__name__}: {one_line(e)}"
-                self._graph = self._static_x = self._static_out = None
+                self._graph = self._static_x = self._static_out = self._previous = None
                 if self.device.type == "cuda":
                     with contextlib.suppress(Exception):
                         torch.cuda.set_stream(torch.cuda.default_stream(self.device))
@@ -108,6 +116,7 @@ class EvalForward:
         with torch.cuda.graph(graph, pool=self._pool, stream=stream):
             with autocast_context(self.precision, self.device, cache_enabled=False):
                 static_out = self.model(static_x)
+        self._previous = None  # the new graph holds the pool now
         graph.replay()
         scale = float(reference.detach().abs().max().float().clamp(min=1.0))
         gap = float((static_out.float() - reference.float()).abs().max())  # one host read per evaluation
