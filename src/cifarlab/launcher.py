@@ -7,8 +7,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
+from types import FrameType
 from typing import Callable, Sequence
 
 import torch
@@ -88,12 +91,55 @@ def launch(args: argparse.Namespace, cfg: TrainConfig, nproc: int) -> int:
         env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
     words = list(getattr(args, "argv", None) or [])
     flags = without_nproc(words[1:] if words[:1] == ["train"] else words)
-    proc = subprocess.Popen(torchrun_command(nproc, flags), env=env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:  # the terminal sent SIGINT to torchrun and the workers too
-        try:
-            proc.wait(timeout=60)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            proc.kill()
-        return 130
+    with ForwardStopSignals() as forward:
+        # torchrun in a session of its own: a terminal's Ctrl-C or a group's SIGTERM reaches it once, through
+        # forward (as a `kill` of this process alone does), never twice (a second signal makes torchrun stop
+        # waiting for its workers)
+        proc = subprocess.Popen(torchrun_command(nproc, flags), env=env, start_new_session=True)
+        forward.attach(proc)
+        code = proc.wait()
+    return 128 + forward.received if forward.received is not None else code
+
+
+class ForwardStopSignals:
+    """While torchrun runs: pass SIGINT and SIGTERM on to it (it passes them to the workers, which stop at
+    the same step and write the finished epochs) and keep waiting until it has ended, so this process never
+    exits while the workers still train or write -- a `kill` of the launcher alone once left torchrun and
+    its workers training on, orphaned. Only the first signal is passed on. `received` is its number (exit
+    code 128 + it)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._proc: subprocess.Popen | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:  # once: torchrun ends its workers by SIGKILL if they have not stopped 30 s later
+            self.received = signum
+            self._send(signum)
+
+    def _send(self, signum: int) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signum)
+
+    def attach(self, proc: subprocess.Popen) -> None:
+        self._proc = proc
+        if self.received is not None:  # it came between Popen and here
+            self._send(self.received)
+
+    def __enter__(self) -> "ForwardStopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                previous = signal.getsignal(sig)
+                if previous == signal.SIG_IGN:  # a background job's SIGINT stays ignored
+                    continue
+                self._previous[sig] = previous
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)  # type: ignore[arg-type]
+        self._previous.clear()

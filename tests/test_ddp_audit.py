@@ -1,0 +1,59 @@
+"""Data-parallel training as a user meets it: `cifarlab train --nproc N` stopped by a signal, and bad input
+refused in one line before torchrun starts N processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TINY = ["--dataset", "synthetic", "--subset", "32", "--test-subset", "16", "--batch-size", "8", "--no-evaluate"]
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Live processes whose command line contains text (the run's --out folder names them all)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the run's processes")
+def test_sigterm_to_the_launcher_alone_stops_every_process_before_it_exits(tmp_path):
+    # A supervisor's `kill PID` reaches the launcher only (no terminal, no process group). It used to die at
+    # once, leaving torchrun and both workers training the whole run to its end, orphaned.
+    out = tmp_path / "sigterm-run"
+    cmd = [sys.executable, "-m", "cifarlab", "train", "--nproc", "2", *TINY, "--epochs", "500", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if line.startswith("epoch 1/") or time.monotonic() > deadline:
+                break
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=90)
+        left = _processes_naming(str(out))
+    finally:
+        for pid in _processes_naming(str(out)):  # never leave a run behind, fix or no fix
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+    assert code == 143, code  # README: 143 = interrupted by SIGTERM (it was -15: killed, not stopped)
+    assert left == [], f"still running after the launcher exited: {left}"
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "interrupted" and status["summary"]["epochs_completed"] >= 1
+    assert (run / "checkpoint.pt").is_file()
