@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.conftest import one_line, run_cli
 
 TINY = ["--dataset", "synthetic", "--subset", "32", "--test-subset", "16", "--batch-size", "8", "--no-evaluate"]
 
@@ -57,3 +58,10 @@ def test_sigterm_to_the_launcher_alone_stops_every_process_before_it_exits(tmp_p
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "interrupted" and status["summary"]["epochs_completed"] >= 1
     assert (run / "checkpoint.pt").is_file()
+
+
+def test_sync_bn_on_cpu_is_refused_before_torchrun_starts(tmp_path, capsys):
+    # It was refused by every worker: the error twice, torchrun's ChildFailedError traceback, exit 1.
+    code, _, err = run_cli(["train", "--nproc", "2", "--sync-bn", *TINY, "--out", tmp_path], capsys)
+    assert code == 2 and "--sync-bn needs CUDA" in one_line(err)
+    assert list(tmp_path.iterdir()) == []

@@ -87,6 +87,8 @@ def launch(args: argparse.Namespace, cfg: TrainConfig, nproc: int) -> int:
             raise UsageError(f"--nproc {nproc} but only {torch.cuda.device_count()} GPU(s) here; "
                              "use at most one process per GPU")
     else:
+        if cfg.sync_bn:  # the workers would each refuse it, after starting, N error lines and torchrun's traceback
+            raise UsageError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); drop it on CPU")
         # Each CPU process is one "device": the usable cores are split between them.
         env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
     words = list(getattr(args, "argv", None) or [])
