@@ -181,9 +181,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 RESUME_OVERRIDES = ("epochs",)
 
 
-def resume_config(run_dir: str | Path, given: dict[str, Any]) -> TrainConfig:
+def resume_config(run_dir: str | Path, given: dict[str, Any], claim: bool = True) -> TrainConfig:
     """The config of the run in run_dir (its config.json), with the allowed overrides from `given`.
-    Refuses folders that are not runs, and runs still alive on this host."""
+    Refuses folders that are not runs, and runs still alive on this host. claim=False checks without claiming
+    the folder (the --nproc launcher, whose rank 0 claims it)."""
     folder = Path(run_dir)
     flag = f"--resume {str(run_dir)!r}"
     if not folder.is_dir():
@@ -211,7 +212,8 @@ def resume_config(run_dir: str | Path, given: dict[str, Any]) -> TrainConfig:
     cfg = cfg.replace(out_dir=str(folder.resolve().parent), **{k: given[k] for k in given})
     cfg.validate()
     _refuse_live_run(folder, flag)
-    _claim_run(folder, flag)
+    if claim:
+        _claim_run(folder, flag)
     _refuse_unwritable(folder, flag)
     # Read the checkpoint now, so a bad one is reported before any data is loaded.
     ckpt = load_checkpoint(folder / CHECKPOINT_NAME)
