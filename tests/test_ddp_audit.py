@@ -65,3 +65,17 @@ def test_sync_bn_on_cpu_is_refused_before_torchrun_starts(tmp_path, capsys):
     code, _, err = run_cli(["train", "--nproc", "2", "--sync-bn", *TINY, "--out", tmp_path], capsys)
     assert code == 2 and "--sync-bn needs CUDA" in one_line(err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_with_another_process_count_or_no_folder_is_one_line_before_torchrun(tmp_path, capsys):
+    # Both were refused by every worker after loading the data: the error N times, torchrun's traceback, exit 1.
+    code, _, _ = run_cli(["train", *TINY, "--epochs", "1", "--out", tmp_path], capsys)
+    assert code == 0
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    code, out, err = run_cli(["train", "--resume", run, "--epochs", "2", "--nproc", "2"], capsys)
+    assert code == 2 and out == ""
+    assert "trained on 1 process(es)" in one_line(err) and "resume it without --nproc" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing written, nothing lost
+    code, _, err = run_cli(["train", "--resume", tmp_path / "nowhere", "--nproc", "2"], capsys)
+    assert code == 2 and "is not a folder" in one_line(err)

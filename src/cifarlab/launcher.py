@@ -11,11 +11,13 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Callable, Sequence
 
 import torch
 
+from cifarlab.checkpoint import CHECKPOINT_NAME, load_checkpoint, resume_config
 from cifarlab.collectives import launched_by_torchrun
 from cifarlab.config import TrainConfig
 from cifarlab.ddp import session
@@ -67,6 +69,22 @@ def without_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def check_resume(args: argparse.Namespace, nproc: int) -> TrainConfig:
+    """--resume RUN_DIR --nproc N, checked once here (the workers refused a bad one N times over, each after
+    loading the data, and torchrun added its traceback): the folder and its config as every worker checks
+    them, and N against the number of processes its checkpoint was trained with. The run's config."""
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    cfg = resume_config(args.resume, given, claim=False)  # the folder is claimed by rank 0
+    saved = load_checkpoint(Path(args.resume) / CHECKPOINT_NAME).get("run")
+    processes = saved.get("processes") if isinstance(saved, dict) else None
+    if isinstance(processes, int) and processes != nproc:
+        raise UsageError(f"--resume {str(args.resume)!r} was trained on {processes} process(es) (global batch "
+                         f"{processes * cfg.batch_size}); --nproc {nproc} would go on as a different experiment -- "
+                         + (f"resume it with --nproc {processes}" if processes > 1 else "resume it without --nproc")
+                         + ", or start a new run")
+    return cfg
+
+
 def torchrun_command(nproc: int, flags: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
             "--nproc_per_node", str(nproc), "-m", "cifarlab", "train", *flags]
@@ -80,6 +98,7 @@ def launch(args: argparse.Namespace, cfg: TrainConfig, nproc: int) -> int:
     if getattr(args, "resume", None) is None:
         device, _ = prepare(cfg)  # flags, --out and the dataset, once, before N processes start
     else:
+        cfg = check_resume(args, nproc)
         device = resolve_device(cfg.device)
     env = dict(os.environ)
     if device.type == "cuda":
