@@ -79,3 +79,13 @@ def test_resume_with_another_process_count_or_no_folder_is_one_line_before_torch
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing written, nothing lost
     code, _, err = run_cli(["train", "--resume", tmp_path / "nowhere", "--nproc", "2"], capsys)
     assert code == 2 and "is not a folder" in one_line(err)
+
+
+def test_more_processes_than_cpu_cores_is_one_line(tmp_path, capsys):
+    from cifarlab.runtime import usable_cpus
+
+    n = usable_cpus() + 1  # it used to start them all (with --nproc 64 on 2 cores, nothing ended within 2 min)
+    code, _, err = run_cli(["train", "--nproc", n, *TINY, "--epochs", "1", "--device", "cpu", "--out", tmp_path],
+                           capsys)
+    assert code == 2 and f"--nproc {n} but only {n - 1} usable CPU core(s)" in one_line(err)
+    assert list(tmp_path.iterdir()) == []

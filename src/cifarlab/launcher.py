@@ -108,6 +108,9 @@ def launch(args: argparse.Namespace, cfg: TrainConfig, nproc: int) -> int:
     else:
         if cfg.sync_bn:  # the workers would each refuse it, after starting, N error lines and torchrun's traceback
             raise UsageError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); drop it on CPU")
+        if nproc > usable_cpus():  # 64 processes on 2 cores each load torch and the data: the machine stalls
+            raise UsageError(f"--nproc {nproc} but only {usable_cpus()} usable CPU core(s) and no GPU here; on a "
+                             f"CPU each process is one core: use --nproc {usable_cpus()} or fewer")
         # Each CPU process is one "device": the usable cores are split between them.
         env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
     words = list(getattr(args, "argv", None) or [])
