@@ -144,6 +144,9 @@ def test_inductor_cache_dir_and_state(tmp_path: Path, monkeypatch: pytest.Monkey
     path, source = inductor_cache_dir()  # torch's documented default: <tempdir>/torchinductor_<user>
     assert Path(path).parent == Path(tempfile.gettempdir()) and Path(path).name.startswith("torchinductor_")
     assert "default" in source
+    # importing torch may set the variable to that very default: still the default, not the user's choice
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", path)
+    assert inductor_cache_dir()[0] == path and "default" in inductor_cache_dir()[1]
 
     assert cache_state(str(tmp_path / "ind")) == {"exists": False, "entries": 0}
     (tmp_path / "ind" / "fxgraph" / "ab").mkdir(parents=True)

@@ -127,17 +127,19 @@ def inductor_cache_dir() -> tuple[str, str]:
     """(inductor's on-disk cache folder, how it was found). torch has no public accessor for it; its caching
     tutorial documents the env variable TORCHINDUCTOR_CACHE_DIR and, without it, a per-user folder
     torchinductor_<username> in the system temp directory (e.g. /tmp/torchinductor_alice): computed here
-    the same way (torch replaces characters a path cannot hold in the username)."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return os.path.abspath(env), f"from ${CACHE_ENV}"
+    the same way (torch replaces characters a path cannot hold in the username). Importing torch may itself
+    set the variable to that default (torch._inductor's cache_dir_utils), so a variable holding exactly the
+    default is reported as the default, not as the user's choice."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError, ImportError):
         user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
     user = re.sub(r'[\\/:*?"<>|]', "_", user)
-    return (os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"),
-            f"torch's documented default, ${CACHE_ENV} unset")
+    default = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
+    env = os.environ.get(CACHE_ENV)
+    if env and os.path.abspath(env) != os.path.abspath(default):
+        return os.path.abspath(env), f"from ${CACHE_ENV}"
+    return default, f"torch's documented default ({'set so by torch' if env else f'${CACHE_ENV} unset'})"
 
 
 def cache_state(path: str) -> dict[str, Any]:
