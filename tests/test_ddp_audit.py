@@ -89,3 +89,26 @@ def test_more_processes_than_cpu_cores_is_one_line(tmp_path, capsys):
                            capsys)
     assert code == 2 and f"--nproc {n} but only {n - 1} usable CPU core(s)" in one_line(err)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_the_compile_banner_says_where_compilation_lands(torchrun, monkeypatch):
+    """A single process compiles in the setup warm-up (setup_s); under torchrun the runs keep no warm-up, so
+    compilation lands in epoch 1 (41 s of it on this CPU), and the banner must not claim setup_s there."""
+    import io
+
+    import torch
+
+    from cifarlab.config import TrainConfig
+    from cifarlab.progress import ConsoleProgress
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        if torchrun:
+            monkeypatch.setenv(key, "0" if key != "WORLD_SIZE" else "2")
+        else:
+            monkeypatch.delenv(key, raising=False)
+    out = io.StringIO()
+    cache = {"dir": "/tmp/x", "source": "test", "entries_before": 0}
+    ConsoleProgress(1, out=out).banner(TrainConfig(compile="default"), "data", torch.device("cpu"), cache)
+    line = next(line for line in out.getvalue().splitlines() if line.startswith("compile:"))
+    assert ("in epoch 1" in line) == torchrun and ("setup_s, apart from the epochs" in line) == (not torchrun)

@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from cifarlab import collectives
 from cifarlab.config import TrainConfig
 from cifarlab.engine import EpochRecord, Hooks, TrainState, resolve_precision
 from cifarlab.runtime import device_label
@@ -68,8 +69,11 @@ class ConsoleProgress:
         if compile_cache:
             files = compile_cache["entries_before"]
             state = f"warm, {files:,} file(s)" if files else "cold"
+            # under torchrun the runs keep no warm-up before epoch 1 (steps.prepare_step_runner), so it compiles there
+            lands = ("in epoch 1 (data parallel: no warm-up before it)" if collectives.launched_by_torchrun()
+                     else "setup_s, apart from the epochs")
             print(f"{self.prefix}compile: torch.compile mode {cfg.compile}; inductor's on-disk cache {compile_cache['dir']} "
-                  f"({state}; {compile_cache['source']}): its time is setup_s, apart from the epochs, and a rerun of this "
+                  f"({state}; {compile_cache['source']}): its time is {lands}, and a rerun of this "
                   f"config compiles from the cache", file=self.out)
         self.out.flush()
 
