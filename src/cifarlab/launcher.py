@@ -7,10 +7,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from types import FrameType
 from typing import Callable, Sequence
@@ -22,6 +20,7 @@ from cifarlab.collectives import launched_by_torchrun
 from cifarlab.config import TrainConfig
 from cifarlab.ddp import session
 from cifarlab.errors import UsageError
+from cifarlab.interrupt import StopOnSignal
 from cifarlab.runner import prepare
 from cifarlab.runtime import resolve_device, usable_cpus
 
@@ -125,19 +124,17 @@ def launch(args: argparse.Namespace, cfg: TrainConfig, nproc: int) -> int:
     return 128 + forward.received if forward.received is not None else code
 
 
-class ForwardStopSignals:
+class ForwardStopSignals(StopOnSignal):
     """While torchrun runs: pass SIGINT and SIGTERM on to it (it passes them to the workers, which stop at
     the same step and write the finished epochs) and keep waiting until it has ended, so this process never
     exits while the workers still train or write -- a `kill` of the launcher alone once left torchrun and
-    its workers training on, orphaned. Only the first signal is passed on. `received` is its number (exit
-    code 128 + it)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    its workers training on, orphaned. Only the first signal is passed on, and a second one does not abort
+    the wait. `received` is its number (exit code 128 + it). Installing and restoring the handlers (a
+    signal the shell told us to ignore stays ignored) is StopOnSignal's."""
 
     def __init__(self) -> None:
-        self.received: int | None = None
+        super().__init__()
         self._proc: subprocess.Popen | None = None
-        self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:  # once: torchrun ends its workers by SIGKILL if they have not stopped 30 s later
@@ -152,18 +149,3 @@ class ForwardStopSignals:
         self._proc = proc
         if self.received is not None:  # it came between Popen and here
             self._send(self.received)
-
-    def __enter__(self) -> "ForwardStopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                previous = signal.getsignal(sig)
-                if previous == signal.SIG_IGN:  # a background job's SIGINT stays ignored
-                    continue
-                self._previous[sig] = previous
-                signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)  # type: ignore[arg-type]
-        self._previous.clear()
