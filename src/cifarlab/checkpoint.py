@@ -181,10 +181,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 RESUME_OVERRIDES = ("epochs",)
 
 
-def resume_config(run_dir: str | Path, given: dict[str, Any], claim: bool = True) -> TrainConfig:
+def resume_config(run_dir: str | Path, given: dict[str, Any], claim: bool = True,
+                  processes: int | None = None) -> TrainConfig:
     """The config of the run in run_dir (its config.json), with the allowed overrides from `given`.
     Refuses folders that are not runs, and runs still alive on this host. claim=False checks without claiming
-    the folder (the --nproc launcher, whose rank 0 claims it)."""
+    the folder (the --nproc launcher, whose rank 0 claims it); `processes` (the launcher's --nproc) must be
+    the number the checkpoint was trained with, when it recorded one."""
     folder = Path(run_dir)
     flag = f"--resume {str(run_dir)!r}"
     if not folder.is_dir():
@@ -225,6 +227,13 @@ def resume_config(run_dir: str | Path, given: dict[str, Any], claim: bool = True
     if ckpt["epoch"] >= cfg.epochs:
         raise UsageError(f"{flag}: all {ckpt['epoch']} epochs are already finished; "
                          f"add --epochs N with N > {ckpt['epoch']} to train further")
+    run = ckpt.get("run")
+    trained_on = run.get("processes") if isinstance(run, dict) else None
+    if processes is not None and isinstance(trained_on, int) and trained_on != processes:
+        raise UsageError(f"{flag} was trained on {trained_on} process(es) (global batch {trained_on * cfg.batch_size}); "
+                         f"--nproc {processes} would go on as a different experiment -- "
+                         + (f"resume it with --nproc {trained_on}" if trained_on > 1 else "resume it without --nproc")
+                         + ", or start a new run")
     return cfg
 
 

@@ -9,13 +9,12 @@ import contextlib
 import os
 import subprocess
 import sys
-from pathlib import Path
 from types import FrameType
 from typing import Callable, Sequence
 
 import torch
 
-from cifarlab.checkpoint import CHECKPOINT_NAME, load_checkpoint, resume_config
+from cifarlab.checkpoint import resume_config
 from cifarlab.collectives import launched_by_torchrun
 from cifarlab.config import TrainConfig
 from cifarlab.ddp import session
@@ -73,15 +72,8 @@ def check_resume(args: argparse.Namespace, nproc: int) -> TrainConfig:
     loading the data, and torchrun added its traceback): the folder and its config as every worker checks
     them, and N against the number of processes its checkpoint was trained with. The run's config."""
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    cfg = resume_config(args.resume, given, claim=False)  # the folder is claimed by rank 0
-    saved = load_checkpoint(Path(args.resume) / CHECKPOINT_NAME).get("run")
-    processes = saved.get("processes") if isinstance(saved, dict) else None
-    if isinstance(processes, int) and processes != nproc:
-        raise UsageError(f"--resume {str(args.resume)!r} was trained on {processes} process(es) (global batch "
-                         f"{processes * cfg.batch_size}); --nproc {nproc} would go on as a different experiment -- "
-                         + (f"resume it with --nproc {processes}" if processes > 1 else "resume it without --nproc")
-                         + ", or start a new run")
-    return cfg
+    # the checkpoint is read once, there; the folder is claimed by rank 0
+    return resume_config(args.resume, given, claim=False, processes=nproc)
 
 
 def torchrun_command(nproc: int, flags: list[str]) -> list[str]:
