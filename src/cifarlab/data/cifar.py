@@ -177,6 +177,7 @@ def _check_before_download(data_dir: Path) -> None:
     (extraction cannot replace it), or a local archive whose md5 is wrong (torchvision would silently
     try to re-download it; a matching one is unpacked without any network). Also a --data that is a
     file, or that is the batches folder itself (the download would land inside it)."""
+    folder = cifar_folder(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"--data {data_dir} is a file, not a folder; point --data at the folder that holds "
                         f"{BASE_FOLDER}/ (or where it may be downloaded)")
@@ -184,16 +185,14 @@ def _check_before_download(data_dir: Path) -> None:
         raise DataError(f"--data {data_dir} holds the CIFAR-10 batch files itself; --data names the folder above "
                         f"{BASE_FOLDER}/: use --data {data_dir.parent}"
                         + ("" if data_dir.name == BASE_FOLDER else f" after renaming {data_dir.name} to {BASE_FOLDER}"))
-    if cifar_folder(data_dir).exists() and not cifar_folder(data_dir).is_dir():
-        raise DataError(f"{cifar_folder(data_dir)} is not a folder; remove it (CIFAR-10's files belong in a folder "
-                        "of that name)")
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder} is not a folder; remove it (CIFAR-10's files belong in a folder of that name)")
     for name in TRAIN_FILES + TEST_FILES:
-        path = cifar_folder(data_dir) / name
+        path = folder / name
         if path.exists() and not path.is_file():
             raise DataError(f"{path} is a folder (or other non-file), not a CIFAR-10 batch file; remove it")
     # Some files there, some missing: the archive unpacks all six over them. Only where those already there are
     # the official files (same md5: nothing changes) may it; the user's own files are never overwritten.
-    folder = cifar_folder(data_dir)
     present = [n for n in TRAIN_FILES + TEST_FILES if (folder / n).is_file()]
     official = official_md5s()
     changed = [n for n in present if _md5(folder / n) != official.get(n)]
