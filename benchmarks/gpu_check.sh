@@ -96,8 +96,9 @@ step export 200 bash -c "run=\$(ls -d '$OUT_DIR'/runs/*-captured | head -1) && \
 step c8 "${C8_LIMIT_S:-480}" $PY -m cifarlab lab --preset full --dataset synthetic --only c8 --out "$OUT_DIR/lab-c8"
 
 # The lab's full preset, per-experiment times (results.json time table); LAB_ONLY narrows it.
+# LAB_BUDGET_MIN sets the lab's --budget (C3 and C8 cut to fit, the cuts said in the report).
 step lab "${LAB_LIMIT_S:-420}" $PY -m cifarlab lab --preset full --dataset synthetic ${LAB_ONLY:+--only $LAB_ONLY} \
-    --out "$OUT_DIR/lab"
+    ${LAB_BUDGET_MIN:+--budget $LAB_BUDGET_MIN} --out "$OUT_DIR/lab"
 
 # Failures keep their whole traceback in the output folder (runs, lab items, C8 modes): show their ends here,
 # so the console alone says what broke.
