@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from cifarlab.capture import CapturedStep, StepRunner
 from cifarlab.engine import resolve_precision
@@ -35,6 +37,51 @@ from cifarlab.models import resnet18
 from cifarlab.optim import OPTIMIZERS, build_optimizer
 
 KINDS = ("eager", "cuda-graph", "compile+cuda-graph")
+# Kernel name fragments per category, checked in this order (cuDNN's BatchNorm kernels carry "cudnn" too).
+KERNEL_CATEGORIES = (
+    ("batch norm", ("bn_", "batch_norm", "batchnorm", "welford")),
+    ("convolution", ("conv", "dgrad", "wgrad", "fprop", "implicit", "xmma", "cudnn", "cutlass", "nhwc")),
+    ("matmul", ("gemm", "nvjet", "cublas")),
+    ("optimizer (multi-tensor)", ("multi_tensor", "foreach")),
+    ("copy / set", ("memcpy", "memset")),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, parts in KERNEL_CATEGORIES if any(p in low for p in parts)), "elementwise / reduce / other")
+
+
+def kernel_profile(runner: StepRunner, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, Any]:
+    """GPU kernel time per step of `steps` eager steps under torch.profiler, by category, and how busy the GPU was
+    over the profiled span (union of kernel intervals). The captured graph runs the same kernels, so a captured step
+    close to this kernel sum is bound by the kernels themselves, not by launches."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            runner.load(x, y)
+            runner.step()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    if not spans:
+        return {"steps": steps, "kernel_ms_per_step": None, "note": "the profiler saw no CUDA kernels"}
+    per_cat: dict[str, float] = {}
+    per_kernel: dict[str, float] = {}
+    busy_us, reach = 0.0, spans[0][0]
+    for start, end, name in spans:
+        per_cat[kernel_category(name)] = per_cat.get(kernel_category(name), 0.0) + (end - start)
+        per_kernel[name] = per_kernel.get(name, 0.0) + (end - start)
+        busy_us += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    span_us = spans[-1][1] - spans[0][0]
+    total_us = sum(per_cat.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "steps": steps, "kernels": len(spans) // steps, "kernel_ms_per_step": total_us / steps / 1e3,
+        "busy_fraction": busy_us / span_us if span_us else None,
+        "by_category_ms_per_step": {k: v / steps / 1e3 for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])},
+        "top_kernels_ms_per_step": [{"name": n[:120], "ms": v / steps / 1e3} for n, v in top],
+    }
 
 
 def measure(kind: str, batch: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -70,6 +117,7 @@ def measure(kind: str, batch: int, args: argparse.Namespace, device: torch.devic
     torch.cuda.synchronize(device)
     wall_s = time.perf_counter() - t0
     ms = start.elapsed_time(end) / args.steps
+    kernels = kernel_profile(runner, x, y, args.kernel_steps) if args.kernel_steps and kind == "eager" else None
     loss_sum, _, bad = runner.read_sums()
     return {
         "batch": batch, "kind": runner.mode, "asked": kind,
@@ -77,7 +125,8 @@ def measure(kind: str, batch: int, args: argparse.Namespace, device: torch.devic
         "steps": args.steps, "ms_per_step": ms, "images_per_s": batch / (ms / 1e3),
         "host_ms_per_step": 1e3 * host_s / args.steps, "wall_ms_per_step": 1e3 * wall_s / args.steps,
         "setup_s": setup_s, "fallback_reason": runner.fallback_reason,
-        "mean_loss": loss_sum / (batch * (args.steps + args.warmup)), "first_bad_step": bad,
+        "mean_loss": loss_sum / (batch * (args.steps + args.warmup + (args.kernel_steps if kernels else 0))),
+        "first_bad_step": bad, "kernel_profile": kernels,
     }
 
 
@@ -91,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated step kinds (default {','.join(KINDS)})")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode of the compile+ kinds (default default)")
+    p.add_argument("--kernel-steps", type=int, default=20,
+                   help="eager steps profiled for GPU kernel time by category after the eager row (0: none; default 20)")
     p.add_argument("--json-out", type=Path, help="write the rows here as JSON")
     args = p.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -113,6 +164,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['images_per_s']:,.0f} | {r['setup_s']:.2f} | {ratio} |")
         if r["fallback_reason"]:
             print(f"  (capture fell back: {r['fallback_reason']})")
+    for r in rows:
+        k = r["kernel_profile"]
+        if not k or k.get("kernel_ms_per_step") is None:
+            continue
+        captured = [c for c in rows if c["batch"] == r["batch"] and c["asked"] != "eager"]
+        vs = "; ".join(f"{c['asked']} step {c['ms_per_step']:.2f} ms = {k['kernel_ms_per_step'] / c['ms_per_step']:.0%} "
+                       f"of it in these kernels" for c in captured)
+        print(f"batch {r['batch']}, eager kernels: {k['kernel_ms_per_step']:.2f} ms of GPU kernel time per step "
+              f"({k['kernels']} kernels/step; GPU busy {k['busy_fraction']:.0%} of the profiled span)" + (f"; {vs}" if vs else ""))
+        for cat, ms in k["by_category_ms_per_step"].items():
+            print(f"   {cat:<30} {ms:7.3f} ms/step  {ms / k['kernel_ms_per_step']:6.1%}")
+        for t in k["top_kernels_ms_per_step"][:6]:
+            print(f"      {t['ms']:7.3f} ms  {t['name'][:100]}")
     doc = {"schema": "cifarlab.bare_step/1", "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
            "rows": rows}
     if args.json_out:

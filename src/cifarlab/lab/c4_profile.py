@@ -9,6 +9,7 @@ points (start-up apart) -- on an H200 the two 5-epoch classic runs this replaces
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -41,9 +42,12 @@ def _profiled_train(ctx: LabContext, key: str, label: str, cfg: TrainConfig) -> 
         captured["top_ops"] = _top_ops(prof, cuda)
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # kineto's start/stop chatter on stderr
-    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=active, repeat=1),
-                 on_trace_ready=ready) as prof:
-        info = ctx.train(key, label, cfg, hooks=Hooks(on_step=lambda e, s, n: prof.step()), reuse=False)
+    with warnings.catch_warnings():
+        # one cycle (repeat=1), so torch's "Profiler clears events at the end of each cycle" warning loses nothing
+        warnings.filterwarnings("ignore", message="Profiler clears events")
+        with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=active, repeat=1),
+                     on_trace_ready=ready) as prof:
+            info = ctx.train(key, label, cfg, hooks=Hooks(on_step=lambda e, s, n: prof.step()), reuse=False)
     trace = Path(ctx.lab_dir) / info["path"] / "profile.pt.trace.json"
     if tmp.exists():
         os.replace(tmp, trace)  # TensorBoard's profiler plugin reads *.pt.trace.json
