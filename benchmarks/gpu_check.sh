@@ -49,7 +49,9 @@ step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --f
     $PY -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
 
 # CUDA-only tests skip on CPU machines; here they run (captured step = eager within bf16 noise, setup apart, ...).
-step tests 240 $PY -m pytest -q -rs -p no:cacheprovider tests/test_capture.py tests/test_precision.py tests/test_devicedata.py
+# TESTS_K narrows them (pytest -k), e.g. TESTS_K=cuda for the CUDA-only ones.
+step tests 240 $PY -m pytest -q -rsP -p no:cacheprovider tests/test_capture.py tests/test_precision.py tests/test_devicedata.py \
+    tests/test_cuda_timing.py ${TESTS_K:+-k "$TESTS_K"}
 
 # The bare step, eager vs one captured CUDA graph vs torch.compile(default) inside the graph, fixed batch
 # (no data loading), batch 128 and 512; each compile row's setup_s is its (cold or disk-cached) compile.
@@ -86,8 +88,11 @@ step throughput 300 $PY benchmarks/throughput.py --device cuda --dataset synthet
 
 step doctor 150 $PY -m cifarlab doctor --dataset synthetic --budget 60 --out "$OUT_DIR/doctor"
 
+# Every export format on CUDA (AOTInductor compiles for the GPU), each reloaded and checked there, then the
+# inference latency of each variant on CUDA.
 step export 200 bash -c "run=\$(ls -d '$OUT_DIR'/runs/*-captured | head -1) && \
-    $PY -m cifarlab export \"\$run\" --out '$OUT_DIR/export' && \
+    $PY -m cifarlab export \"\$run\" --out '$OUT_DIR/export' --device cuda \
+    --format torchscript-trace,torchscript-script,export,onnx,aoti && \
     $PY -m cifarlab infer-bench '$OUT_DIR/export' --device cuda --out '$OUT_DIR/inferbench'"
 
 # C8 alone (full preset: eager and the three compile modes, 10 epochs each), in its own lab folder: what each
