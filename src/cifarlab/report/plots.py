@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from cifarlab.fileio import write_bytes_atomic
+from cifarlab.core.fileio import write_bytes_atomic
 from cifarlab.report.blocks import Image, finite, ok_records
 
 
