@@ -28,7 +28,7 @@ from cifarlab.run.checkpoint import CHECKPOINT_NAME, resume_config
 from cifarlab.run.console import ConsoleProgress
 from cifarlab.run.runner import is_out_of_memory, prepare, run_training
 
-EXIT_DIVERGED = 3  # README "Exit codes"; interrupted: 128 + signal (130 SIGINT, 143 SIGTERM); usage: 2
+EXIT_DIVERGED = 3  # docs/runs.md "Exit codes"; interrupted: 128 + signal (130 SIGINT, 143 SIGTERM); usage: 2
 
 
 def cmd_train(args: argparse.Namespace) -> int:

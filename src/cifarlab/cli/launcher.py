@@ -1,6 +1,6 @@
 """`cifarlab train` under torchrun: with --nproc N start torchrun on this node with the user's own
 train flags; under torchrun join the process group and run the ordinary train command in it, with
-rank 0 alone printing. Multi-node: run torchrun yourself on every node (README)."""
+rank 0 alone printing. Multi-node: run torchrun yourself on every node (docs/distributed.md)."""
 
 from __future__ import annotations
 
