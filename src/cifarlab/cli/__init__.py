@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from cifarlab import __version__
 from cifarlab.cli.export_parsers import add_export_parser, add_infer_bench_parser
-from cifarlab.config import DATASETS, DEVICES, LAB_PRESETS
+from cifarlab.config import DATASETS, DEVICES, INSPECT_BATCH_SIZE, LAB_PRESETS
 from cifarlab.config.flags import PROG, Parser, add_train_options, config_from_args
 from cifarlab.core.errors import UsageError
 
@@ -39,7 +39,8 @@ def _add_inspect(sub: Any) -> None:
     p = sub.add_parser("inspect", help="model facts for lab Q1-Q4, computed from the model")
     p.add_argument("--optimizer", action="append", metavar="NAME", help="optimizer(s) to measure (default sgd and adam)")
     p.add_argument("--no-batchnorm", action="store_true", help="the C7 variant without BatchNorm")
-    p.add_argument("--batch-size", type=int, default=32, help="batch for the real backward pass (default 32)")
+    p.add_argument("--batch-size", type=int, default=INSPECT_BATCH_SIZE,
+                   help=f"batch for the real backward pass (default {INSPECT_BATCH_SIZE})")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run_command("inspect"))
 

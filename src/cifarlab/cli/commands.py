@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from cifarlab.cli.export_commands import cmd_export, cmd_infer_bench
 from cifarlab.cli.launcher import run_train_command
-from cifarlab.config import LabConfig, TrainConfig
+from cifarlab.config import INSPECT_BATCH_SIZE, LabConfig, TrainConfig
 from cifarlab.config.flags import PROG, config_from_args
 from cifarlab.core.errors import UsageError
 from cifarlab.core.runtime import compile_cache, workers_warning
@@ -100,7 +100,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except (RuntimeError, MemoryError) as e:  # numpy's failed allocation is a MemoryError, torch's CPU one a RuntimeError
         if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
             raise
-        smaller = 32 if args.batch_size > 32 else max(1, args.batch_size // 2)  # 32: the default
+        smaller = INSPECT_BATCH_SIZE if args.batch_size > INSPECT_BATCH_SIZE else max(1, args.batch_size // 2)
         raise UsageError(f"out of memory at --batch-size {args.batch_size} (the inspection's backward pass); "
                          f"try a smaller --batch-size, e.g. {smaller}") from None
     if args.json:

@@ -10,7 +10,15 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from cifarlab.config import COMPILE_MODES, EXPORT_FORMATS, export_format_names
+from cifarlab.config import (
+    COMPILE_MODES,
+    EXPORT_CHECK_IMAGES,
+    EXPORT_FORMATS,
+    INFER_BENCH_BATCH_SIZES,
+    INFER_BENCH_ITERS,
+    INFER_BENCH_WARMUP,
+    export_format_names,
+)
 from cifarlab.core.errors import UsageError
 
 COMPILED_MODES = tuple(m for m in COMPILE_MODES if m != "none")  # infer-bench --compile [MODE]
@@ -53,8 +61,8 @@ def add_export_parser(sub: Any, run: Callable[[argparse.Namespace], int]) -> arg
     p.add_argument("--out", metavar="DIR", default=None, help="output folder (default RUN_DIR/export)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="device the artifacts are traced/exported and checked on (default cpu; aoti compiles for it)")
-    p.add_argument("--check-images", type=int, metavar="N", default=64,
-                   help="test images in the fixed check batch (default 64)")
+    p.add_argument("--check-images", type=int, metavar="N", default=EXPORT_CHECK_IMAGES,
+                   help=f"test images in the fixed check batch (default {EXPORT_CHECK_IMAGES})")
     p.set_defaults(func=run)
     return p
 
@@ -66,9 +74,12 @@ def add_infer_bench_parser(sub: Any, run: Callable[[argparse.Namespace], int]) -
     p = sub.add_parser("infer-bench", help="inference latency (p50/p95/p99, images/s) of eager vs exported models")
     p.add_argument("path", metavar="RUN_DIR_OR_EXPORT_DIR",
                    help="a run folder (its export/ is used, or a temporary export is made) or an export folder")
-    p.add_argument("--batch-sizes", default="1,100,128", metavar="B1,B2", help="batch sizes (default 1,100,128)")
-    p.add_argument("--iters", type=int, default=20, metavar="N", help="timed calls per variant and batch size (default 20)")
-    p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed calls first, at least 1 (default 2; the first call's "
+    sizes = ",".join(str(b) for b in INFER_BENCH_BATCH_SIZES)
+    p.add_argument("--batch-sizes", default=sizes, metavar="B1,B2", help=f"batch sizes (default {sizes})")
+    p.add_argument("--iters", type=int, default=INFER_BENCH_ITERS, metavar="N",
+                   help=f"timed calls per variant and batch size (default {INFER_BENCH_ITERS})")
+    p.add_argument("--warmup", type=int, default=INFER_BENCH_WARMUP, metavar="N",
+                   help=f"untimed calls first, at least 1 (default {INFER_BENCH_WARMUP}; the first call's "
                    "latency is kept as first_call_ms)")
     p.add_argument("--budget-s", type=float, default=1.0, metavar="S",
                    help="stop timing a batch size once its variants took about S seconds each (after at least 5 "

@@ -31,6 +31,12 @@ TRAIN_COMPILE_MODES = (*COMPILE_MODES, "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("auto", "on", "off")  # the training step as one captured CUDA graph (capture.py)
 # cifarlab export's formats (export.py builds each); checked here, before torch loads, for a one-line error.
 EXPORT_FORMATS = ("torchscript-trace", "torchscript-script", "export", "onnx", "aoti")
+# Defaults of export, infer-bench and inspect, here (torch-free) so the parsers' help and the code agree.
+EXPORT_CHECK_IMAGES = 64  # test images in export's fixed check batch
+INFER_BENCH_BATCH_SIZES = (1, 100, 128)
+INFER_BENCH_ITERS = 20  # timed calls per variant and batch size
+INFER_BENCH_WARMUP = 2  # TorchScript's profiling executor: 1st call profiles, 2nd optimizes
+INSPECT_BATCH_SIZE = 32  # inspect's real backward pass
 # The lab's five optimizers (C6); optim.OPTIMIZERS builds each, in this order.
 OPTIMIZER_NAMES = ("sgd", "sgd-nesterov", "adagrad", "adadelta", "adam")
 

@@ -13,6 +13,7 @@ from typing import Any
 from cifarlab.config import TrainConfig
 from cifarlab.core.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 from cifarlab.doctor.advice import PARTS, THRESHOLDS, Candidate, Diagnosis, Measurement, pct
+from cifarlab.report.plots import pyplot
 from cifarlab.run.folder import create_run_dir, utc_now
 
 UNKNOWN_NOISE_SHARE = 0.10  # noise assumed when the baseline has a single repeat
@@ -295,12 +296,7 @@ def markdown(result: DoctorResult) -> str:
 
 def chart_png(result: DoctorResult) -> bytes:
     """Stacked per-step split, baseline vs the best change (baseline alone when none helps)."""
-    # matplotlib is imported here on purpose: it is slow to import and only this chart needs it.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     bars: list[tuple[str, Summary]] = [("baseline", result.baseline_summary)]
     if result.best is not None and (s := summarize(result.best.measurements)) is not None:
         bars.append((" ".join(result.best.flags), s))

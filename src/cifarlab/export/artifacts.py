@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifarlab.config import CIFAR_MEAN, CIFAR_STD, EXPORT_FORMATS, NORMS, export_format_names
+from cifarlab.config import CIFAR_MEAN, CIFAR_STD, EXPORT_CHECK_IMAGES, EXPORT_FORMATS, NORMS, export_format_names
 from cifarlab.core.errors import UsageError
 from cifarlab.core.fileio import file_digest, write_json_atomic
 from cifarlab.core.runtime import environment
@@ -55,7 +55,7 @@ GRAPH_FILES = {
     "export": "resnet18.exported.graph.txt",
 }
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
-CHECK_IMAGES = 64
+CHECK_IMAGES = EXPORT_CHECK_IMAGES
 MAX_DYNAMIC_BATCH = 4096
 # max |logit - eager logit| allowed, relative to max(1, max |eager logit|). CUDA allows more: its conv and
 # matmul kernels may use TF32, and compiled kernels reorder sums differently from cuDNN.

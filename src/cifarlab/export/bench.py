@@ -28,17 +28,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from cifarlab.config import INFER_BENCH_BATCH_SIZES, INFER_BENCH_ITERS, INFER_BENCH_WARMUP
 from cifarlab.core.errors import UsageError
 from cifarlab.core.fileio import write_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
 from cifarlab.core.runtime import environment, usable_cpus
 from cifarlab.export import artifacts as ex
+from cifarlab.report.plots import pyplot
 from cifarlab.run.checkpoint import CHECKPOINT_NAME
 from cifarlab.run.folder import ensure_writable_dir, utc_now
 
 BENCH_SCHEMA = "cifarlab.inferbench/1"
-DEFAULT_BATCH_SIZES = (1, 100, 128)
-DEFAULT_ITERS = 20
-DEFAULT_WARMUP = 2  # TorchScript's profiling executor: 1st call profiles, 2nd optimizes
+DEFAULT_BATCH_SIZES = INFER_BENCH_BATCH_SIZES
+DEFAULT_ITERS = INFER_BENCH_ITERS
+DEFAULT_WARMUP = INFER_BENCH_WARMUP
 DEFAULT_BUDGET_S = 1.0  # per variant and batch size; timing stops early past it (at least MIN_ITERS calls)
 MIN_ITERS = 5
 MAX_BATCH = 4096
@@ -222,12 +224,7 @@ def variant_bars(ax: Any, rows: list[dict[str, Any]], key: str, colour: dict[str
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """p50 latency and images/s per variant and batch size, one row of panels per device."""
-    # matplotlib is imported here on purpose: it costs ~1 s to import and only this function needs it.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok, devices, colour = latency_groups(rows)
     fig, axes = plt.subplots(len(devices), 2, figsize=(12, 4 * len(devices)), squeeze=False)
     for axrow, device in zip(axes, devices):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cifarlab.config import CIFAR_MEAN, CIFAR_STD
+from cifarlab.config import CIFAR_MEAN, CIFAR_STD, INSPECT_BATCH_SIZE
 from cifarlab.data import synthetic_split
 from cifarlab.model.optim import build_optimizer
 from cifarlab.model.resnet import resnet18
@@ -108,7 +108,7 @@ def optimizer_facts(optimizer_name: str, norm: str, batch_size: int, seed: int) 
 
 
 def inspect_model(
-    optimizers: tuple[str, ...] = ("sgd", "adam"), norm: str = "batch", batch_size: int = 32, seed: int = 0
+    optimizers: tuple[str, ...] = ("sgd", "adam"), norm: str = "batch", batch_size: int = INSPECT_BATCH_SIZE, seed: int = 0
 ) -> dict[str, Any]:
     model = resnet18(norm=norm)
     facts: dict[str, Any] = {"schema": FACTS_SCHEMA, "norm": norm, **structure_facts(model)}
