@@ -283,7 +283,7 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
             raise UsageError(oom_message(cfg, e, device)) from None
         raise
     steps = baseline[0].window_steps
-    _say(stream, f"baseline r1: {doctor_report.one_line(baseline[0])}; windows of up to {steps} steps")
+    _say(stream, f"baseline r1: {doctor_report.measurement_line(baseline[0])}; windows of up to {steps} steps")
     diag = classify(baseline[0])
     _say(stream, f"diagnosis: {diag.label}: " + "; ".join(diag.evidence + diag.findings))
     cands = propose(cfg, host_facts(cfg, device, baseline[0]), diag, COMPILE_COST_S)
@@ -324,10 +324,10 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
                 continue
             c.measurements.append(m)
             c.status, c.reason = "measured", ""
-            _say(stream, f"{c.key} r{r}: {doctor_report.one_line(m)}")
+            _say(stream, f"{c.key} r{r}: {doctor_report.measurement_line(m)}")
         if base_cost() <= left():
             baseline.append(measure(cfg, data, device, steps, f"baseline r{len(baseline) + 1}"))
-            _say(stream, f"baseline r{len(baseline)}: {doctor_report.one_line(baseline[-1])}")
+            _say(stream, f"baseline r{len(baseline)}: {doctor_report.measurement_line(baseline[-1])}")
     for c in runnable:
         if c.status == "proposed":
             c.status, c.reason = "cut", f"budget: one run needs ~{est(c):.0f} s"

@@ -180,7 +180,7 @@ def to_json(result: DoctorResult) -> dict[str, Any]:
     }
 
 
-def one_line(m: Measurement) -> str:
+def measurement_line(m: Measurement) -> str:
     parts = "  ".join(f"{p} {v:.1f}" for p in PARTS if (v := m.per_step_ms(p)) is not None)
     return f"{m.images_per_s:7.1f} img/s  step {m.step_ms:8.1f} ms  ({parts} ms/step)  [{m.cost_s:.1f} s]"
 

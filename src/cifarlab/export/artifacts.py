@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, EXPORT_CHECK_IMAGES, EXPORT_FORMATS, NORMS, export_format_names
-from cifarlab.core.errors import UsageError
+from cifarlab.core.errors import UsageError, one_line
 from cifarlab.core.fileio import file_digest, write_json_atomic
 from cifarlab.core.runtime import environment
 from cifarlab.data import cifar_present, load_cifar10, synthetic_split
@@ -56,6 +56,7 @@ GRAPH_FILES = {
 }
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 CHECK_IMAGES = EXPORT_CHECK_IMAGES
+EXCEPTION_CHARS = 200  # of an exception's first line quoted in export's and infer-bench's messages
 MAX_DYNAMIC_BATCH = 4096
 # max |logit - eager logit| allowed, relative to max(1, max |eager logit|). CUDA allows more: its conv and
 # matmul kernels may use TF32, and compiled kernels reorder sums differently from cuDNN.
@@ -79,12 +80,6 @@ class ExportMismatch(UsageError):
 
 
 # ------------------------------------------------------------------------------------- the source
-
-
-def one_line(e: BaseException, limit: int = 200) -> str:
-    """The first non-empty line of an exception's message (torch's span many lines)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return (lines[0] if lines else type(e).__name__)[:limit]
 
 
 def _installed(name: str) -> bool:
@@ -133,7 +128,7 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         model.load_state_dict(ckpt["model"], strict=True)
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise UsageError(f"{path} does not hold cifarlab's ResNet-18 (norm={norm}) weights "
-                         f"({type(e).__name__}: {one_line(e)}); export only checkpoints written by cifarlab train") from None
+                         f"({type(e).__name__}: {one_line(e, EXCEPTION_CHARS)}); export only checkpoints written by cifarlab train") from None
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise UsageError(f"{path}: weights hold NaN/inf (first: {bad[0]}); the run diverged -- export an earlier run")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from cifarlab.config import INFER_BENCH_BATCH_SIZES, INFER_BENCH_ITERS, INFER_BENCH_WARMUP
-from cifarlab.core.errors import UsageError
+from cifarlab.core.errors import UsageError, one_line
 from cifarlab.core.fileio import write_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
 from cifarlab.core.runtime import environment, usable_cpus
 from cifarlab.export import artifacts as ex
@@ -94,7 +94,7 @@ def make_variants(model: nn.Module, device: torch.device, export_dir: str | Path
             try:
                 fn = ex.load_artifact(fmt, export_dir / entry["file"], device)
             except Exception as e:  # a format that cannot run on this device is reported, not fatal
-                skipped[name] = f"{type(e).__name__}: {ex.one_line(e)}"
+                skipped[name] = f"{type(e).__name__}: {one_line(e, ex.EXCEPTION_CHARS)}"
                 continue
             providers = getattr(fn, "providers", None)
             if providers is not None and device.type == "cuda" and "CUDAExecutionProvider" not in providers:
@@ -152,7 +152,7 @@ def bench(variants: list[Variant], batch_sizes: tuple[int, ...] | list[int] = DE
                             _timed_call(v.fn, x, cuda)
                         times[v.name] = []
                     except Exception as e:  # noqa: BLE001 -- recorded in the row, the others go on
-                        status[v.name] = f"failed: {type(e).__name__}: {ex.one_line(e)}"
+                        status[v.name] = f"failed: {type(e).__name__}: {one_line(e, ex.EXCEPTION_CHARS)}"
                         if cuda:
                             torch.cuda.empty_cache()
                 active = [v for v in group if v.name in times]

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from cifarlab.core.clock import DeviceClock
+from cifarlab.core.errors import one_line
 from cifarlab.step.warmup import optimizer_params, preserved_training_state
 
 STEP_EAGER = "eager"
@@ -383,8 +384,3 @@ def _sample_batch(batch: int, shape: Sequence[int], channels_last: bool, device:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.arange(batch, device=device, dtype=torch.int64) % 10
     return x, y
-
-
-def one_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return (lines[0] if lines else "")[:240]

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifarlab.step.capture import STEP_EAGER, STEP_GRAPH, autocast_context, one_line
+from cifarlab.core.errors import one_line
+from cifarlab.step.capture import STEP_EAGER, STEP_GRAPH, autocast_context
 
 EVAL_WARMUP_CALLS = 2  # eager eval forwards on the capture stream before capture (cuDNN picks its kernels)
 # A replay's logits against the eager warm-up's on the same batch: the same kernels should give the same
