@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from cifarlab.core.clock import DeviceClock
-from cifarlab.core.errors import one_line
+from cifarlab.core.text import one_line
 from cifarlab.step.warmup import optimizer_params, preserved_training_state
 
 STEP_EAGER = "eager"

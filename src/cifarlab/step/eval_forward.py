@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifarlab.core.errors import one_line
+from cifarlab.core.text import one_line
 from cifarlab.step.capture import STEP_EAGER, STEP_GRAPH, autocast_context
 
 EVAL_WARMUP_CALLS = 2  # eager eval forwards on the capture stream before capture (cuDNN picks its kernels)
