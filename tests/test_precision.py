@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarlab import engine, runtime
 from cifarlab.config import TrainConfig
+from cifarlab.core import runtime
 from cifarlab.data.device import DeviceLoader
-from cifarlab.engine import build_state, resolve_precision, train_epoch
+from cifarlab.train import engine
+from cifarlab.train.engine import build_state, resolve_precision, train_epoch
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # only the type is looked at: no CUDA call is made for it below

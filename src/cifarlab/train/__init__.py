@@ -1,0 +1,6 @@
+"""Training: the epoch loop and evaluation with their timings (engine; what each timing includes is in its
+docstring) and the choice of step runner for a run (steps: captured CUDA graph or eager, and why not)."""
+
+from cifarlab.train.engine import Hooks, build_state, evaluate, resolve_precision, train, train_epoch
+
+__all__ = ["Hooks", "build_state", "evaluate", "resolve_precision", "train", "train_epoch"]
