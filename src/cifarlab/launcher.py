@@ -55,7 +55,7 @@ def run_train_command(
             # block has restored the streams.
             with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
                 return train_here(args)
-        if getattr(args, "resume", None) is None:
+        if getattr(args, "resume", None) in (None, AUTO):  # a resumed run's banner says the rest
             print(f"dist:   {info.world_size} processes ({info.backend}); --batch-size {cfg.batch_size} per process "
                   f"= global batch {cfg.batch_size * info.world_size}", flush=True)
         return train_here(args)

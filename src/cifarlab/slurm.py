@@ -79,14 +79,13 @@ def _expand_one(pattern: str, whole: str) -> list[str]:
 
 
 def hostnames(hostlist: str) -> list[str]:
-    """SLURM's own expansion (`scontrol show hostnames`) where scontrol is on PATH, else expand_hostlist."""
-    if shutil.which("scontrol") is None:
-        return expand_hostlist(hostlist)
-    proc = subprocess.run(["scontrol", "show", "hostnames", hostlist], capture_output=True, text=True, timeout=60)
-    names = proc.stdout.split()
-    if proc.returncode != 0 or not names:
-        raise UsageError(f"scontrol show hostnames {hostlist!r} failed: {(proc.stderr or proc.stdout).strip()[:200]}")
-    return names
+    """SLURM's own expansion (`scontrol show hostnames`) where scontrol is on PATH and answers, else
+    expand_hostlist (the same rules for the forms SLURM writes)."""
+    if shutil.which("scontrol") is not None:
+        proc = subprocess.run(["scontrol", "show", "hostnames", hostlist], capture_output=True, text=True, timeout=60)
+        if proc.returncode == 0 and proc.stdout.split():
+            return proc.stdout.split()
+    return expand_hostlist(hostlist)
 
 
 # ------------------------------------------------------------------------ inside an allocation
