@@ -102,8 +102,8 @@ def test_a_worker_killed_under_max_restarts_is_restarted_and_the_run_ends_with_t
         while time.monotonic() < deadline and not list(out.glob("*/checkpoint.pt")):
             time.sleep(0.1)
         run = _only_run(out)
-        pid = json.loads((run / "run.json").read_text())["pid"]  # rank 0, the writer: the harsher case
-        os.kill(pid, signal.SIGKILL)
+        mark = json.loads((run / "workers" / "rank-0.attempt-0.json").read_text())
+        os.kill(mark["pid"], signal.SIGKILL)  # rank 0, the writer: the harsher case
         stdout, stderr = proc.communicate(timeout=600)
     finally:
         proc.kill()
@@ -114,8 +114,14 @@ def test_a_worker_killed_under_max_restarts_is_restarted_and_the_run_ends_with_t
     assert status["status"] == "completed"
     (restart,) = status["restarts"]
     assert restart["cause"].startswith("torchrun restart 1") and restart["from_epoch"] >= 1
-    assert "killed" in restart["lost"]
+    assert "killed" in restart["lost"] and restart["workers_killed"] == [f"rank 0 (pid {mark['pid']} on {mark['host']})"]
+    assert "no clean end from rank 0" in stdout
     assert _losses(run) == _losses(reference)
+    # the same folder on another world size (one process here) is another experiment: one line
+    more = _cifarlab("train", *TINY[:-1], "5", "--run-dir", str(run), "--resume", "auto")
+    refused = subprocess.run(more, capture_output=True, text=True, timeout=300, env=_env())
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "was trained on 2 process(es)" in refused.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])

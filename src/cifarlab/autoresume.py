@@ -8,18 +8,22 @@ lost) and said on the console."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from cifarlab.checkpoint import CHECKPOINT_NAME, resume_config
+from cifarlab.checkpoint import CHECKPOINT_NAME, load_checkpoint, resume_config
 from cifarlab.config import TrainConfig
 from cifarlab.errors import UsageError
+from cifarlab.fileio import write_json_atomic
 from cifarlab.runs import utc_now
 
 AUTO = "auto"
+WORKERS_FOLDER = "workers"  # one small file per rank and torchrun attempt: which worker ended without a word
 
 
 @dataclass
@@ -45,8 +49,45 @@ def _read_json(path: Path) -> Any:
                          f"--run-dir") from None
 
 
+def _attempt() -> int:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+@contextlib.contextmanager
+def worker_mark(run_dir: str | Path | None, rank: int) -> Iterator[None]:
+    """Under torchrun with a --run-dir: workers/rank-R.attempt-A.json says this worker started, and, when it
+    ends through Python (success, an error, a signal), that it ended. A worker killed outright (SIGKILL, the
+    OOM killer) leaves no end: the next attempt names it in run.json's "restarts"."""
+    if run_dir is None:
+        yield
+        return
+    path = Path(run_dir) / WORKERS_FOLDER / f"rank-{rank}.attempt-{_attempt()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mark = {"rank": rank, "attempt": _attempt(), "host": socket.gethostname(), "pid": os.getpid(), "started": utc_now()}
+    write_json_atomic(path, mark)
+    how = "ended"
+    try:
+        yield
+    except BaseException as e:
+        how = f"{type(e).__name__}: {str(e)[:200]}"
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            write_json_atomic(path, {**mark, "ended": utc_now(), "how": how})
+
+
+def _silent_workers(folder: Path, attempt: int) -> list[str]:
+    """The workers of `attempt` that never said they ended (killed), as 'rank R (pid P on HOST)'."""
+    found = []
+    for path in sorted((folder / WORKERS_FOLDER).glob(f"rank-*.attempt-{attempt}.json")):
+        mark = _read_json(path)
+        if isinstance(mark, dict) and "ended" not in mark:
+            found.append(f"rank {mark.get('rank')} (pid {mark.get('pid')} on {mark.get('host')})")
+    return found
+
+
 def _restart_cause() -> str:
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+    if _attempt() > 0:
         return f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']} (a worker died)"
     if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
         return f"SLURM requeue {os.environ['SLURM_RESTART_COUNT']} of job {os.environ.get('SLURM_JOB_ID', '?')}"
@@ -75,10 +116,12 @@ def plan_run(args: argparse.Namespace, given: TrainConfig, processes: int, claim
     run = _read_json(folder / "run.json")
     run = run if isinstance(run, dict) else {}
     history = {"restarts": list(run.get("restarts", []))}
+    killed = _silent_workers(folder, _attempt() - 1) if _attempt() > 0 else []
+    died = {"workers_killed": killed} if killed else {}
     if not (folder / CHECKPOINT_NAME).is_file():
         if run:
             history["restarts"].append({"at": utc_now(), "cause": _restart_cause(), "from_epoch": 0,
-                                        "lost": _lost(run, 0)})
+                                        "lost": _lost(run, 0), **died})
         message = f"{_restart_cause()}: no checkpoint in {folder} yet; training starts from epoch 1" if run else ""
         return RunPlan(fresh, folder, None, history=history, message=message)
     done = (run.get("summary") or {}).get("epochs_completed", 0)
@@ -86,13 +129,14 @@ def plan_run(args: argparse.Namespace, given: TrainConfig, processes: int, claim
         return RunPlan(fresh, folder, None, finished=True,
                        message=f"{folder} has finished all {done} epochs already; nothing to do")
     cfg = resume_config(folder, {"epochs": given.epochs}, claim=claim, processes=processes)
-    checkpoint = run.get("checkpoint")  # the epoch of the last checkpoint (runner writes it after each one)
-    from_epoch = checkpoint.get("epoch", 0) if isinstance(checkpoint, dict) else 0
+    # the checkpoint's own epoch: run.json names it only after the epoch's status write, which a kill can precede
+    from_epoch = int(load_checkpoint(folder / CHECKPOINT_NAME)["epoch"])
     history["restarts"].append({"at": utc_now(), "cause": _restart_cause(), "from_epoch": from_epoch,
-                                "lost": _lost(run, from_epoch)})
+                                "lost": _lost(run, from_epoch), **died})
+    who = f"; no clean end from {', '.join(killed)}" if killed else ""
     return RunPlan(cfg, folder, folder, history=history,
                    message=f"{_restart_cause()}: continuing {folder} from epoch {from_epoch}'s checkpoint "
-                           f"({history['restarts'][-1]['lost']})")
+                           f"({history['restarts'][-1]['lost']}){who}")
 
 
 def _lost(run: dict[str, Any], from_epoch: int) -> str:

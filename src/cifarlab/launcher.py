@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from cifarlab.autoresume import AUTO, plan_run
+from cifarlab.autoresume import AUTO, plan_run, worker_mark
 from cifarlab.checkpoint import resume_config
 from cifarlab.collectives import launched_by_torchrun
 from cifarlab.config import TrainConfig
@@ -24,8 +24,6 @@ from cifarlab.errors import UsageError
 from cifarlab.interrupt import StopOnSignal
 from cifarlab.rendezvous import (
     LAUNCH_FLAGS,
-    SHUTDOWN_TIMEOUT_S,
-    TORCHRUN_SIGNALS,
     Rendezvous,
     rendezvous_from_flags,
     without_launch_flags,
@@ -49,7 +47,7 @@ def run_train_command(
         return launch(args, cfg, rendezvous)
     if not launched_by_torchrun():
         return train_here(args)
-    with session(cfg.device) as info:
+    with session(cfg.device) as info, worker_mark(getattr(args, "run_dir", None), info.rank):
         if info.rank != 0:
             # Only rank 0 prints. Errors still reach the user: cli.main prints them after this
             # block has restored the streams.
@@ -130,8 +128,7 @@ def launch(args: argparse.Namespace, cfg: TrainConfig, rendezvous: Rendezvous) -
         cfg = check_resume(args, rendezvous.world_size)
         device = resolve_device(cfg.device)
     env = dict(os.environ)
-    env.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", TORCHRUN_SIGNALS)
-    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+    env = {**rendezvous.torchrun_env(), **env}
     if device.type == "cuda":
         if nproc > torch.cuda.device_count():
             raise UsageError(f"--nproc {nproc} but only {torch.cuda.device_count()} GPU(s) here; "

@@ -66,6 +66,16 @@ class Rendezvous:
         return [sys.executable, "-m", "torch.distributed.run", *where, "--nproc_per_node", str(self.nproc),
                 "--max_restarts", str(self.max_restarts)]
 
+    def torchrun_env(self) -> dict[str, str]:
+        """Environment for torchrun (a variable the user set wins)."""
+        env = {"TORCHELASTIC_SIGNALS_TO_HANDLE": TORCHRUN_SIGNALS, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT_S)}
+        if self.max_restarts:
+            # Restarted workers must not meet in the store of the attempt before: with the agent's shared store
+            # (torch's default) the new rank 1 read the dead rank 0's address and gloo's connect failed. Opting
+            # out gives every rendezvous round a store of its own on a fresh port.
+            env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        return env
+
     def describe(self) -> str:
         where = "this node" if self.nnodes == 1 else f"{self.nnodes} nodes meeting at {self.endpoint} (id {self.rdzv_id})"
         restarts = f", up to {self.max_restarts} restart(s)" if self.max_restarts else ""
