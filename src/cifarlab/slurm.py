@@ -197,16 +197,16 @@ def render_script(job: JobSpec) -> str:
               f"port=$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))",
               'echo "cifarlab: job $SLURM_JOB_ID (requeued ${SLURM_RESTART_COUNT:-0} time(s)) on $SLURM_JOB_NODELIST,'
               ' started $(date -u +%FT%TZ), rendezvous $head_node:$port"']
-    words = [job.python, "-m", "cifarlab", *job.command]
+    # the user's words quoted; the script's own variables expanded by the shell
+    words = [_q(w) for w in [job.python, "-m", "cifarlab", *job.command]]
     if train:
-        words += ["--run-dir", "$run_dir", "--resume", "auto"]
+        words += ["--run-dir", '"$run_dir"', "--resume", "auto"]
         if job.nodes > 1:
-            words += ["--nnodes", str(job.nodes), "--rdzv-endpoint", "$head_node:$port", "--rdzv-id", "$SLURM_JOB_ID"]
+            words += ["--nnodes", str(job.nodes), "--rdzv-endpoint", '"$head_node:$port"', "--rdzv-id", "$SLURM_JOB_ID"]
         srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     else:
         srun = ["srun", "--nodes=1", "--ntasks=1"]  # the lab runs on the allocation's first node
-    command = " ".join(w if w.startswith("$") else _q(w) for w in [*srun, *words])
-    command = command.replace("$run_dir", '"$run_dir"').replace("$head_node:$port", '"$head_node:$port"')
+    command = " ".join([*srun, *words])
     if not train:
         return "\n".join([*lines, command, ""])
     lines += ["",
