@@ -278,3 +278,12 @@ def test_launch_flags_never_reach_the_workers():
     argv = ["--nproc", "2", "--nnodes=2", "--rdzv-endpoint", "h:1", "--rdzv-id", "x", "--max-restarts", "1", "--lr", "1"]
     assert without_launch_flags(argv) == ["--lr", "1"]
     assert rendezvous_from_flags(None, 2, None, None, 1, 8).torchrun_args()[3:6] == ["--standalone", "--nnodes", "1"]
+
+
+def test_the_lab_as_a_job_runs_on_the_first_node_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["slurm", "--nodes", "2", "--dry-run", "--", "lab", "--preset", "smoke", "--out", str(tmp_path)]) == 0
+    printed, err = capsys.readouterr()
+    assert "srun --nodes=1 --ntasks=1" in printed and "cifarlab lab --preset smoke" in printed
+    assert "--requeue" not in printed  # a lab does not continue a folder: it is not requeued
+    assert "the lab runs on the allocation's first node only" in err
