@@ -11,7 +11,7 @@ port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0));
 
 echo "== one agent, --nproc 2"
 "$python" -m cifarlab train --nproc 2 --out "$out/nproc2" "${flags[@]}"
-echo "== two agents, --nnodes 2 --nproc 1 --rdzv-endpoint 127.0.0.1:$port (node 1's console is in $out/agent1.log)"
+echo "== two agents, --nnodes 2 --nproc 1 --rdzv-endpoint 127.0.0.1:$port (the other agent's console: $out/agent1.log; global rank 0, which prints, is on either)"
 "$python" -m cifarlab train --nnodes 2 --nproc 1 --rdzv-endpoint "127.0.0.1:$port" --rdzv-id two-agents \
     --out "$out/nnodes2" "${flags[@]}" >"$out/agent1.log" 2>&1 &
 agent1=$!
