@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence
 
 from cifarlab import __version__
 from cifarlab.cli.export_parsers import add_export_parser, add_infer_bench_parser
+from cifarlab.cli.rendezvous import add_launch_options
+from cifarlab.cli.slurm import add_slurm_parser, cmd_slurm
 from cifarlab.config import DATASETS, DEVICES, INSPECT_BATCH_SIZE, LAB_PRESETS
 from cifarlab.config.flags import PROG, Parser, add_train_options, config_from_args
 from cifarlab.core.errors import UsageError
@@ -50,10 +52,12 @@ def _add_train(sub: Any) -> None:
                        argument_default=argparse.SUPPRESS)
     add_train_options(p)
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue an interrupted run from its checkpoint (its own config; only --epochs may change)")
+                   help="continue an interrupted run from its checkpoint (its own config; only --epochs may change); "
+                        "auto with --run-dir DIR: continue DIR if it has a checkpoint, else start there")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="data-parallel on N processes (one per GPU; on CPU the cores are split): runs torchrun; "
                         "--batch-size is then per process")
+    add_launch_options(p)
     p.set_defaults(func=run_command("train"))
 
 
@@ -97,6 +101,8 @@ SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
     "train": _add_train, "inspect": _add_inspect, "lab": _add_lab, "report": _add_report, "doctor": _add_doctor,
     "export": lambda sub: add_export_parser(sub, run_command("export")),
     "infer-bench": lambda sub: add_infer_bench_parser(sub, run_command("infer-bench")),
+    # no torch: it writes and submits a batch script; the command after -- is checked by this parser
+    "slurm": lambda sub: add_slurm_parser(sub, lambda args: cmd_slurm(args, parse)),
 }
 
 
@@ -110,15 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(words: list[str]) -> argparse.Namespace:
+    """argv -> the namespace of one command; anything unknown is one line."""
+    parser = build_parser()
+    # `slurm OPTIONS -- COMMAND ...`: the command after -- is slurm's to check, not this parse's
+    own = words[:words.index("--")] if words[:1] == ["slurm"] and "--" in words else words
+    args, extra = parser.parse_known_args(own)
+    if extra:  # argparse's own error would point at the top-level help, which lists no subcommand's flags
+        parser.prog = f"{PROG} {args.command}"
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = words  # the launcher forwards the user's own train flags to torchrun's processes
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser()
-        args, extra = parser.parse_known_args(words)
-        if extra:  # argparse's own error would point at the top-level help, which lists no subcommand's flags
-            parser.prog = f"{PROG} {args.command}"
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.argv = words  # the launcher forwards the user's own train flags to torchrun's processes
+        args = parse(words)
         return int(args.func(args) or 0)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -24,19 +24,33 @@ from cifarlab.lab.driver import run_lab
 from cifarlab.lab.render import build_report
 from cifarlab.model.facts import explain, inspect_model
 from cifarlab.model.optim import OPTIMIZERS
+from cifarlab.parallel.collectives import launched_by_torchrun, world_size
+from cifarlab.run.autoresume import AUTO, plan_run
 from cifarlab.run.checkpoint import CHECKPOINT_NAME, resume_config
 from cifarlab.run.console import ConsoleProgress
 from cifarlab.run.runner import is_out_of_memory, prepare, run_training
 
-EXIT_DIVERGED = 3  # docs/runs.md "Exit codes"; interrupted: 128 + signal (130 SIGINT, 143 SIGTERM); usage: 2
+EXIT_DIVERGED = 3  # README "Exit codes"; interrupted: 128 + signal (130 SIGINT, 143 SIGTERM, 138 SIGUSR1); usage: 2
 
 
 def cmd_train(args: argparse.Namespace) -> int:
 
 
-    resume = getattr(args, "resume", None)
-    with StopOnSignal() as stop:
-        if resume is not None:
+    resume, run_dir, history = getattr(args, "resume", None), getattr(args, "run_dir", None), None
+    # torchrun's workers: one stop can arrive twice (autoresume.py); the hard stop is torchrun's SIGKILL
+    with StopOnSignal(insist=not launched_by_torchrun()) as stop:
+        if resume == AUTO and run_dir is None:
+            raise UsageError("--resume auto needs --run-dir DIR: the folder every start of the run continues")
+        if run_dir is not None:
+            if resume is not None and resume != AUTO:
+                raise UsageError("--resume RUN_DIR continues that folder; drop --run-dir (or use --resume auto)")
+            plan = plan_run(args, config_from_args(args), world_size())
+            if plan.message:
+                print(f"{PROG}: {plan.message}", flush=True)
+            if plan.finished:
+                return 0
+            cfg, resume, history = plan.config, plan.resume, plan.history
+        elif resume is not None:
 
             given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
             cfg = resume_config(resume, given)
@@ -57,8 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cache = compile_cache() if cfg.compile != "none" else None
         progress.banner(cfg, data.description, device, cache)
         hooks = dataclasses.replace(progress.hooks(), should_stop=stop.should_stop)
-        result = run_training(cfg, hooks=hooks, data=data, resume=resume,
-                              extra_status={"compile_cache": cache} if cache else None)
+        extra = {**(history or {}), **({"compile_cache": cache} if cache else {})}
+        result = run_training(cfg, hooks=hooks, data=data, resume=resume, run_dir=run_dir, extra_status=extra or None)
         progress.finish(result)
     return _train_outcome(result, stop.signal_name, stop.exit_code)
 

@@ -12,9 +12,9 @@ from typing import Any
 
 from cifarlab.config import TrainConfig
 from cifarlab.core.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
+from cifarlab.core.folders import create_run_dir, utc_now
 from cifarlab.doctor.advice import PARTS, THRESHOLDS, Candidate, Diagnosis, Measurement, pct
 from cifarlab.report.plots import pyplot
-from cifarlab.run.folder import create_run_dir, utc_now
 
 UNKNOWN_NOISE_SHARE = 0.10  # noise assumed when the baseline has a single repeat
 MIN_NOISE_SHARE = 0.03  # a gain must beat the baseline's repeat spread, and never less than 3%

@@ -32,12 +32,12 @@ from torch import nn
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, EXPORT_CHECK_IMAGES, EXPORT_FORMATS, NORMS, export_format_names
 from cifarlab.core.errors import UsageError
 from cifarlab.core.fileio import file_digest, write_json_atomic
+from cifarlab.core.folders import ensure_writable_dir, utc_now
 from cifarlab.core.runtime import environment
 from cifarlab.core.text import one_line
 from cifarlab.data import cifar_present, load_cifar10, synthetic_split
 from cifarlab.model.resnet import resnet18
 from cifarlab.run.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from cifarlab.run.folder import ensure_writable_dir, utc_now
 
 EXPORT_SCHEMA = "cifarlab.export/1"
 EXPORT_JSON = "export.json"

@@ -31,12 +31,12 @@ from torch import nn
 from cifarlab.config import INFER_BENCH_BATCH_SIZES, INFER_BENCH_ITERS, INFER_BENCH_WARMUP
 from cifarlab.core.errors import UsageError
 from cifarlab.core.fileio import write_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
+from cifarlab.core.folders import ensure_writable_dir, utc_now
 from cifarlab.core.runtime import environment, usable_cpus
 from cifarlab.core.text import one_line
 from cifarlab.export import artifacts as ex
 from cifarlab.report.plots import pyplot
 from cifarlab.run.checkpoint import CHECKPOINT_NAME
-from cifarlab.run.folder import ensure_writable_dir, utc_now
 
 BENCH_SCHEMA = "cifarlab.inferbench/1"
 DEFAULT_BATCH_SIZES = INFER_BENCH_BATCH_SIZES

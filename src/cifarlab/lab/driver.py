@@ -17,6 +17,7 @@ import torch
 from cifarlab.config import LAB_PRESETS, LabConfig, LabPreset, TrainConfig
 from cifarlab.core.errors import UsageError
 from cifarlab.core.fileio import write_json_atomic
+from cifarlab.core.folders import create_run_dir, utc_now
 from cifarlab.core.runtime import device_label, environment, usable_cpus
 from cifarlab.core.signals import StopOnSignal
 from cifarlab.data import LOADER_BUILDERS
@@ -26,7 +27,7 @@ from cifarlab.lab.plan import make_plan, print_plan, print_time_table, time_tabl
 from cifarlab.lab.registry import EXPERIMENTS, SUITES
 from cifarlab.lab.render import build_report
 from cifarlab.run.console import epoch_line
-from cifarlab.run.folder import TIMING_NOTES, create_run_dir, utc_now
+from cifarlab.run.folder import TIMING_NOTES
 from cifarlab.run.runner import prepare
 from cifarlab.train.engine import Hooks
 

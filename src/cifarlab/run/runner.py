@@ -19,11 +19,12 @@ import torch
 from cifarlab.config import TrainConfig
 from cifarlab.core.errors import UsageError
 from cifarlab.core.fileio import read_json, write_json_atomic
+from cifarlab.core.folders import create_run_dir, ensure_writable_dir, utc_now
 from cifarlab.core.runtime import cache_state, compile_cache, device_label, environment, resolve_device, seed_everything
 from cifarlab.data import DataBundle, build_loaders, load_data
 from cifarlab.parallel import collectives, ddp
 from cifarlab.run.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
-from cifarlab.run.folder import RunWriter, create_run_dir, ensure_writable_dir, utc_now
+from cifarlab.run.folder import RunWriter
 from cifarlab.step.state import EpochRecord, TrainState
 from cifarlab.train.engine import Hooks, build_state, train
 from cifarlab.train.steps import check_cuda_graph
@@ -60,12 +61,15 @@ def run_training(
     data: DataBundle | None = None,
     extra_status: dict[str, Any] | None = None,
     resume: str | Path | None = None,
+    run_dir: str | Path | None = None,
 ) -> RunResult:
     """Train per cfg, writing the run folder as epochs finish. `data` may be passed in so a sweep
     reads the dataset once; the model, optimizer, loaders and RNG state are always new.
 
     resume: an existing run folder (cfg from checkpoint.resume_config) whose checkpoint.pt is loaded
     into the fresh state; training continues there with epoch state.epoch + 1.
+    run_dir: a fresh run trains into exactly this folder (created if missing; autoresume.plan_run checked it)
+    instead of a new time-stamped one under cfg.out_dir.
     Out of memory ends the run with status "oom" (a scaling sweep records it as the limit); a full or
     read-only disk is a UsageError naming the folder."""
     cfg.validate()
@@ -87,12 +91,12 @@ def run_training(
     extra.update(ddp.run_section(cfg))  # {} unless launched by torchrun
     started, elapsed_before_s = "", 0.0
     if resume is not None:
-        run_dir = Path(resume)
-        restore(state, load_checkpoint(run_dir / CHECKPOINT_NAME), run_dir / CHECKPOINT_NAME)
+        folder = Path(resume)
+        restore(state, load_checkpoint(folder / CHECKPOINT_NAME), folder / CHECKPOINT_NAME)
         if state.epoch >= cfg.epochs:
-            raise UsageError(f"--resume {str(run_dir)!r}: all {state.epoch} epochs are already finished; "
+            raise UsageError(f"--resume {str(folder)!r}: all {state.epoch} epochs are already finished; "
                              f"add --epochs N with N > {state.epoch} to train further")
-        previous = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+        previous = read_json(folder / "run.json") if (folder / "run.json").is_file() else {}
         started = previous.get("started", "")
         before = previous.get("elapsed_s")
         elapsed_before_s = float(before) if isinstance(before, (int, float)) and math.isfinite(before) else 0.0
@@ -103,7 +107,7 @@ def run_training(
     label = device_label(device)
     # Under torchrun only rank 0 creates the folder and writes; the other ranks learn its path.
     writer = ddp.main_only(RunWriter(
-        path=run_dir if resume is not None else ddp.on_main(lambda: create_run_dir(cfg.out_dir, cfg.name)),
+        path=Path(resume) if resume is not None else ddp.on_main(lambda: _new_run_dir(cfg, run_dir)),
         config=cfg,
         environment=environment(device),
         data_description=data.description,
@@ -177,6 +181,12 @@ def run_training(
         precision=state.precision,
         error=error,
     )
+
+
+def _new_run_dir(cfg: TrainConfig, run_dir: str | Path | None) -> Path:
+    if run_dir is None:
+        return create_run_dir(cfg.out_dir, cfg.name)
+    return ensure_writable_dir(Path(run_dir), "--run-dir")
 
 
 def checkpoint_due(cfg: TrainConfig, epoch: int) -> bool:
