@@ -226,7 +226,7 @@ EXPORTERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], str]] = {
 }
 
 
-def load_onnx(path: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def load_onnx(path: Path | bytes, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """An ONNX Runtime session as a tensor -> tensor function."""
     import onnxruntime as ort  # an optional extra: imported only when an ONNX file is loaded (see onnx_missing)
 
@@ -239,7 +239,8 @@ def load_onnx(path: Path, device: torch.device) -> Callable[[torch.Tensor], torc
     # turns, spinning threads would steal the cores of the next runtime's call.
     options.intra_op_num_threads = torch.get_num_threads()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    model = path if isinstance(path, bytes) else str(path)
+    session = ort.InferenceSession(model, sess_options=options, providers=providers)
     name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -249,17 +250,20 @@ def load_onnx(path: Path, device: torch.device) -> Callable[[torch.Tensor], torc
     return run
 
 
-def load_artifact(fmt: str, path: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Read an artifact back from disk as a callable on `device` (what a deployment would do)."""
+def load_artifact(fmt: str, path: Path, device: torch.device,
+                  data: bytes | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Read an artifact back from disk as a callable on `device` (what a deployment would do). data: the
+    file's bytes, already read and checked (exporttrust), loaded instead of reading path again."""
+    source: Any = io.BytesIO(data) if data is not None else str(path)
     with _quiet():
         if fmt in ("torchscript-trace", "torchscript-script"):
-            return torch.jit.load(str(path), map_location=device).eval()
+            return torch.jit.load(source, map_location=device).eval()
         if fmt == "export":
-            return torch.export.load(str(path)).module().to(device)
+            return torch.export.load(source).module().to(device)
         if fmt == "aoti":
-            return torch._inductor.aoti_load_package(str(path))
+            return torch._inductor.aoti_load_package(str(path))  # a package loads from its path only
     if fmt == "onnx":
-        return load_onnx(path, device)
+        return load_onnx(data if data is not None else path, device)
     raise UsageError(f"format {fmt!r} is not known; choose from: {', '.join(FORMATS)}")
 
 

@@ -55,7 +55,8 @@ def cmd_infer_bench(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     rows, paths = ib.bench_path(args.path, out_dir=args.out, device=args.device, batch_sizes=sizes, iters=iters,
-                                warmup=args.warmup, budget_s=args.budget_s, compile_mode=args.compile, log=log)
+                                warmup=args.warmup, budget_s=args.budget_s, compile_mode=args.compile, log=log,
+                                allow_code=args.allow_code_execution)
     print(ib.format_table(rows))
     print(f"wrote {paths['txt']}, {paths['csv'].name}, {paths['json'].name}, {paths['png'].name}")
     failed = [r for r in rows if r["status"] != "ok"]

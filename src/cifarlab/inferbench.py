@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import tempfile
 import time
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from cifarlab import export as ex
+from cifarlab import exporttrust as trust
 from cifarlab.checkpoint import CHECKPOINT_NAME
 from cifarlab.errors import UsageError
 from cifarlab.fileio import write_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
@@ -54,6 +54,7 @@ class Variant:
     device: torch.device
     precision: str = "fp32"
     note: str = ""
+    artifact: str | None = None  # the export folder's file it was loaded from (after exporttrust's checks)
 
 
 # --------------------------------------------------------------------------------------- variants
@@ -67,38 +68,51 @@ def _autocast(fn: Callable[[torch.Tensor], Any], device: torch.device) -> Callab
 
 
 def make_variants(model: nn.Module, device: torch.device, export_dir: str | Path | None = None, *,
-                  compile_mode: str | None = None) -> tuple[list[Variant], dict[str, str]]:
+                  compile_mode: str | None = None, allow_code: bool = False,
+                  log: Callable[[str], None] | None = None) -> tuple[list[Variant], dict[str, str]]:
     """Eager (plus bf16 autocast on CUDA GPUs that support it), every artifact listed in export_dir's
-    export.json loaded onto `device`, and torch.compile(mode=compile_mode) when given. Returns the variants
-    and {variant: why it was skipped on this device}."""
+    export.json that passes exporttrust's policy, loaded onto `device`, and torch.compile(mode=compile_mode)
+    when given. Returns the variants and {variant: why it was skipped on this device}; each skip is also one
+    `log` line."""
     device = torch.device(device)
     eager = copy.deepcopy(model).eval().to(device)  # one copy per device: the caller's model stays where it is
     variants = [Variant("eager", eager, device)]
     skipped: dict[str, str] = {}
+
+    def skip(name: str, reason: str) -> None:
+        skipped[name] = reason
+        if log is not None:
+            log(f"  {device.type}: {name} not benchmarked: {reason}")
+
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             variants.append(Variant("eager-bf16", _autocast(eager, device), device, "bf16 autocast",
                                     "torch.autocast(cuda, bfloat16): convolutions and matmuls in bf16"))
         else:
-            skipped["eager-bf16"] = "this GPU has no bf16 support"
+            skip("eager-bf16", "this GPU has no bf16 support")
     if export_dir is not None:
         export_dir = Path(export_dir)
-        info = json.loads((export_dir / ex.EXPORT_JSON).read_text(encoding="utf-8"))
-        for fmt, entry in info.get("artifacts", {}).items():
-            name = "onnxruntime" if fmt == "onnx" else fmt
-            if fmt == "aoti" and info.get("device", "cpu").split(":")[0] != device.type:
-                skipped[name] = f"the package was compiled for {info.get('device')}"
+        info, entries = trust.read_export_json(export_dir, ex.FORMATS, ex.EXPORT_SCHEMA, ex.EXPORT_JSON)
+        for entry in entries:
+            name = "onnxruntime" if entry.fmt == "onnx" else entry.fmt
+            if entry.fmt == "aoti" and info["device"].split(":")[0] != device.type:
+                skip(name, f"the package was compiled for {info['device']}")
+                continue
+            data, path, refused = trust.verified_bytes(export_dir, entry, allow_code)
+            if data is None or path is None:
+                skip(name, refused)
                 continue
             try:
-                fn = ex.load_artifact(fmt, export_dir / entry["file"], device)
+                fn = ex.load_artifact(entry.fmt, path, device, data)
             except Exception as e:  # a format that cannot run on this device is reported, not fatal
-                skipped[name] = f"{type(e).__name__}: {ex.one_line(e)}"
+                skip(name, f"{entry.file!r} failed to load ({type(e).__name__}: {ex.one_line(e)})")
                 continue
             providers = getattr(fn, "providers", None)
             if providers is not None and device.type == "cuda" and "CUDAExecutionProvider" not in providers:
-                skipped[name] = "onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)"
+                skip(name, "onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
                 continue
-            variants.append(Variant(name, fn, device, note=f"{entry['file']} reloaded from disk"))
+            variants.append(Variant(name, fn, device, note=f"{entry.file} reloaded from disk, sha256 checked",
+                                    artifact=entry.file))
     if compile_mode:
         variants.append(Variant("compile", torch.compile(eager, mode=compile_mode), device,
                                 note=f"torch.compile(mode={compile_mode!r}); compilation happens in the warm-up"))
@@ -281,11 +295,11 @@ def export_source(path: str | Path, log: Callable[[str], None]) -> Iterator[tupl
     export/ is exported into a temporary folder first (default formats, checked like `cifarlab export`)."""
     folder = Path(path)
     if (folder / ex.EXPORT_JSON).is_file():
-        try:
-            info = json.loads((folder / ex.EXPORT_JSON).read_text(encoding="utf-8"))
-            run_dir = Path(info["source"]["run_dir"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UsageError(f"{folder / ex.EXPORT_JSON} does not name its source run; export the run again") from None
+        info, _ = trust.read_export_json(folder, ex.FORMATS, ex.EXPORT_SCHEMA, ex.EXPORT_JSON)
+        if not isinstance(info["source"].get("run_dir"), str):
+            raise UsageError(f"{str(folder / ex.EXPORT_JSON)!r}: field source.run_dir is not a path, so the eager "
+                             f"model cannot be found; export the run again")
+        run_dir = Path(info["source"]["run_dir"])
         if not (run_dir / CHECKPOINT_NAME).is_file() and (folder.parent / CHECKPOINT_NAME).is_file():
             run_dir = folder.parent  # the default layout RUN_DIR/export, moved since
         model, source = ex.load_run_model(run_dir)
@@ -309,8 +323,10 @@ def export_source(path: str | Path, log: Callable[[str], None]) -> Iterator[tupl
 def bench_path(path: str | Path, *, out_dir: str | Path | None, device: str = "auto",
                batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, iters: int = DEFAULT_ITERS,
                warmup: int = DEFAULT_WARMUP, budget_s: float = DEFAULT_BUDGET_S, compile_mode: str | None = None,
-               log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict[str, Path]]:
-    """`cifarlab infer-bench`: rows and the written files (default folder: <path>/inferbench)."""
+               log: Callable[[str], None] = print,
+               allow_code: bool = False) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """`cifarlab infer-bench`: rows and the written files (default folder: <path>/inferbench). Artifacts are
+    loaded under exporttrust's policy (allow_code: --allow-code-execution)."""
     devices = resolve_devices(device)
     load_before = _load_average()
     with export_source(path, log) as (model, source, export_dir):
@@ -319,8 +335,13 @@ def bench_path(path: str | Path, *, out_dir: str | Path | None, device: str = "a
         variants: list[Variant] = []
         skipped: dict[str, dict[str, str]] = {}
         for d in devices:
-            found, skipped[str(d)] = make_variants(model, d, export_dir, compile_mode=compile_mode)
+            found, skipped[str(d)] = make_variants(model, d, export_dir, compile_mode=compile_mode,
+                                                   allow_code=allow_code, log=log)
             variants += found
+        if not any(v.artifact for v in variants):
+            raise UsageError(f"nothing to benchmark against eager: no artifact listed in "
+                             f"{str(export_dir / ex.EXPORT_JSON)!r} passed the checks (see the lines above); "
+                             f"export the run again")
         log(f"variants: {', '.join(dict.fromkeys(v.name for v in variants))}; devices: "
             f"{', '.join(str(d) for d in devices)}; batch sizes {', '.join(map(str, batch_sizes))}")
         rows = bench(variants, batch_sizes, iters=iters, warmup=warmup, budget_s=budget_s, log=log)
