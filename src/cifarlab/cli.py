@@ -17,6 +17,7 @@ from cifarlab.config import DATASETS, DEVICES, LAB_PRESETS
 from cifarlab.errors import UsageError
 from cifarlab.exportcli import add_export_parser, add_infer_bench_parser
 from cifarlab.flags import PROG, Parser, add_train_options, config_from_args
+from cifarlab.interrupt import Stopped
 
 __all__ = ["PROG", "SUBCOMMANDS", "add_train_options", "build_parser", "config_from_args", "main"]
 
@@ -121,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Stopped as e:  # export, infer-bench, doctor: their staging is removed, what they measured is kept
+        print(f"{PROG}: interrupted ({e.signal_name}); {e.kept}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

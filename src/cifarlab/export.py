@@ -33,7 +33,9 @@ from cifarlab.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, EXPORT_FORMATS, NORMS, export_format_names
 from cifarlab.data import cifar_present, load_cifar10, synthetic_split
 from cifarlab.errors import UsageError
-from cifarlab.fileio import file_digest, write_json_atomic
+from cifarlab.exporttrust import foreign_files
+from cifarlab.fileio import file_digest, os_error_in_chain, read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+from cifarlab.interrupt import signals_deferred
 from cifarlab.models import resnet18
 from cifarlab.runs import ensure_writable_dir, utc_now
 from cifarlab.runtime import environment
@@ -178,17 +180,25 @@ def _batch_dim() -> dict[str, Any]:
     return {"x": {0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)}}
 
 
+def _save_via_memory(save: Callable[[io.BytesIO], None], path: Path) -> None:
+    """Serialize into memory, then write the bytes with Python's file API: torch's C++ file writer aborts the
+    whole process on a full disk (c10::Error, exit 134) where Python raises an OSError we can report."""
+    buf = io.BytesIO()
+    save(buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
 def _export_trace(model: nn.Module, x: torch.Tensor, path: Path) -> str:
     with _quiet():
         traced = torch.jit.trace(model, x, check_trace=False)  # our own check below is stricter
-        torch.jit.save(traced, str(path))
+        _save_via_memory(lambda f: torch.jit.save(traced, f), path)
     return f"# torch.jit.trace(model, batch of {x.shape[0]}): inlined graph (every recorded aten op)\n{traced.inlined_graph}"
 
 
 def _export_script(model: nn.Module, x: torch.Tensor, path: Path) -> str:
     with _quiet():
         scripted = torch.jit.script(model)
-        torch.jit.save(scripted, str(path))
+        _save_via_memory(lambda f: torch.jit.save(scripted, f), path)
     parts = [("ResNet.forward", scripted), ("layer1[0] (BasicBlock).forward", getattr(scripted.layer1, "0")),
              (f"bn1 ({type(model.bn1).__name__}).forward", scripted.bn1)]
     return "\n".join(f"# {name}\n{module.code}" for name, module in parts)
@@ -201,7 +211,7 @@ def _exported_program(model: nn.Module, x: torch.Tensor) -> Any:
 
 def _export_export(model: nn.Module, x: torch.Tensor, path: Path) -> str:
     program = _exported_program(model, x)
-    torch.export.save(program, str(path))
+    _save_via_memory(lambda f: torch.export.save(program, f), path)
     return f"# torch.export.export(model, (x,), batch dimension dynamic 1..{MAX_DYNAMIC_BATCH})\n{program}"
 
 
@@ -306,6 +316,31 @@ def sha256_file(path: Path) -> str:
     return file_digest(path, "sha256")
 
 
+def ours(folder: Path, name: str) -> bool:
+    """Whether folder/name is a file a cifarlab export wrote: export.json, a graph text file, or an artifact
+    whose sha256 is the one the folder's export.json records."""
+    try:
+        info = read_json(folder / EXPORT_JSON)
+        if info["schema"] != EXPORT_SCHEMA:
+            return False
+        if name == EXPORT_JSON or name in GRAPH_FILES.values():
+            return True
+        recorded = info["artifacts"]
+        return any(isinstance(a, dict) and a.get("file") == name and a.get("sha256") == sha256_file(folder / name)
+                   for a in recorded.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def refuse_foreign_out(folder: Path, flag: str) -> None:
+    """An existing --out may hold only what an earlier cifarlab export wrote: a user's own files are never
+    overwritten (nor mixed with an export)."""
+    foreign = foreign_files(folder, lambda name: ours(folder, name))
+    if foreign:
+        raise UsageError(f"{flag} {str(folder)!r} holds {len(foreign)} file(s) no cifarlab export wrote (first: "
+                         f"{foreign[0]!r}); nothing was overwritten -- choose a new or empty folder")
+
+
 # --------------------------------------------------------------------------------------- export
 
 
@@ -324,6 +359,7 @@ def export_model(model: nn.Module, out_dir: str | Path, formats: list[str] | tup
     if unknown:
         raise UsageError(f"format {unknown[0]!r} is not known; choose from: {', '.join(FORMATS)}")
     created = not Path(out_dir).exists()
+    refuse_foreign_out(Path(out_dir), out_flag)
     out = ensure_writable_dir(Path(out_dir), out_flag)
     model = copy.deepcopy(model).eval().to(device)  # the caller's model keeps its device and mode
     x = example_batch.to(device)
@@ -340,7 +376,7 @@ def export_model(model: nn.Module, out_dir: str | Path, formats: list[str] | tup
             graph_text = EXPORTERS[fmt](model, x, path)
             export_s = time.perf_counter() - t0
             if graph_text:
-                (staging / GRAPH_FILES[fmt]).write_text(graph_text + "\n", encoding="utf-8")
+                write_text_atomic(staging / GRAPH_FILES[fmt], graph_text + "\n")
             t0 = time.perf_counter()
             loaded = load_artifact(fmt, path, device)
             check = compare(loaded, x, reference, tolerance_abs)
@@ -381,10 +417,14 @@ def export_model(model: nn.Module, out_dir: str | Path, formats: list[str] | tup
         for name in sorted(os.listdir(staging)):  # on disk before any rename makes it visible
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
-        for name in sorted(os.listdir(staging), key=lambda n: n == EXPORT_JSON):  # export.json last
-            os.replace(staging / name, out / name)
-    except OSError as e:
-        raise UsageError(f"{out_flag} {str(out)!r}: writing the export failed ({e.strerror or e}); "
+        with signals_deferred():  # a Ctrl-C now cannot leave half of the files renamed
+            for name in sorted(os.listdir(staging), key=lambda n: n == EXPORT_JSON):  # export.json last
+                os.replace(staging / name, out / name)
+    except (OSError, RuntimeError) as e:  # torch wraps an OSError of its writer in a RuntimeError
+        os_error = os_error_in_chain(e)
+        if os_error is None:
+            raise
+        raise UsageError(f"{out_flag} {str(out)!r}: writing the export failed ({os_error.strerror or os_error}); "
                          f"nothing was left half-written -- free space or choose another folder") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

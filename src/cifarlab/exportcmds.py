@@ -10,6 +10,7 @@ from cifarlab import export as ex
 from cifarlab import inferbench as ib
 from cifarlab.errors import UsageError
 from cifarlab.exportcli import batch_sizes, format_list, positive
+from cifarlab.interrupt import RaiseOnSignal, Stopped
 
 
 def _human_bytes(n: int) -> str:
@@ -20,8 +21,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     formats_text = format_list(args.format) if args.format is not None else None
     check_images = positive("--check-images", args.check_images, 10_000)
     formats, skipped = ex.parse_formats(formats_text)
-    report, out = ex.export_run(args.run_dir, formats, out_dir=args.out, device=args.device,
-                                check_images=check_images, skipped=skipped)
+    with RaiseOnSignal():  # a signal removes the staging folder (export_model's finally) and ends here
+        try:
+            report, out = ex.export_run(args.run_dir, formats, out_dir=args.out, device=args.device,
+                                        check_images=check_images, skipped=skipped)
+        except Stopped as e:
+            raise Stopped(e.signum, "nothing was written and no staging folder is left") from None
     src, chk = report["source"], report["check"]
     print(f"export: {src['run_dir']} (epoch {src['epoch']}, norm {src['norm']}) -> {out}")
     print(f"check:  {chk['images']} on {report['device']}; {chk['rule']} (tolerance {chk['tolerance_abs']:.3g})")
@@ -54,9 +59,13 @@ def cmd_infer_bench(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    rows, paths = ib.bench_path(args.path, out_dir=args.out, device=args.device, batch_sizes=sizes, iters=iters,
-                                warmup=args.warmup, budget_s=args.budget_s, compile_mode=args.compile, log=log,
-                                allow_code=args.allow_code_execution)
+    with RaiseOnSignal():  # a temporary export is removed on the way out; results are written only at the end
+        try:
+            rows, paths = ib.bench_path(args.path, out_dir=args.out, device=args.device, batch_sizes=sizes,
+                                        iters=iters, warmup=args.warmup, budget_s=args.budget_s,
+                                        compile_mode=args.compile, log=log, allow_code=args.allow_code_execution)
+        except Stopped as e:
+            raise Stopped(e.signum, "no result file was written and no temporary export is left") from None
     print(ib.format_table(rows))
     print(f"wrote {paths['txt']}, {paths['csv'].name}, {paths['json'].name}, {paths['png'].name}")
     failed = [r for r in rows if r["status"] != "ok"]

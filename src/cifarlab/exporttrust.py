@@ -24,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -160,3 +161,14 @@ def verified_bytes(folder: Path, entry: ArtifactEntry, allow_code: bool) -> tupl
         return None, None, f"{entry.file!r} can run code when loaded: {risk}; refused -- pass {ALLOW_CODE_FLAG} only " \
                            f"if you trust whoever made this folder"
     return data, path, ""
+
+
+def foreign_files(folder: Path, ours: Callable[[str], bool]) -> list[str]:
+    """The entries of an existing output folder that `ours` does not claim, sorted. Hidden names are left out:
+    cifarlab only ever writes fresh, uniquely named hidden files (staging folders, temp files), so it cannot
+    overwrite one."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        return []  # a new folder, or a file in the way (ensure_writable_dir says so)
+    return [n for n in names if not (Path(folder, n).is_file() and ours(n))]

@@ -117,6 +117,17 @@ def file_digest(path: Path, algorithm: str) -> str:
     return h.hexdigest()
 
 
+def os_error_in_chain(e: BaseException | None) -> OSError | None:
+    """The first OSError in e's cause/context chain (torch wraps a failed write in a RuntimeError), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

@@ -31,7 +31,7 @@ from cifarlab import export as ex
 from cifarlab import exporttrust as trust
 from cifarlab.checkpoint import CHECKPOINT_NAME
 from cifarlab.errors import UsageError
-from cifarlab.fileio import write_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
+from cifarlab.fileio import read_json, write_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
 from cifarlab.runs import ensure_writable_dir, utc_now
 from cifarlab.runtime import environment, usable_cpus
 
@@ -259,9 +259,20 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         plt.close(fig)
 
 
+OUTPUT_NAMES = tuple(f"inferbench.{k}" for k in ("json", "csv", "txt", "png"))
+
+
+def _ours(folder: Path, name: str) -> bool:
+    """An earlier infer-bench's output (its inferbench.json says so), which a new run may replace."""
+    try:
+        return name in OUTPUT_NAMES and read_json(folder / "inferbench.json").get("schema") == BENCH_SCHEMA
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def write_outputs(rows: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
     """inferbench.json (rows + meta), .csv, .txt (the table) and .png into out_dir, each atomically."""
-    paths = {k: out_dir / f"inferbench.{k}" for k in ("json", "csv", "txt", "png")}
+    paths = {name.split(".")[1]: out_dir / name for name in OUTPUT_NAMES}
     write_csv_atomic(paths["csv"], rows)
     write_text_atomic(paths["txt"], format_table(rows) + "\n")
     plot(rows, paths["png"])
@@ -330,8 +341,12 @@ def bench_path(path: str | Path, *, out_dir: str | Path | None, device: str = "a
     devices = resolve_devices(device)
     load_before = _load_average()
     with export_source(path, log) as (model, source, export_dir):
-        out = ensure_writable_dir(Path(out_dir) if out_dir is not None else Path(path) / "inferbench",
-                                  "--out" if out_dir is not None else "the default --out")
+        out, flag = (Path(out_dir), "--out") if out_dir is not None else (Path(path) / "inferbench", "the default --out")
+        foreign = trust.foreign_files(out, lambda name: _ours(out, name))
+        if foreign:
+            raise UsageError(f"{flag} {str(out)!r} holds {len(foreign)} file(s) no cifarlab infer-bench wrote "
+                             f"(first: {foreign[0]!r}); nothing was overwritten -- choose a new or empty folder")
+        out = ensure_writable_dir(out, flag)
         variants: list[Variant] = []
         skipped: dict[str, dict[str, str]] = {}
         for d in devices:
