@@ -19,7 +19,6 @@ import fcntl
 import json
 import os
 import random
-import re
 import socket
 import tempfile
 import time
@@ -33,7 +32,7 @@ import torch
 from cifarlab import collectives
 from cifarlab.config import TrainConfig
 from cifarlab.engine import EpochRecord, TrainState
-from cifarlab.errors import UsageError
+from cifarlab.errors import UsageError, gist
 from cifarlab.fileio import fsync_dir, write_atomic
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -344,11 +343,4 @@ def restore(state: TrainState, ckpt: dict[str, Any], path: Path) -> None:
 
 def _gist(e: BaseException) -> str:
     """One short line from an exception whose message may span many lines (torch.load's does)."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
-    lines = [line for line in lines if line]
-    # weights_only refusals explain themselves after "WeightsUnpickler error:" (same line or the next)
-    for i, line in enumerate(lines):
-        if "WeightsUnpickler error:" in line:
-            detail = line.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
-            return f"weights_only refused it: {detail}"[:240]
-    return (lines[0] if lines else "")[:240]
+    return gist(e)

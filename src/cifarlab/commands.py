@@ -18,7 +18,7 @@ from cifarlab.doctor import run_doctor
 from cifarlab.errors import UsageError
 from cifarlab.exportcmds import cmd_export, cmd_infer_bench
 from cifarlab.flags import PROG, config_from_args
-from cifarlab.interrupt import StopOnSignal
+from cifarlab.interrupt import RaiseOnSignal, StopOnSignal
 from cifarlab.lab.driver import run_lab
 from cifarlab.lab.render import build_report
 from cifarlab.launcher import run_train_command
@@ -156,7 +156,8 @@ def train_entry(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    run_doctor(cfg, getattr(args, "budget", None), cfg.out_dir, sys.stdout)
+    with RaiseOnSignal():  # a signal ends the diagnosis; run_doctor writes what was measured, then says so
+        run_doctor(cfg, getattr(args, "budget", None), cfg.out_dir, sys.stdout)
     return 0
 
 

@@ -149,6 +149,7 @@ def to_json(result: "DoctorResult") -> dict[str, Any]:
         "ranking": [c.key for c, _, _ in result.ranked],
         "best": result.best.key if result.best else None,
         "recommendation": result.recommendation,
+        "stopped_by": result.stopped.signal_name if result.stopped is not None else None,
     }
 
 

@@ -32,9 +32,10 @@ from torch import nn
 from cifarlab.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, EXPORT_FORMATS, NORMS, export_format_names
 from cifarlab.data import cifar_present, load_cifar10, synthetic_split
-from cifarlab.errors import UsageError
-from cifarlab.exporttrust import foreign_files
-from cifarlab.fileio import file_digest, os_error_in_chain, read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+from cifarlab.errors import UsageError, gist
+from cifarlab.exportcheck import LOGIT_LIMIT, compare, rule, tolerances
+from cifarlab.exporttrust import recorded_in, refuse_foreign_out
+from cifarlab.fileio import file_digest, os_error_in_chain, write_json_atomic, write_serialized_atomic, write_text_atomic
 from cifarlab.interrupt import signals_deferred
 from cifarlab.models import resnet18
 from cifarlab.runs import ensure_writable_dir, utc_now
@@ -59,9 +60,6 @@ GRAPH_FILES = {
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 CHECK_IMAGES = 64
 MAX_DYNAMIC_BATCH = 4096
-# max |logit - eager logit| allowed, relative to max(1, max |eager logit|). CUDA allows more: its conv and
-# matmul kernels may use TF32, and compiled kernels reorder sums differently from cuDNN.
-RELATIVE_TOLERANCE = {"cpu": 1e-3, "cuda": 1e-2}
 TRACING_VS_SCRIPTING = (
     "Tracing runs the model once on an example batch and records the aten ops that ran: control flow and "
     "module state are frozen into constants (BatchNorm's `training` flag is baked in as False because the model "
@@ -84,9 +82,8 @@ class ExportMismatch(UsageError):
 
 
 def one_line(e: BaseException, limit: int = 200) -> str:
-    """The first non-empty line of an exception's message (torch's span many lines)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return (lines[0] if lines else type(e).__name__)[:limit]
+    """The first non-empty line of an exception's message (torch's span many lines), cut at a word."""
+    return gist(e, limit)
 
 
 def _installed(name: str) -> bool:
@@ -123,22 +120,22 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise UsageError(f"{str(run_dir)!r} is not a folder; pass a run folder such as runs/20260101-120000-train")
     path = folder / CHECKPOINT_NAME
     if not path.is_file():
-        raise UsageError(f"{folder} has no {CHECKPOINT_NAME} (the run stopped before its first checkpoint or ran "
+        raise UsageError(f"{str(folder)!r} has no {CHECKPOINT_NAME} (the run stopped before its first checkpoint or ran "
                          f"with --checkpoint-every 0); train it with checkpoints, then export")
     ckpt = load_checkpoint(path)
     config = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
     norm = config.get("norm", "batch")
     if norm not in NORMS:
-        raise UsageError(f"{path}: its config has norm {norm!r}, not one of {', '.join(NORMS)}; it is not a cifarlab run")
+        raise UsageError(f"{str(path)!r}: its config has norm {norm!r}, not one of {', '.join(NORMS)}; it is not a cifarlab run")
     model = resnet18(norm=norm)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise UsageError(f"{path} does not hold cifarlab's ResNet-18 (norm={norm}) weights "
+        raise UsageError(f"{str(path)!r} does not hold cifarlab's ResNet-18 (norm={norm}) weights "
                          f"({type(e).__name__}: {one_line(e)}); export only checkpoints written by cifarlab train") from None
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise UsageError(f"{path}: weights hold NaN/inf (first: {bad[0]}); the run diverged -- export an earlier run")
+        raise UsageError(f"{str(path)!r}: weights hold NaN/inf (first: {bad[0]}); the run diverged -- export an earlier run")
     source = {"run_dir": str(folder), "checkpoint": str(path), "epoch": int(ckpt["epoch"]), "norm": norm,
               "dataset": config.get("dataset"), "seed": config.get("seed", 0), "data_dir": config.get("data_dir")}
     return model.eval(), source
@@ -180,25 +177,17 @@ def _batch_dim() -> dict[str, Any]:
     return {"x": {0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)}}
 
 
-def _save_via_memory(save: Callable[[io.BytesIO], None], path: Path) -> None:
-    """Serialize into memory, then write the bytes with Python's file API: torch's C++ file writer aborts the
-    whole process on a full disk (c10::Error, exit 134) where Python raises an OSError we can report."""
-    buf = io.BytesIO()
-    save(buf)
-    write_bytes_atomic(path, buf.getvalue())
-
-
 def _export_trace(model: nn.Module, x: torch.Tensor, path: Path) -> str:
     with _quiet():
         traced = torch.jit.trace(model, x, check_trace=False)  # our own check below is stricter
-        _save_via_memory(lambda f: torch.jit.save(traced, f), path)
+        write_serialized_atomic(path, lambda f: torch.jit.save(traced, f))
     return f"# torch.jit.trace(model, batch of {x.shape[0]}): inlined graph (every recorded aten op)\n{traced.inlined_graph}"
 
 
 def _export_script(model: nn.Module, x: torch.Tensor, path: Path) -> str:
     with _quiet():
         scripted = torch.jit.script(model)
-        _save_via_memory(lambda f: torch.jit.save(scripted, f), path)
+        write_serialized_atomic(path, lambda f: torch.jit.save(scripted, f))
     parts = [("ResNet.forward", scripted), ("layer1[0] (BasicBlock).forward", getattr(scripted.layer1, "0")),
              (f"bn1 ({type(model.bn1).__name__}).forward", scripted.bn1)]
     return "\n".join(f"# {name}\n{module.code}" for name, module in parts)
@@ -211,7 +200,7 @@ def _exported_program(model: nn.Module, x: torch.Tensor) -> Any:
 
 def _export_export(model: nn.Module, x: torch.Tensor, path: Path) -> str:
     program = _exported_program(model, x)
-    _save_via_memory(lambda f: torch.export.save(program, f), path)
+    write_serialized_atomic(path, lambda f: torch.export.save(program, f))
     return f"# torch.export.export(model, (x,), batch dimension dynamic 1..{MAX_DYNAMIC_BATCH})\n{program}"
 
 
@@ -280,25 +269,6 @@ def load_artifact(fmt: str, path: Path, device: torch.device,
 # ------------------------------------------------------------------------------------- checking
 
 
-def compare(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, reference: torch.Tensor,
-            tolerance_abs: float) -> dict[str, Any]:
-    """Run fn on x and on x[:1] and compare with the eager logits. Top-1 must agree on every image whose
-    eager top-2 margin exceeds the tolerance (a near-tie may flip without anything being wrong)."""
-    with torch.no_grad():
-        out = fn(x).float().cpu()
-        out1 = fn(x[:1]).float().cpu()
-    ref = reference.float().cpu()
-    diff = float((out - ref).abs().max()) if out.shape == ref.shape else float("inf")
-    diff1 = float((out1 - ref[:1]).abs().max()) if out1.shape == ref[:1].shape else float("inf")
-    top2 = ref.topk(2, dim=1).values
-    decisive = (top2[:, 0] - top2[:, 1]) > tolerance_abs
-    agree = out.argmax(1) == ref.argmax(1) if out.shape == ref.shape else torch.zeros(len(ref), dtype=torch.bool)
-    ok = diff <= tolerance_abs and diff1 <= tolerance_abs and bool(agree[decisive].all())
-    return {"ok": ok, "max_abs_logit_diff": diff, "batch1_max_abs_logit_diff": diff1, "tolerance_abs": tolerance_abs,
-            "top1_agree": int(agree.sum()), "images": len(ref), "decisive_images": int(decisive.sum()),
-            "top1_agree_decisive": int(agree[decisive].sum())}
-
-
 def mode_switch_facts(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     """Measured, not asserted: does `.train()` change the output of the traced / scripted module?"""
     facts: dict[str, Any] = {"explanation": TRACING_VS_SCRIPTING}
@@ -314,31 +284,6 @@ def mode_switch_facts(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
 
 def sha256_file(path: Path) -> str:
     return file_digest(path, "sha256")
-
-
-def ours(folder: Path, name: str) -> bool:
-    """Whether folder/name is a file a cifarlab export wrote: export.json, a graph text file, or an artifact
-    whose sha256 is the one the folder's export.json records."""
-    try:
-        info = read_json(folder / EXPORT_JSON)
-        if info["schema"] != EXPORT_SCHEMA:
-            return False
-        if name == EXPORT_JSON or name in GRAPH_FILES.values():
-            return True
-        recorded = info["artifacts"]
-        return any(isinstance(a, dict) and a.get("file") == name and a.get("sha256") == sha256_file(folder / name)
-                   for a in recorded.values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-
-
-def refuse_foreign_out(folder: Path, flag: str) -> None:
-    """An existing --out may hold only what an earlier cifarlab export wrote: a user's own files are never
-    overwritten (nor mixed with an export)."""
-    foreign = foreign_files(folder, lambda name: ours(folder, name))
-    if foreign:
-        raise UsageError(f"{flag} {str(folder)!r} holds {len(foreign)} file(s) no cifarlab export wrote (first: "
-                         f"{foreign[0]!r}); nothing was overwritten -- choose a new or empty folder")
 
 
 # --------------------------------------------------------------------------------------- export
@@ -359,14 +304,14 @@ def export_model(model: nn.Module, out_dir: str | Path, formats: list[str] | tup
     if unknown:
         raise UsageError(f"format {unknown[0]!r} is not known; choose from: {', '.join(FORMATS)}")
     created = not Path(out_dir).exists()
-    refuse_foreign_out(Path(out_dir), out_flag)
+    refuse_foreign_out(Path(out_dir), out_flag, "export", lambda name: recorded_in(
+        Path(out_dir), name, EXPORT_JSON, EXPORT_SCHEMA, tuple(GRAPH_FILES.values())))
     out = ensure_writable_dir(Path(out_dir), out_flag)
     model = copy.deepcopy(model).eval().to(device)  # the caller's model keeps its device and mode
     x = example_batch.to(device)
     with torch.no_grad():
         reference = model(x).float().cpu()
-    tolerance_rel = RELATIVE_TOLERANCE.get(device.type, 1e-3)
-    tolerance_abs = tolerance_rel * max(1.0, float(reference.abs().max()))
+    tolerance_rel, tolerance_abs = tolerances(device.type)
     staging = Path(tempfile.mkdtemp(prefix=".export-staging-", dir=out))
     try:
         artifacts: dict[str, Any] = {}
@@ -379,11 +324,11 @@ def export_model(model: nn.Module, out_dir: str | Path, formats: list[str] | tup
                 write_text_atomic(staging / GRAPH_FILES[fmt], graph_text + "\n")
             t0 = time.perf_counter()
             loaded = load_artifact(fmt, path, device)
-            check = compare(loaded, x, reference, tolerance_abs)
+            check = compare(loaded, x, reference, device.type)
             artifacts[fmt] = {
                 "file": ARTIFACTS[fmt], "bytes": path.stat().st_size, "sha256": sha256_file(path),
                 "graph_file": GRAPH_FILES[fmt] if graph_text else None,
-                "dynamic_batch": check["batch1_max_abs_logit_diff"] <= tolerance_abs,
+                "dynamic_batch": check["batch1_ok"],
                 "export_s": round(export_s, 3), "reload_and_check_s": round(time.perf_counter() - t0, 3),
                 "check": check,
             }
@@ -397,22 +342,27 @@ def export_model(model: nn.Module, out_dir: str | Path, formats: list[str] | tup
                       "normalization": {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)},
                       "dynamic_batch_range": [1, MAX_DYNAMIC_BATCH], "example_batch": int(x.shape[0])},
             "check": {"images": check_images, "tolerance_relative": tolerance_rel, "tolerance_abs": tolerance_abs,
-                      "rule": (f"max |logit - eager| <= {tolerance_rel:g} * max(1, max |eager logit|) at the example "
-                               f"batch and at batch 1, and the same top-1 on every image whose eager top-2 "
-                               f"margin exceeds that tolerance")},
+                      "logit_limit": LOGIT_LIMIT, "rule": rule(device.type)},
             "artifacts": artifacts,
             "environment": environment(device),
         }
         if getattr(model, "norm", "batch") == "batch" and {"torchscript-trace", "torchscript-script"} <= set(formats):
             report["tracing_vs_scripting"] = mode_switch_facts(model, x)
         failed = [f for f in formats if not artifacts[f]["check"]["ok"]]
-        report["status"] = "mismatch" if failed else "ok"
+        inconclusive = any(artifacts[f]["check"]["status"] == "inconclusive" for f in failed)
+        report["status"] = ("inconclusive" if inconclusive else "mismatch") if failed else "ok"
         if failed and raise_on_mismatch:
             c = artifacts[failed[0]]["check"]
+            if inconclusive:
+                raise ExportMismatch(
+                    f"the check is inconclusive: the model's eager logits reach {c['max_abs_eager_logit']:.3g} (limit "
+                    f"{LOGIT_LIMIT:g}), so no tolerance can tell a correct export from a wrong one; nothing was "
+                    f"written to {str(out)!r} -- export a run that trained properly", report)
             raise ExportMismatch(
-                f"{failed[0]} does not match eager: max |logit diff| {c['max_abs_logit_diff']:.3g} "
-                f"(batch 1: {c['batch1_max_abs_logit_diff']:.3g}) vs tolerance {tolerance_abs:.3g}, top-1 "
-                f"{c['top1_agree']}/{c['images']}; nothing was written to {out}", report)
+                f"{failed[0]} does not match eager: max |logit diff| {c['max_abs_logit_diff']:.3g} (batch 1: "
+                f"{c['batch1_max_abs_logit_diff']:.3g}), {c['worst_diff_over_tolerance']:.3g}x the per-logit tolerance "
+                f"({tolerance_rel:g} * |logit| + {tolerance_abs:g}), top-1 {c['top1_agree']}/{c['images']}; nothing "
+                f"was written to {str(out)!r}", report)
         write_json_atomic(staging / EXPORT_JSON, report)
         for name in sorted(os.listdir(staging)):  # on disk before any rename makes it visible
             with open(staging / name, "rb") as f:

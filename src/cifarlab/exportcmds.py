@@ -9,6 +9,7 @@ import sys
 from cifarlab import export as ex
 from cifarlab import inferbench as ib
 from cifarlab.errors import UsageError
+from cifarlab.exportcheck import verdict
 from cifarlab.exportcli import batch_sizes, format_list, positive
 from cifarlab.interrupt import RaiseOnSignal, Stopped
 
@@ -29,14 +30,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise Stopped(e.signum, "nothing was written and no staging folder is left") from None
     src, chk = report["source"], report["check"]
     print(f"export: {src['run_dir']} (epoch {src['epoch']}, norm {src['norm']}) -> {out}")
-    print(f"check:  {chk['images']} on {report['device']}; {chk['rule']} (tolerance {chk['tolerance_abs']:.3g})")
+    print(f"check:  {chk['images']} on {report['device']}; {chk['rule']}")
     width = max(len(f) for f in formats)
     for fmt in formats:
         a = report["artifacts"][fmt]
         c = a["check"]
         print(f"  {fmt:<{width}}  {a['file']:<22} {_human_bytes(a['bytes']):>9}  max|diff| {c['max_abs_logit_diff']:.2e}"
               f"  top-1 {c['top1_agree']}/{c['images']}  batch 1 {'ok' if a['dynamic_batch'] else 'FAILED'}"
-              f"  export {a['export_s']:.1f} s  {'ok' if c['ok'] else 'MISMATCH'}")
+              f"  export {a['export_s']:.1f} s  {verdict(c)}")
     for fmt, reason in report["skipped"].items():
         print(f"  {fmt:<{width}}  skipped: {reason}")
     tvs = report.get("tracing_vs_scripting")

@@ -172,3 +172,29 @@ def foreign_files(folder: Path, ours: Callable[[str], bool]) -> list[str]:
     except (FileNotFoundError, NotADirectoryError):
         return []  # a new folder, or a file in the way (ensure_writable_dir says so)
     return [n for n in names if not (Path(folder, n).is_file() and ours(n))]
+
+
+def recorded_in(folder: Path, name: str, listing: str, schema: str, plain_names: tuple[str, ...] = ()) -> bool:
+    """Whether folder/name is a file an earlier cifarlab command wrote there: the folder's `listing` JSON has
+    `schema`, and name is the listing itself, one of plain_names, or an artifact whose sha256 it records."""
+    try:
+        with open(Path(folder) / listing, encoding="utf-8") as f:
+            info = json.load(f)
+        if info["schema"] != schema:
+            return False
+        if name == listing or name in plain_names:
+            return True
+        data = (Path(folder) / name).read_bytes()
+        return any(isinstance(a, dict) and a.get("file") == name and a.get("sha256") == hashlib.sha256(data).hexdigest()
+                   for a in info.get("artifacts", {}).values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def refuse_foreign_out(folder: Path, flag: str, command: str, ours: Callable[[str], bool]) -> None:
+    """An existing output folder may hold only what an earlier run of `command` wrote: a user's own files are
+    never overwritten, nor mixed with cifarlab's."""
+    foreign = foreign_files(folder, ours)
+    if foreign:
+        raise UsageError(f"{flag} {str(folder)!r} holds {len(foreign)} file(s) no cifarlab {command} wrote (first: "
+                         f"{foreign[0]!r}); nothing was overwritten -- choose a new or empty folder")

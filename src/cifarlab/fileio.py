@@ -58,6 +58,14 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     write_atomic(path, lambda f: f.write(data))
 
 
+def write_serialized_atomic(path: Path, save: Callable[[IO[bytes]], None]) -> None:
+    """save(buffer) serializes into memory, then the bytes are written atomically with Python's file API: torch's
+    C++ file writer aborts the whole process on a full disk (c10::Error, exit 134) where Python raises OSError."""
+    buf = io.BytesIO()
+    save(buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
 def write_traceback(path: Path, e: BaseException) -> Path:
     """The exception's full traceback as a text file (results keep one line; a failure on a lent GPU is
     diagnosed afterwards from this file)."""

@@ -31,7 +31,7 @@ from cifarlab import export as ex
 from cifarlab import exporttrust as trust
 from cifarlab.checkpoint import CHECKPOINT_NAME
 from cifarlab.errors import UsageError
-from cifarlab.fileio import read_json, write_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
+from cifarlab.fileio import write_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
 from cifarlab.runs import ensure_writable_dir, utc_now
 from cifarlab.runtime import environment, usable_cpus
 
@@ -262,14 +262,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 OUTPUT_NAMES = tuple(f"inferbench.{k}" for k in ("json", "csv", "txt", "png"))
 
 
-def _ours(folder: Path, name: str) -> bool:
-    """An earlier infer-bench's output (its inferbench.json says so), which a new run may replace."""
-    try:
-        return name in OUTPUT_NAMES and read_json(folder / "inferbench.json").get("schema") == BENCH_SCHEMA
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def write_outputs(rows: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
     """inferbench.json (rows + meta), .csv, .txt (the table) and .png into out_dir, each atomically."""
     paths = {name.split(".")[1]: out_dir / name for name in OUTPUT_NAMES}
@@ -342,10 +334,8 @@ def bench_path(path: str | Path, *, out_dir: str | Path | None, device: str = "a
     load_before = _load_average()
     with export_source(path, log) as (model, source, export_dir):
         out, flag = (Path(out_dir), "--out") if out_dir is not None else (Path(path) / "inferbench", "the default --out")
-        foreign = trust.foreign_files(out, lambda name: _ours(out, name))
-        if foreign:
-            raise UsageError(f"{flag} {str(out)!r} holds {len(foreign)} file(s) no cifarlab infer-bench wrote "
-                             f"(first: {foreign[0]!r}); nothing was overwritten -- choose a new or empty folder")
+        trust.refuse_foreign_out(out, flag, "infer-bench",
+                                 lambda name: trust.recorded_in(out, name, OUTPUT_NAMES[0], BENCH_SCHEMA, OUTPUT_NAMES))
         out = ensure_writable_dir(out, flag)
         variants: list[Variant] = []
         skipped: dict[str, dict[str, str]] = {}
