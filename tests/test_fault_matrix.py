@@ -306,3 +306,70 @@ def test_long_messages_are_cut_at_a_word():
     e = RuntimeError("alpha " * 100)
     text = gist(e, 50)
     assert len(text) <= 50 and text.endswith(" ...") and text[:-4].split(" ")[-1] == "alpha"
+
+
+# ------------------------------------------------------------------------- the lab and checkpoints
+
+
+def test_lab_e_on_a_full_disk_is_recorded_failed_and_the_report_is_written(tmp_path, monkeypatch, capsys):
+    from cifarlab.lab import e_export
+
+    monkeypatch.setitem(e_export.SETTINGS, "smoke", e_export.ESettings(4, (1,), 1, 1, 0.1, ("torchscript-trace",)))
+
+    def full(path, save):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ex, "write_serialized_atomic", full)  # the artifact's write, where the disk fills up
+    code = cli.main(["lab", "--preset", "smoke", "--only", "e", "--out", str(tmp_path), "--data", str(tmp_path / "none")])
+    capsys.readouterr()
+    (lab,) = tmp_path.glob("*-lab-lab-smoke")
+    doc = json.loads((lab / "results.json").read_text())
+    assert code == 3 and doc["status"] == "partial" and doc["finished"]
+    entry = doc["experiments"]["e"]
+    assert entry["status"] == "failed" and "No space left on device" in entry["error"]
+    assert "Failed: " in (lab / "report.md").read_text() and (lab / "report.html").is_file()
+    assert not (lab / "e" / "export").exists() and not _hidden(lab / "e")  # no staging, no temp file
+
+
+SLOW_WRITER = """
+import sys, time, pathlib
+import cifarlab.checkpoint as ck
+real = ck.write_atomic
+def slow(path, write):
+    if not path.exists():
+        return real(path, write)
+    pathlib.Path(sys.argv[1]).touch()  # the second checkpoint is being written, slowly (a slow disk)
+    class Slow:
+        def __init__(self, f): self.f = f
+        def write(self, b):
+            time.sleep(0.2)
+            return self.f.write(b)
+        def flush(self): return self.f.flush()
+    return real(path, lambda f: write(Slow(f)))
+ck.write_atomic = slow
+from cifarlab.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_second_signal_while_a_checkpoint_is_written_still_ends_interrupted(tmp_path):
+    """The second signal lands inside torch's C++ zip writer (its Python write callback): torch turns the
+    KeyboardInterrupt into a RuntimeError, which used to end the run as "failed" with two tracebacks."""
+    marker, out = tmp_path / "writing", tmp_path / "runs"
+    script = tmp_path / "slow_disk.py"
+    script.write_text(SLOW_WRITER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, str(script), str(marker), "train", "--dataset", "synthetic", "--subset",
+                             "16", "--test-subset", "8", "--batch-size", "8", "--max-steps", "1", "--no-evaluate",
+                             "--epochs", "50", "--loader", "torch", "--workers", "0", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for(marker.exists, proc)
+    proc.send_signal(signal.SIGTERM)  # first: stop after this epoch
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)  # second: inside the checkpoint write
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "interrupted (SIGTERM)" in _one_line(err)
+    (run,) = out.iterdir()
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1  # the previous checkpoint, intact
+    assert not _hidden(run)  # the half-written temp file is gone

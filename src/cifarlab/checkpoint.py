@@ -33,7 +33,7 @@ from cifarlab import collectives
 from cifarlab.config import TrainConfig
 from cifarlab.engine import EpochRecord, TrainState
 from cifarlab.errors import UsageError, gist
-from cifarlab.fileio import fsync_dir, write_atomic
+from cifarlab.fileio import fsync_dir, in_chain, os_error_in_chain, write_atomic
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "cifarlab.checkpoint/1"
@@ -122,8 +122,12 @@ def save_checkpoint(folder: Path, cfg: TrainConfig, state: TrainState) -> Path:
             torch.save(payload, f)
         except Exception as e:
             # torch's zip writer turns a full disk into "RuntimeError: unexpected pos ...": surface the
-            # OSError underneath so the caller can say "No space left on device".
-            os_error = _os_error_in_chain(e)
+            # OSError underneath so the caller can say "No space left on device". The same wrapping hides a
+            # second Ctrl-C that landed in its write callback: that is an interruption, not a failure.
+            stop = in_chain(e, KeyboardInterrupt)
+            if stop is not None:
+                raise stop from None
+            os_error = os_error_in_chain(e)
             if os_error is None:
                 raise
             raise os_error from None
@@ -131,17 +135,6 @@ def save_checkpoint(folder: Path, cfg: TrainConfig, state: TrainState) -> Path:
     target = write_atomic(folder / CHECKPOINT_NAME, write)
     fsync_dir(folder)
     return target
-
-
-def _os_error_in_chain(e: BaseException | None) -> OSError | None:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

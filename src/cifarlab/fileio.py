@@ -125,15 +125,21 @@ def file_digest(path: Path, algorithm: str) -> str:
     return h.hexdigest()
 
 
-def os_error_in_chain(e: BaseException | None) -> OSError | None:
-    """The first OSError in e's cause/context chain (torch wraps a failed write in a RuntimeError), or None."""
+def in_chain(e: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first `kind` in e's cause/context chain, or None: torch's C++ file writer turns an OSError or a
+    KeyboardInterrupt raised in its Python write callback into a RuntimeError ("unexpected pos ...")."""
     seen = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
+        if isinstance(e, kind):
             return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
+
+
+def os_error_in_chain(e: BaseException | None) -> OSError | None:
+    found = in_chain(e, OSError)
+    return found if isinstance(found, OSError) else None
 
 
 def read_json(path: Path) -> Any:
