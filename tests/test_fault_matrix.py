@@ -158,6 +158,43 @@ def test_report_on_a_read_only_lab_folder_is_one_line(tmp_path, capsys):
     assert code == 2 and "cannot write the report" in _one_line(capsys.readouterr().err)
 
 
+def test_infer_bench_on_a_full_disk_is_one_line(run_dir, tmp_path, capsys, monkeypatch):
+    assert cli.main(["export", str(run_dir), "--out", str(tmp_path / "exp"), *FORMAT]) == 0
+    capsys.readouterr()
+    _full_disk_after(monkeypatch, 0)
+    out = tmp_path / "bench"
+    code = cli.main(["infer-bench", str(tmp_path / "exp"), "--out", str(out), "--batch-sizes", "1", "--iters", "1",
+                     "--warmup", "1", "--device", "cpu"])
+    err = _one_line(capsys.readouterr().err)
+    assert code == 2 and "No space left on device" in err and str(out) in err
+    assert list(out.iterdir()) == []  # no result file, whole or half, and no temp file
+
+
+def test_doctor_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    _full_disk_after(monkeypatch, 0)
+    code = cli.main(["doctor", "--dataset", "synthetic", "--subset", "32", "--batch-size", "8", "--device", "cpu",
+                     "--loader", "torch", "--workers", "0", "--budget", "1", "--out", str(tmp_path / "doc")])
+    err = _one_line(capsys.readouterr().err)
+    assert code == 2 and "No space left on device" in err
+    assert not [p for p in (tmp_path / "doc").rglob("*") if p.is_file()]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a tmpfs needs root")
+def test_report_on_a_real_read_only_filesystem(tmp_path, capsys):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("this container cannot mount a tmpfs")
+    try:
+        shutil.copytree(ROOT / "tests" / "fixtures" / "lab-v1-smoke", mnt / "lab")
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        code = cli.main(["report", str(mnt / "lab")])
+        err = _one_line(capsys.readouterr().err)
+        assert code == 2 and "cannot write the report" in err and "Read-only file system" in err
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
 # ----------------------------------------------------------------------------- results.json shapes
 
 

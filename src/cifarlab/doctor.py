@@ -29,6 +29,7 @@ from cifarlab.doctor_advice import Candidate, Diagnosis, HostFacts, Measurement,
 from cifarlab.doctor_report import Summary, noise_share, rank, summarize, verdict
 from cifarlab.engine import EpochRecord, build_state, ensure_step_runner, resolve_precision, seed_epoch, train_epoch
 from cifarlab.errors import UsageError, gist
+from cifarlab.fileio import in_chain
 from cifarlab.interrupt import Stopped, signals_deferred
 from cifarlab.runner import is_out_of_memory, oom_message, prepare, release_device_memory
 from cifarlab.runtime import cpu_flags, cpu_has_native_bf16, environment, seed_everything, usable_cpus
@@ -348,6 +349,8 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
                 try:
                     m = measure(cfg.replace(**c.changes), data, device, steps, f"{c.key} r{r}")
                 except Exception as e:  # noqa: BLE001 -- a candidate that fails here is reported, not fatal
+                    if isinstance(stop := in_chain(e, Stopped), Stopped):  # a compiler wrapped our signal
+                        raise stop from None
                     if is_out_of_memory(e):
                         release_device_memory(device)
                     c.status, c.reason = "failed", f"{type(e).__name__}: {gist(e, 280)}"
@@ -401,8 +404,12 @@ def run_doctor(cfg: TrainConfig, budget_s: float | None, out_dir: str | Path, st
     _say(stream, f"device: {device}; loader {cfg.loader}" + (f", workers {cfg.workers}" if cfg.loader == "torch" else "")
          + f", batch {cfg.batch_size}; budget {budget_s if budget_s is not None else DEFAULT_BUDGET_S[device.type]:.0f} s")
     result = diagnose(cfg, data, device, budget_s, steps=steps, only=only, repeats=repeats, stream=stream, started_at=t0)
-    with signals_deferred():  # a Ctrl-C now would leave a folder without its report
-        result.path = doctor_report.write_folder(result, out_dir)
+    try:
+        with signals_deferred():  # a Ctrl-C now would leave a folder without its report
+            result.path = doctor_report.write_folder(result, out_dir)
+    except OSError as e:  # a full or read-only disk: each file is whole or absent (atomic writes)
+        raise UsageError(f"cannot write the doctor's folder under {str(out_dir)!r}: {e.strerror or e}; no file is "
+                         f"half-written -- free some space or choose another --out") from None
     _say(stream, doctor_report.console_text(result))
     if result.stopped is not None:
         not_run = [c.key for c in result.candidates if c.status == "not run"]

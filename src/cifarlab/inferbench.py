@@ -364,4 +364,8 @@ def bench_path(path: str | Path, *, out_dir: str | Path | None, device: str = "a
             if any(d.type == "cuda" for d in devices) else None,
             "skipped": skipped, "load_average_1min": {"before": load_before, "after": load_after},
             "environment": {str(d): environment(d) for d in devices}}
-    return rows, write_outputs(rows, out, meta)
+    try:
+        return rows, write_outputs(rows, out, meta)
+    except OSError as e:  # a full or read-only disk: each file is whole or absent (atomic writes)
+        raise UsageError(f"cannot write the results into {str(out)!r}: {e.strerror or e}; no file is half-written "
+                         f"-- free some space or choose another --out") from None
