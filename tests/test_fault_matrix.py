@@ -7,6 +7,7 @@ shape is one line, and the export check fails a model it cannot vouch for."""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import torch
 from cifarlab import cli, fileio
 from cifarlab import export as ex
 from cifarlab.checkpoint import load_checkpoint
-from cifarlab.errors import UsageError, gist
+from cifarlab.errors import UsageError, gist, raise_if_interrupted
 from cifarlab.exportcheck import compare
 from cifarlab.models import resnet18
 
@@ -410,3 +411,23 @@ def test_a_second_signal_while_a_checkpoint_is_written_still_ends_interrupted(tm
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1  # the previous checkpoint, intact
     assert not _hidden(run)  # the half-written temp file is gone
+
+
+def test_a_signal_torch_wrapped_in_a_runtime_error_is_raised_again():
+    class Interrupted(io.RawIOBase):
+        calls = 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            Interrupted.calls += 1
+            if Interrupted.calls == 3:
+                raise KeyboardInterrupt("a signal inside torch's writer")
+            return len(data)
+    with pytest.raises(KeyboardInterrupt, match="inside torch's writer"):
+        try:
+            torch.save({"a": torch.zeros(1000), "b": torch.zeros(1000)}, Interrupted())
+        except Exception as e:  # what every "report it and go on" handler does
+            assert isinstance(e, RuntimeError)  # torch's wrapping: the reason this helper exists
+            raise_if_interrupted(e)

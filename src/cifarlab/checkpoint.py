@@ -32,8 +32,8 @@ import torch
 from cifarlab import collectives
 from cifarlab.config import TrainConfig
 from cifarlab.engine import EpochRecord, TrainState
-from cifarlab.errors import UsageError, gist
-from cifarlab.fileio import fsync_dir, in_chain, os_error_in_chain, write_atomic
+from cifarlab.errors import UsageError, gist, raise_if_interrupted
+from cifarlab.fileio import fsync_dir, os_error_in_chain, write_atomic
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "cifarlab.checkpoint/1"
@@ -124,9 +124,7 @@ def save_checkpoint(folder: Path, cfg: TrainConfig, state: TrainState) -> Path:
             # torch's zip writer turns a full disk into "RuntimeError: unexpected pos ...": surface the
             # OSError underneath so the caller can say "No space left on device". The same wrapping hides a
             # second Ctrl-C that landed in its write callback: that is an interruption, not a failure.
-            stop = in_chain(e, KeyboardInterrupt)
-            if stop is not None:
-                raise stop from None
+            raise_if_interrupted(e)
             os_error = os_error_in_chain(e)
             if os_error is None:
                 raise

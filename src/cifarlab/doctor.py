@@ -28,8 +28,7 @@ from cifarlab.data import DataBundle, build_loaders
 from cifarlab.doctor_advice import Candidate, Diagnosis, HostFacts, Measurement, check_budget_s, choose_repeats, classify, plan_round, propose
 from cifarlab.doctor_report import Summary, noise_share, rank, summarize, verdict
 from cifarlab.engine import EpochRecord, build_state, ensure_step_runner, resolve_precision, seed_epoch, train_epoch
-from cifarlab.errors import UsageError, gist
-from cifarlab.fileio import in_chain
+from cifarlab.errors import UsageError, gist, raise_if_interrupted
 from cifarlab.interrupt import Stopped, signals_deferred
 from cifarlab.runner import is_out_of_memory, oom_message, prepare, release_device_memory
 from cifarlab.runtime import cpu_flags, cpu_has_native_bf16, environment, seed_everything, usable_cpus
@@ -349,8 +348,7 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
                 try:
                     m = measure(cfg.replace(**c.changes), data, device, steps, f"{c.key} r{r}")
                 except Exception as e:  # noqa: BLE001 -- a candidate that fails here is reported, not fatal
-                    if isinstance(stop := in_chain(e, Stopped), Stopped):  # a compiler wrapped our signal
-                        raise stop from None
+                    raise_if_interrupted(e)  # a signal that a compiler wrapped in its own error
                     if is_out_of_memory(e):
                         release_device_memory(device)
                     c.status, c.reason = "failed", f"{type(e).__name__}: {gist(e, 280)}"

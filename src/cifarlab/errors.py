@@ -1,6 +1,8 @@
 """Errors the user can fix. The CLI turns each into one line on stderr and exit code 2; `gist` makes one
 short line of a foreign exception for such a message."""
 
+from __future__ import annotations
+
 import re
 
 
@@ -41,3 +43,23 @@ def gist(e: BaseException, limit: int = 240) -> str:
         return clip(f"weights_only refused it: {reasons[0] if reasons else 'a pickled object that is not a tensor'}",
                     limit)
     return clip(lines[0] if lines else type(e).__name__, limit)
+
+
+def in_chain(e: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first `kind` in e's cause/context chain, or None: torch's C++ file writer turns an OSError or a
+    KeyboardInterrupt raised in its Python write callback into a RuntimeError ("unexpected pos ...")."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def raise_if_interrupted(e: BaseException) -> None:
+    """Raise again a KeyboardInterrupt (a signal) that C++ code wrapped in another exception, so an `except
+    Exception` that reports a failure and goes on does not swallow the user's Ctrl-C."""
+    stop = in_chain(e, KeyboardInterrupt)
+    if stop is not None:
+        raise stop from None

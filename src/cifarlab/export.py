@@ -32,7 +32,7 @@ from torch import nn
 from cifarlab.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, EXPORT_FORMATS, NORMS, export_format_names
 from cifarlab.data import cifar_present, load_cifar10, synthetic_split
-from cifarlab.errors import UsageError, gist
+from cifarlab.errors import UsageError, gist, raise_if_interrupted
 from cifarlab.exportcheck import LOGIT_LIMIT, compare, rule, tolerances
 from cifarlab.exporttrust import recorded_in, refuse_foreign_out
 from cifarlab.fileio import file_digest, os_error_in_chain, write_json_atomic, write_serialized_atomic, write_text_atomic
@@ -371,6 +371,7 @@ def export_model(model: nn.Module, out_dir: str | Path, formats: list[str] | tup
             for name in sorted(os.listdir(staging), key=lambda n: n == EXPORT_JSON):  # export.json last
                 os.replace(staging / name, out / name)
     except (OSError, RuntimeError) as e:  # torch wraps an OSError of its writer in a RuntimeError
+        raise_if_interrupted(e)  # ... and a Ctrl-C that landed in Python code torch called
         os_error = os_error_in_chain(e)
         if os_error is None:
             raise

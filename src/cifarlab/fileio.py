@@ -17,6 +17,8 @@ import traceback
 from pathlib import Path
 from typing import IO, Any, Callable
 
+from cifarlab.errors import in_chain
+
 
 def current_umask() -> int:
     # os.umask can only be read by setting it: set it back at once.
@@ -123,18 +125,6 @@ def file_digest(path: Path, algorithm: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def in_chain(e: BaseException | None, kind: type[BaseException]) -> BaseException | None:
-    """The first `kind` in e's cause/context chain, or None: torch's C++ file writer turns an OSError or a
-    KeyboardInterrupt raised in its Python write callback into a RuntimeError ("unexpected pos ...")."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, kind):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def os_error_in_chain(e: BaseException | None) -> OSError | None:

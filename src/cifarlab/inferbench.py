@@ -30,7 +30,7 @@ from torch import nn
 from cifarlab import export as ex
 from cifarlab import exporttrust as trust
 from cifarlab.checkpoint import CHECKPOINT_NAME
-from cifarlab.errors import UsageError
+from cifarlab.errors import UsageError, raise_if_interrupted
 from cifarlab.fileio import write_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
 from cifarlab.runs import ensure_writable_dir, utc_now
 from cifarlab.runtime import environment, usable_cpus
@@ -105,6 +105,7 @@ def make_variants(model: nn.Module, device: torch.device, export_dir: str | Path
             try:
                 fn = ex.load_artifact(entry.fmt, path, device, data)
             except Exception as e:  # a format that cannot run on this device is reported, not fatal
+                raise_if_interrupted(e)
                 skip(name, f"{entry.file!r} failed to load ({type(e).__name__}: {ex.one_line(e)})")
                 continue
             providers = getattr(fn, "providers", None)
@@ -164,6 +165,7 @@ def bench(variants: list[Variant], batch_sizes: tuple[int, ...] | list[int] = DE
                             _timed_call(v.fn, x, cuda)
                         times[v.name] = []
                     except Exception as e:  # noqa: BLE001 -- recorded in the row, the others go on
+                        raise_if_interrupted(e)
                         status[v.name] = f"failed: {type(e).__name__}: {ex.one_line(e)}"
                         if cuda:
                             torch.cuda.empty_cache()
