@@ -431,3 +431,11 @@ def test_a_signal_torch_wrapped_in_a_runtime_error_is_raised_again():
         except Exception as e:  # what every "report it and go on" handler does
             assert isinstance(e, RuntimeError)  # torch's wrapping: the reason this helper exists
             raise_if_interrupted(e)
+
+
+def test_lab_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    _full_disk_after(monkeypatch, 0)  # results.json itself cannot be written
+    code = cli.main(["lab", "--preset", "smoke", "--only", "q", "--out", str(tmp_path), "--data", str(tmp_path / "none")])
+    err = _one_line(capsys.readouterr().err)
+    assert code == 2 and "No space left on device" in err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no half-written results.json, no temp file

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ from cifarlab.launcher import run_train_command
 from cifarlab.modelfacts import explain, inspect_model
 from cifarlab.optim import OPTIMIZERS
 from cifarlab.progress import ConsoleProgress
-from cifarlab.runner import is_out_of_memory, prepare, run_training
+from cifarlab.runner import DISK_ERRNOS, is_out_of_memory, prepare, run_training
 from cifarlab.runtime import compile_cache, workers_warning
 
 EXIT_DIVERGED = 3  # README "Exit codes"; interrupted: 128 + signal (130 SIGINT, 143 SIGTERM); usage: 2
@@ -138,7 +139,14 @@ def cmd_lab(args: argparse.Namespace) -> int:
         given["only"] = tuple(x for x in given["only"].split(",") if x.strip())
         if not given["only"]:
             raise UsageError("--only needs at least one item, e.g. --only c1,c3")
-    _, code = run_lab(LabConfig(**given))
+    try:
+        _, code = run_lab(LabConfig(**given))
+    except OSError as e:  # results.json or the report could not be written: the lab folder's disk is full/read-only
+        if e.errno not in DISK_ERRNOS:
+            raise
+        where = repr(str(e.filename)) if e.filename else "into the lab folder"
+        raise UsageError(f"cannot write {where}: {e.strerror} ({errno.errorcode.get(e.errno or 0, '?')}); each file "
+                         f"there is whole or absent -- free some space or choose another --out") from None
     return code
 
 
