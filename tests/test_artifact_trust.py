@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from cifarlab import cli
-from cifarlab import export as ex
-from cifarlab import exporttrust as trust
+from cifarlab.export import artifacts as ex
+from cifarlab.export import trust
 
 BENCH = ["--batch-sizes", "2", "--iters", "1", "--warmup", "1", "--device", "cpu"]
 

@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarlab import cli, fileio
-from cifarlab import export as ex
+from cifarlab import cli
+from cifarlab.core import fileio
 from cifarlab.core.errors import UsageError, raise_if_interrupted
 from cifarlab.core.text import one_line
+from cifarlab.export import artifacts as ex
 from cifarlab.export.check import compare
 from cifarlab.model.resnet import resnet18
 from cifarlab.run.checkpoint import load_checkpoint
@@ -351,7 +352,7 @@ def test_long_messages_are_cut_at_a_word():
 
 
 def test_lab_e_on_a_full_disk_is_recorded_failed_and_the_report_is_written(tmp_path, monkeypatch, capsys):
-    from cifarlab.lab import e_export
+    from cifarlab.lab.items import e_export
 
     monkeypatch.setitem(e_export.SETTINGS, "smoke", e_export.ESettings(4, (1,), 1, 1, 0.1, ("torchscript-trace",)))
 

@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from cifarlab.errors import in_chain
+from cifarlab.core.errors import in_chain
 
 
 def current_umask() -> int:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cifarlab.config import TrainConfig
-from cifarlab.errors import UsageError
+from cifarlab.core.errors import UsageError
 
 # ---------------------------------------------------------------------------- classification thresholds
 DATA_BOUND_SHARE = 0.20  # data wait >= 20% of the step: data-bound
