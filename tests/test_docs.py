@@ -4,8 +4,15 @@ names one), and every docs page is listed in both indexes."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -51,3 +58,22 @@ def test_every_docs_page_is_in_both_indexes() -> None:
     readme = {t.removeprefix("docs/") for t in LINK.findall((ROOT / "README.md").read_text())}
     assert pages <= index, pages - index
     assert pages <= readme, pages - readme
+
+
+def test_the_docs_site_builds_strictly(tmp_path: Path) -> None:
+    """mkdocs (material theme) builds docs/ with --strict: a broken link, a missing page or an unknown anchor fails."""
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (tmp_path / "site" / "gpu" / "index.html").is_file()
+
+
+def test_the_quickstart_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/notebook/quickstart.ipynb trains the smoke configuration through the Python API, plots its curves and
+    inspects the model, executed as a notebook (nbclient, a real kernel) on the CPU."""
+    nb = nbformat.read(ROOT / "examples" / "notebook" / "quickstart.ipynb", as_version=4)
+    # the kernel is a child process: it must import this checkout's cifarlab
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p))
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "completed" in text and "Q1 conv layers: 20" in text and "Q3 parameters: 11,173,962" in text
