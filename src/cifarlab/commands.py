@@ -24,8 +24,9 @@ from cifarlab.lab.render import build_report
 from cifarlab.launcher import run_train_command
 from cifarlab.modelfacts import explain, inspect_model
 from cifarlab.optim import OPTIMIZERS
+from cifarlab.precision import choose_precision
 from cifarlab.progress import ConsoleProgress
-from cifarlab.runner import is_out_of_memory, prepare, run_training
+from cifarlab.runner import is_out_of_memory, prepare, resumed_precision, run_training
 from cifarlab.runtime import compile_cache, workers_warning
 
 EXIT_DIVERGED = 3  # README "Exit codes"; interrupted: 128 + signal (130 SIGINT, 143 SIGTERM); usage: 2
@@ -55,10 +56,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress = ConsoleProgress(total_epochs=cfg.epochs)
         # inductor's cache is looked at once (a walk of its folder): the banner says it, run.json records it
         cache = compile_cache() if cfg.compile != "none" else None
-        progress.banner(cfg, data.description, device, cache)
+        # --precision auto on a CPU with native bf16: measured (or the cached verdict) before the banner says it
+        precision = resumed_precision(cfg, resume) or choose_precision(cfg, device, say=lambda s: print(s, flush=True))
+        progress.banner(cfg, data.description, device, cache, precision)
         hooks = dataclasses.replace(progress.hooks(), should_stop=stop.should_stop)
         result = run_training(cfg, hooks=hooks, data=data, resume=resume,
-                              extra_status={"compile_cache": cache} if cache else None)
+                              extra_status={"compile_cache": cache} if cache else None, precision=precision)
         progress.finish(result)
     return _train_outcome(result, stop.signal_name, stop.exit_code)
 
