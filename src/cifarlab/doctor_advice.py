@@ -264,12 +264,13 @@ class Candidate:
     changes: dict[str, Any]  # TrainConfig.replace(**changes)
     why: str
     addresses: tuple[str, ...]  # diagnosis tags it targets
-    status: str = "proposed"  # proposed | measured | not applicable here | already set | cut | failed
-    reason: str = ""  # for not applicable / cut / failed
+    status: str = "proposed"  # proposed | measured | not applicable here | already set | cut | failed | over budget
+    reason: str = ""  # for not applicable / cut / failed / over budget
     cost_factor: float = 1.0  # estimated cost relative to the baseline's measurement
     extra_cost_s: float = 0.0  # e.g. compilation
     note: str = ""
     measurements: list[Measurement] = field(default_factory=list)
+    partial: dict[str, Any] | None = None  # over budget: what it had measured when its time limit stopped it
 
 
 def _flag(name: str, value: Any) -> str:
