@@ -9,7 +9,6 @@ from cifarlab.lab.sections import REF, REFERENCE, c6_flag, pipelines_para, runs_
 from cifarlab.report.blocks import Block, Para, Table, finite, fs, pct, run_named
 from cifarlab.report.plots import ReportContext, curves
 
-
 FP32_LABEL = "no-batchnorm-fp32"
 
 
