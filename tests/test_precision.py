@@ -266,3 +266,23 @@ def test_train_says_which_precision_ran_and_why(native_bf16, monkeypatch, cifar_
         assert code == 0, out
         [run] = (tmp_path / "runs").glob(f"*-{name}")
         assert json.loads((run / "run.json").read_text())["precision"] == expected
+
+
+def test_cpu_precision_benchmark_trains_every_contender_on_real_format_files(tmp_path: Path) -> None:
+    """benchmarks/cpu_precision.py (the README's fp32/bf16/typical table) runs from the source tree: every contender
+    trains from the same weights, one row per (epoch, contender), ratios against typical and fast-fp32."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cpu_precision.json"
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "cpu_precision.py"), "--subset", "10", "--test-subset",
+                           "10", "--epochs", "2", "--batch-size", "5", "--json-out", str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads(out.read_text())
+    assert [(r["epoch"], r["contender"], r["precision"]) for r in saved["rows"]] == [
+        (e, c, p) for e in (1, 2) for c, p in (("typical", "fp32"), ("fast-fp32", "fp32"), ("fast-bf16", "bf16"))]
+    assert "CIFAR-10-format files" in saved["data"] and all(r["images_per_s"] > 0 for r in saved["rows"])
+    summary = {s["contender"]: s for s in saved["summary"]}
+    assert summary["typical"]["vs_typical"] == 1.0 and summary["fast-fp32"]["vs_fast_fp32"] == 1.0
+    assert summary["fast-bf16"]["epochs_in_median"] == 1  # epoch 1 (oneDNN's first calls) left out
+    assert "| fast-bf16 |" in proc.stdout
