@@ -286,3 +286,13 @@ def test_cpu_precision_benchmark_trains_every_contender_on_real_format_files(tmp
     assert summary["typical"]["vs_typical"] == 1.0 and summary["fast-fp32"]["vs_fast_fp32"] == 1.0
     assert summary["fast-bf16"]["epochs_in_median"] == 1  # epoch 1 (oneDNN's first calls) left out
     assert "| fast-bf16 |" in proc.stdout
+
+
+def test_without_measuring_only_a_cached_verdict_counts(native_bf16):
+    """The doctor asks this way: what `cifarlab train` would run, never spending its budget on a calibration."""
+    cfg = TrainConfig(device="cpu")
+    miss = precision.choose_precision(cfg, CPU, timer=_refuse, measure=False)
+    assert miss.precision == "fp32" and miss.calibration is None and "not calibrated" in miss.reason
+    precision.choose_precision(cfg, CPU, timer=_timer(2.0, 1.0))
+    hit = precision.choose_precision(cfg, CPU, timer=_refuse, measure=False)
+    assert hit.precision == "bf16" and hit.calibration["cached"] is True

@@ -41,6 +41,7 @@ from cifarlab.doctor_timing import (
 )
 from cifarlab.engine import build_state, ensure_step_runner, resolve_precision
 from cifarlab.errors import UsageError
+from cifarlab.precision import choose_precision
 from cifarlab.runner import is_out_of_memory, oom_message, prepare, release_device_memory
 from cifarlab.runs import create_run_dir
 from cifarlab.runtime import cpu_flags, cpu_has_native_bf16, environment, seed_everything, usable_cpus
@@ -366,6 +367,11 @@ def run_doctor(cfg: TrainConfig, budget_s: float | None, out_dir: str | Path, st
     if budget_s is not None and (not math.isfinite(budget_s) or budget_s <= 0):
         raise UsageError(f"--budget must be a positive number of seconds (got {budget_s})")
     device, data = prepare(cfg.replace(out_dir=str(out_dir)))
+    if cfg.precision == "auto":  # what `cifarlab train` would run: its cached verdict (the doctor never calibrates)
+        choice = choose_precision(cfg, device, measure=False)
+        if choice.calibration is not None:
+            cfg = cfg.replace(precision=choice.precision)
+        _say(stream, f"precision auto: {choice.reason}")
     _say(stream, f"doctor: {data.description} (training steps only: the test split is never evaluated)")
     _say(stream, f"device: {device}; loader {cfg.loader}" + (f", workers {cfg.workers}" if cfg.loader == "torch" else "")
          + f", batch {cfg.batch_size}; budget {budget_s if budget_s is not None else DEFAULT_BUDGET_S[device.type]:.0f} s")

@@ -191,9 +191,10 @@ def static_choice(cfg: TrainConfig, device: torch.device) -> PrecisionChoice | N
 
 def choose_precision(cfg: TrainConfig, device: torch.device, *, timer: StepTimer | None = None,
                      cache: Path | None = None, steps: int = CALIBRATION_STEPS,
-                     say: Callable[[str], None] | None = None) -> PrecisionChoice:
+                     say: Callable[[str], None] | None = None, measure: bool = True) -> PrecisionChoice:
     """The precision this run trains in (module docstring: the rule). On a CPU with native bf16 and auto,
-    the cached verdict for this machine and config, or a calibration (`timer`) whose verdict is cached."""
+    the cached verdict for this machine and config, or a calibration (`timer`) whose verdict is cached;
+    measure=False: no calibration on a miss (fp32, saying so)."""
     fixed = static_choice(cfg, device)
     if fixed is not None:
         return fixed
@@ -204,6 +205,9 @@ def choose_precision(cfg: TrainConfig, device: torch.device, *, timer: StepTimer
         calibration = {**hit["calibration"], "cached": True, "cache_file": str(path), "calibration_s": 0.0}
         reason = f"{hit['reason']} (cached {hit.get('created', '?')} in {path})"
         return PrecisionChoice(hit["precision"], cfg.precision, reason, calibration)
+    if not measure:
+        return PrecisionChoice("fp32", cfg.precision, "fp32: not calibrated for this machine and config yet "
+                                                      "(cifarlab train measures it once)")
     if say is not None:
         say(f"precision: timing {steps} training steps each of fp32 and bf16 on this CPU (once per machine and config; "
             f"setup, not in any epoch) ...")
