@@ -69,7 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--subset", type=int, default=256, help="training images (stratified)")
     p.add_argument("--test-subset", type=int, default=200, help="test images (stratified)")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (the lab's 0.1 is for batch 128 and full epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="", help="comma-separated contenders (typical, fast-fp32, fast-bf16); default all")
     p.add_argument("--json-out", help="write every epoch row and the summary here")
@@ -83,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = args.data or str(write_dataset(Path(tmp), per_file=max(args.subset // 5 + 10, 20),
                                                   n_test=max(args.test_subset, 20), seed=args.seed))
         base = TrainConfig(data_dir=data_dir, dataset="cifar10", subset=args.subset, test_subset=args.test_subset,
-                           batch_size=args.batch_size, test_batch_size=100, epochs=args.epochs, seed=args.seed,
+                           batch_size=args.batch_size, test_batch_size=100, epochs=args.epochs, seed=args.seed, lr=args.lr,
                            device="cpu", sync_timing=True)
         data = load_data(base)
         print(f"CPU: {device_label(CPU)}; native bf16 flags: {cpu_has_native_bf16()}; torch {torch.__version__}")
-        print(f"data: {data.description}; batch {args.batch_size}; {args.epochs} epochs; load average at start "
+        print(f"data: {data.description}; batch {args.batch_size}, lr {args.lr}; {args.epochs} epochs; load average at start "
               f"{os.getloadavg()[0]:.1f} on {usable_cpus()} usable cores")
         runs = {}
         for name, changes in chosen.items():

@@ -244,6 +244,7 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
     _say(stream, f"plan: {len(runnable)} runnable candidate(s), up to {repeats} round(s) of {steps}-step windows, each "
                  f"round followed by a baseline repeat; {len(cands) - len(runnable)} listed without a run")
     cuts: list[str] = []
+    stopped: set[str] = set()  # measured in an earlier round, then stopped over budget: not run again
 
     def cut_reason(c: Candidate) -> str:
         need = f"budget: one run needs ~{est(c):.0f} s"
@@ -261,7 +262,7 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
 
     report()  # the baseline and the diagnosis are on disk before the first candidate starts
     for r in range(1, repeats + 1):  # re-planned every round from the costs measured so far
-        eligible = [c for c in runnable if c.status in ("proposed", "measured", "cut")]
+        eligible = [c for c in runnable if c.status in ("proposed", "measured", "cut") and c.key not in stopped]
         costs = [est(c) for c in eligible]
         rounds = choose_repeats(costs, base_cost(), left(), repeats - r + 1)  # rounds still affordable, this one included
         kept = set(plan_round(costs, base_cost(), left(), rounds))
@@ -281,8 +282,13 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
             try:
                 m = measure(cfg.replace(**c.changes), data, device, steps, f"{c.key} r{r}", limit_s=limit_s)
             except OverBudget as e:  # stopped: its partial figures are reported, it is not run again
-                c.status, c.reason, c.partial = OVER_BUDGET, e.describe(), e.partial
-                _say(stream, f"{c.key} r{r}: {c.reason}")
+                c.partial = e.partial
+                if c.measurements:  # earlier rounds' figures stand; this repeat is a cut
+                    cuts.append(f"{c.key} r{r}: {e.describe()}")
+                    stopped.add(c.key)
+                else:
+                    c.status, c.reason = OVER_BUDGET, e.describe()
+                _say(stream, f"{c.key} r{r}: {e.describe()}")
                 report()
                 continue
             except Exception as e:  # noqa: BLE001 -- a candidate that fails here is reported, not fatal
@@ -367,15 +373,16 @@ def run_doctor(cfg: TrainConfig, budget_s: float | None, out_dir: str | Path, st
     if budget_s is not None and (not math.isfinite(budget_s) or budget_s <= 0):
         raise UsageError(f"--budget must be a positive number of seconds (got {budget_s})")
     device, data = prepare(cfg.replace(out_dir=str(out_dir)))
-    if cfg.precision == "auto":  # what `cifarlab train` would run: its cached verdict (the doctor never calibrates)
-        choice = choose_precision(cfg, device, measure=False)
-        if choice.calibration is not None:
-            cfg = cfg.replace(precision=choice.precision)
-        _say(stream, f"precision auto: {choice.reason}")
+    # --precision auto: what `cifarlab train` would run, its cached verdict (the doctor never calibrates)
+    choice = choose_precision(cfg, device, measure=False)
+    if choice.calibration is not None:
+        cfg = cfg.replace(precision=choice.precision)
     _say(stream, f"doctor: {data.description} (training steps only: the test split is never evaluated)")
     _say(stream, f"device: {device}; loader {cfg.loader}" + (f", workers {cfg.workers}" if cfg.loader == "torch" else "")
          + f", batch {cfg.batch_size}; budget {budget_s if budget_s is not None else DEFAULT_BUDGET_S[device.type]:.0f} s")
     progress = DoctorProgress(create_run_dir(out_dir, "doctor"))
+    if cfg.precision == "auto" or choice.calibration is not None:
+        _say(stream, f"precision auto: {choice.reason}")
     _say(stream, f"folder: {progress.path} (doctor.json rewritten after every measurement)")
     try:
         result = diagnose(cfg, data, device, budget_s, steps=steps, only=only, repeats=repeats, stream=stream,
