@@ -8,9 +8,9 @@ The rule (choose_precision):
 - CPU with native bf16: a few training steps of each precision are timed once (interleaved fp32, bf16, ...
   on the real ResNet-18, optimizer and batch size, random data, the run's RNGs untouched) and bf16 runs
   only when its fastest step is at least BF16_MARGIN times faster than fp32's (the fastest: other
-  processes' load only ever adds time). Why measure: on 2-core Xeons with AMX
-  bf16 autocast has been measured both 3.6x slower and 2.6x faster than fp32 (torch and oneDNN versions
-  differ in which bf16 kernels stay on the fast path), on an AMD EPYC with avx512_bf16 2.0x faster.
+  processes' load only ever adds time). Why measure: on two 2-core Xeons with AMX and the same torch 2.14,
+  bf16 autocast has been measured 3.6x slower and 2.6x faster than fp32 (the flags do not tell them apart),
+  on an AMD EPYC with avx512_bf16 2.0x faster.
   The verdict is cached per machine (CPU model and flags), torch version, thread count and model config in
   a small JSON file (cache_path), so it is measured once; its seconds are setup, reported apart from every
   epoch. CIFARLAB_PRECISION_CALIBRATION=refresh measures again, =off skips the measurement (fp32).
@@ -202,8 +202,8 @@ def choose_precision(cfg: TrainConfig, device: torch.device, *, timer: StepTimer
     key = cache_key(cfg)
     hit = read_cache(path).get(_key_id(key)) if calibration_mode() != "refresh" else None
     if isinstance(hit, dict) and hit.get("key") == key and hit.get("precision") in ("fp32", "bf16"):
-        calibration = {**hit["calibration"], "cached": True, "cache_file": str(path), "calibration_s": 0.0}
-        reason = f"{hit['reason']} (cached {hit.get('created', '?')} in {path})"
+        calibration = {**(hit.get("calibration") or {}), "cached": True, "cache_file": str(path), "calibration_s": 0.0}
+        reason = f"{hit.get('reason', hit['precision'])} (cached {hit.get('created', '?')} in {path})"
         return PrecisionChoice(hit["precision"], cfg.precision, reason, calibration)
     if not measure:
         return PrecisionChoice("fp32", cfg.precision, "fp32: not calibrated for this machine and config yet "
