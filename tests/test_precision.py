@@ -141,6 +141,8 @@ def native_bf16(monkeypatch, tmp_path):
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
     monkeypatch.setenv(precision.CALIBRATION_ENV, "on")
     monkeypatch.setenv(precision.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "_load_now", lambda: 0.5)  # a quiet machine unless a test says otherwise
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 2)
     return tmp_path / "cache" / precision.CACHE_FILE
 
 
@@ -296,3 +298,17 @@ def test_without_measuring_only_a_cached_verdict_counts(native_bf16):
     precision.choose_precision(cfg, CPU, timer=_timer(2.0, 1.0))
     hit = precision.choose_precision(cfg, CPU, timer=_refuse, measure=False)
     assert hit.precision == "bf16" and hit.calibration["cached"] is True
+
+
+def test_a_verdict_from_a_busy_machine_is_measured_again_when_it_is_quiet(native_bf16, monkeypatch):
+    calls: list = []
+    cfg = TrainConfig(device="cpu")
+    monkeypatch.setattr(precision, "_load_now", lambda: 10.3)  # other processes hold the 2 cores
+    busy = precision.choose_precision(cfg, CPU, timer=_timer(1.05, 1.0, calls))
+    assert busy.precision == "fp32" and busy.reason.endswith(
+        "at load average 10.3 on 2 cores (measured again when the machine is quieter)")
+    assert precision.choose_precision(cfg, CPU, timer=_refuse).precision == "fp32"  # still busy: the cached verdict
+    monkeypatch.setattr(precision, "_load_now", lambda: 1.0)  # quiet now: measured again, cached without the caveat
+    quiet = precision.choose_precision(cfg, CPU, timer=_timer(2.0, 1.0, calls))
+    assert quiet.precision == "bf16" and len(calls) == 2 and "load average" not in quiet.reason
+    assert precision.choose_precision(cfg, CPU, timer=_refuse, measure=False).precision == "bf16"

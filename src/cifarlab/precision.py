@@ -38,6 +38,10 @@ BF16_MARGIN = 1.15  # bf16 must be this many times faster than fp32 (fastest ste
 CALIBRATION_STEPS = 3  # timed steps per precision (after CALIBRATION_WARMUP untimed ones)
 CALIBRATION_WARMUP = 1  # oneDNN's first call per shape builds its kernels: never timed
 CALIBRATION_MAX_S = 60.0  # past this, no further timed round starts (at least one timed step each is kept)
+# A verdict measured at a 1-minute load average of at least BUSY_LOAD_PER_CORE x the usable cores (the calibration's
+# own threads included) was taken on a busy machine: it is used, and measured again by a run that finds the
+# load below the number of usable cores.
+BUSY_LOAD_PER_CORE = 2.0
 CACHE_SCHEMA = "cifarlab.precision-cache/1"
 CACHE_FILE = "precision.json"
 CACHE_DIR_ENV = "CIFARLAB_CACHE_DIR"
@@ -161,6 +165,15 @@ def time_precisions(cfg: TrainConfig, device: torch.device, steps: int) -> dict[
     return times
 
 
+def _load_now() -> float:
+    return os.getloadavg()[0]
+
+
+def _busy(calibration: dict[str, Any]) -> bool:
+    load = calibration.get("load_average")
+    return isinstance(load, (int, float)) and load >= BUSY_LOAD_PER_CORE * runtime.usable_cpus()
+
+
 def _reason(precision: str, ratio: float, steps: int) -> str:
     if precision == "bf16":
         return f"bf16: {ratio:.1f}x fp32 in a {steps}-step calibration on this CPU"
@@ -201,6 +214,8 @@ def choose_precision(cfg: TrainConfig, device: torch.device, *, timer: StepTimer
     path = cache if cache is not None else cache_path()
     key = cache_key(cfg)
     hit = read_cache(path).get(_key_id(key)) if calibration_mode() != "refresh" else None
+    if isinstance(hit, dict) and measure and _busy(hit.get("calibration") or {}) and _load_now() < runtime.usable_cpus():
+        hit = None  # measured on a busy machine, and this one is quiet now: measure again
     if isinstance(hit, dict) and hit.get("key") == key and hit.get("precision") in ("fp32", "bf16"):
         calibration = {**(hit.get("calibration") or {}), "cached": True, "cache_file": str(path), "calibration_s": 0.0}
         reason = f"{hit.get('reason', hit['precision'])} (cached {hit.get('created', '?')} in {path})"
@@ -219,11 +234,15 @@ def choose_precision(cfg: TrainConfig, device: torch.device, *, timer: StepTimer
     timed = min(len(times["fp32"]["wall_s"]), len(times["bf16"]["wall_s"]))
     precision, ratio = decide(fp32_s, bf16_s)
     reason = _reason(precision, ratio, timed)
+    load = _load_now()
+    if _busy({"load_average": load}):
+        reason += (f" at load average {load:.1f} on {runtime.usable_cpus()} cores (measured again when the machine "
+                   f"is quieter)")
     calibration = {"steps": timed, "warmup_steps": CALIBRATION_WARMUP, "batch_size": cfg.batch_size,
                    "fp32_step_s": fp32_s, "bf16_step_s": bf16_s, "bf16_speedup": ratio, "margin": BF16_MARGIN,
                    "statistic": "fastest timed step of each precision (wall clock)",
                    "bf16_speedup_cpu_time": min(times["fp32"]["cpu_s"]) / max(min(times["bf16"]["cpu_s"]), 1e-9),
-                   "step_s": times, "load_average": os.getloadavg()[0], "measured_s": calibration_s}
+                   "step_s": times, "load_average": load, "measured_s": calibration_s}
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     not_cached = write_cache_entry(path, key, {"precision": precision, "reason": reason, "created": created,
                                                "calibration": calibration})
