@@ -182,6 +182,7 @@ def test_cache_misses_when_machine_software_or_config_change(native_bf16, monkey
     base = TrainConfig(device="cpu", batch_size=64)
     precision.choose_precision(base, CPU, timer=timer)
     precision.choose_precision(base, CPU, timer=timer)
+    precision.choose_precision(base.replace(optimizer="adam", lr=0.001), CPU, timer=timer)  # fp32 updates either way
     assert len(calls) == 1
     precision.choose_precision(base.replace(batch_size=32), CPU, timer=timer)  # another config
     precision.choose_precision(base.replace(norm="none"), CPU, timer=timer)

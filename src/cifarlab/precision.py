@@ -6,7 +6,8 @@ The rule (choose_precision):
 - CPU, classic pipeline (--loader torch: the lab's C2-C4 and its script as written): fp32.
 - CPU without native bf16 (no avx512_bf16 / amx_bf16 in /proc/cpuinfo): fp32 -- bf16 would be emulated.
 - CPU with native bf16: a few training steps of each precision are timed once (interleaved fp32, bf16, ...
-  on the real ResNet-18, optimizer and batch size, random data, the run's RNGs untouched) and bf16 runs
+  on the real ResNet-18 step with the run's norm, layout and batch size, SGD, random data, the run's RNGs
+  untouched) and bf16 runs
   only when its fastest step is at least BF16_MARGIN times faster than fp32's (the fastest: other
   processes' load only ever adds time). Why measure: on two 2-core Xeons with AMX and the same torch 2.14,
   bf16 autocast has been measured 3.6x slower and 2.6x faster than fp32 (the flags do not tell them apart),
@@ -83,7 +84,8 @@ def calibration_mode() -> str:
 
 
 def cache_key(cfg: TrainConfig) -> dict[str, Any]:
-    """Everything the verdict depends on: the machine, the software and the step's shape."""
+    """Everything the verdict depends on: the machine, the software and the step's shape. Not the optimizer:
+    its update runs in fp32 under either precision (the lab's five optimizers share one calibration)."""
     return {
         "schema": CACHE_SCHEMA,
         "cpu_model": runtime.cpu_model(),
@@ -93,7 +95,6 @@ def cache_key(cfg: TrainConfig) -> dict[str, Any]:
         "norm": cfg.norm,
         "batch_size": cfg.batch_size,
         "channels_last": cfg.channels_last,
-        "optimizer": cfg.optimizer,
     }
 
 
@@ -135,7 +136,7 @@ def time_precisions(cfg: TrainConfig, device: torch.device, steps: int) -> dict[
     after CALIBRATION_WARMUP untimed ones, interleaved
     (fp32, bf16, fp32, ...) so that load from other processes falls on both alike; no new round after
     CALIBRATION_MAX_S. The real step (engine's
-    StepRunner: autocast, loss, backward, optimizer) on a fresh ResNet-18 and random data of the run's
+    StepRunner: autocast, loss, backward, SGD) on a fresh ResNet-18 and random data of the run's
     batch shape; the global RNGs are restored afterwards, so the run's initialisation is unchanged."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -144,7 +145,7 @@ def time_precisions(cfg: TrainConfig, device: torch.device, steps: int) -> dict[
             model = resnet18(norm=cfg.norm).to(device)
             if cfg.channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+            optimizer = build_optimizer("sgd", model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
             runners[precision] = StepRunner(model, optimizer, precision, device, model=model)
         inputs = torch.randn(cfg.batch_size, 3, 32, 32, device=device)
         if cfg.channels_last:
