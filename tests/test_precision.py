@@ -167,6 +167,8 @@ def test_bf16_runs_where_measured_faster_and_the_verdict_is_cached(native_bf16):
     # the same machine and config again: the cached verdict, no calibration, no setup seconds
     again = precision.choose_precision(cfg, CPU, timer=_refuse)
     assert again.precision == "bf16" and again.calibration["cached"] is True and again.calibration_s == 0.0
+    compiled = precision.choose_precision(cfg.replace(compile="default"), CPU, timer=_refuse)  # the same eager verdict
+    assert compiled.precision == "bf16" and compiled.reason.endswith("eager steps timed, --compile default not calibrated")
     assert again.reason.startswith("bf16: 2.6x fp32 in a 3-step calibration on this CPU (cached ")
 
 

@@ -220,7 +220,7 @@ def choose_precision(cfg: TrainConfig, device: torch.device, *, timer: StepTimer
     if isinstance(hit, dict) and hit.get("key") == key and hit.get("precision") in ("fp32", "bf16"):
         calibration = {**(hit.get("calibration") or {}), "cached": True, "cache_file": str(path), "calibration_s": 0.0}
         reason = f"{hit.get('reason', hit['precision'])} (cached {hit.get('created', '?')} in {path})"
-        return PrecisionChoice(hit["precision"], cfg.precision, reason, calibration)
+        return PrecisionChoice(hit["precision"], cfg.precision, _eager_note(cfg, reason), calibration)
     if not measure:
         return PrecisionChoice("fp32", cfg.precision, "fp32: not calibrated for this machine and config yet "
                                                       "(cifarlab train measures it once)")
@@ -251,4 +251,9 @@ def choose_precision(cfg: TrainConfig, device: torch.device, *, timer: StepTimer
                    "calibration_s": calibration_s}
     if not_cached:
         reason += f"; {not_cached}"
-    return PrecisionChoice(precision, cfg.precision, reason, calibration)
+    return PrecisionChoice(precision, cfg.precision, _eager_note(cfg, reason), calibration)
+
+
+def _eager_note(cfg: TrainConfig, reason: str) -> str:
+    """The calibration times eager steps: a compiled run is told so (compiling both precisions costs minutes)."""
+    return reason if cfg.compile == "none" else f"{reason}; eager steps timed, --compile {cfg.compile} not calibrated"
