@@ -31,10 +31,10 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from cifarlab.capture import CapturedStep, StepRunner
-from cifarlab.engine import resolve_precision
-from cifarlab.models import resnet18
-from cifarlab.optim import OPTIMIZERS, build_optimizer
+from cifarlab.model.optim import OPTIMIZERS, build_optimizer
+from cifarlab.model.resnet import resnet18
+from cifarlab.step.capture import CapturedStep, StepRunner
+from cifarlab.train.engine import resolve_precision
 
 KINDS = ("eager", "cuda-graph", "compile+cuda-graph")
 # Kernel name fragments per category, checked in this order (cuDNN's BatchNorm kernels carry "cudnn" too).

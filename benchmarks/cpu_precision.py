@@ -35,10 +35,10 @@ from typing import Any
 import torch
 
 from cifarlab.config import TrainConfig
+from cifarlab.core.fileio import write_json_atomic
+from cifarlab.core.runtime import cpu_has_native_bf16, device_label, environment, seed_everything, usable_cpus
 from cifarlab.data import BASE_FOLDER, TEST_FILES, TRAIN_FILES, build_loaders, load_data, synthetic_split, write_cifar_batch
-from cifarlab.engine import build_state, ensure_step_runner, evaluate, seed_epoch, train_epoch
-from cifarlab.fileio import write_json_atomic
-from cifarlab.runtime import cpu_has_native_bf16, device_label, environment, seed_everything, usable_cpus
+from cifarlab.train.engine import build_state, ensure_step_runner, evaluate, seed_epoch, train_epoch
 
 CPU = torch.device("cpu")
 

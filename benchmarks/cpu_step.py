@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from cifarlab.capture import StepRunner
-from cifarlab.models import resnet18
-from cifarlab.optim import build_optimizer
-from cifarlab.runtime import cpu_has_native_bf16, environment
+from cifarlab.core.runtime import cpu_has_native_bf16, environment
+from cifarlab.model.optim import build_optimizer
+from cifarlab.model.resnet import resnet18
+from cifarlab.step.capture import StepRunner
 
 ROWS = (("channels_last", "fp32"), ("channels_last", "bf16"), ("contiguous", "fp32"), ("contiguous", "bf16"))
 BASELINE = ("channels_last", "fp32")

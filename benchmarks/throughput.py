@@ -43,13 +43,13 @@ from typing import Any
 import torch
 
 from cifarlab.config import TRAIN_COMPILE_MODES, TrainConfig
+from cifarlab.core.runtime import cpu_has_native_bf16, device_label, environment, resolve_device, seed_everything, usable_cpus
 from cifarlab.data import build_loaders, load_data
-from cifarlab.engine import build_state, seed_epoch, train_epoch
-from cifarlab.modelfacts import flop_facts
-from cifarlab.models import resnet18
-from cifarlab.precision import choose_precision
-from cifarlab.runs import write_json_atomic
-from cifarlab.runtime import cpu_has_native_bf16, device_label, environment, resolve_device, seed_everything, usable_cpus
+from cifarlab.model.facts import flop_facts
+from cifarlab.model.resnet import resnet18
+from cifarlab.run.folder import write_json_atomic
+from cifarlab.train.engine import build_state, seed_epoch, train_epoch
+from cifarlab.train.precision import choose_precision
 
 CPU_DEFAULT_SUBSET = 2048  # a full CPU epoch takes ~20 minutes on 2 cores
 MATMUL_N = {"cpu": 1024, "cuda": 8192}

@@ -14,12 +14,13 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import cifarlab.commands as commands
-from cifarlab.checkpoint import CHECKPOINT_NAME, save_checkpoint
+import cifarlab.cli.commands as commands
 from cifarlab.cli import build_parser, config_from_args, main
 from cifarlab.config import TrainConfig
-from cifarlab.engine import EpochRecord, build_state
-from cifarlab.errors import UsageError
+from cifarlab.core.errors import UsageError
+from cifarlab.run.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from cifarlab.step.state import EpochRecord
+from cifarlab.train.engine import build_state
 
 RUN_CFG = TrainConfig(dataset="synthetic", subset=16, test_subset=10, batch_size=8, epochs=2, loader="torch",
                       workers=0)
@@ -203,7 +204,7 @@ def test_fuzzed_argv_gives_a_valid_config_or_one_usage_line(argv):
 
 
 def test_more_workers_than_usable_cores_warns_once_with_the_core_count(tmp_path, capsys, monkeypatch):
-    from cifarlab import runtime
+    from cifarlab.core import runtime
 
     monkeypatch.setattr(runtime, "usable_cpus", lambda: 3)
     assert runtime.workers_warning(3) is None

@@ -11,14 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifarlab import capture, engine, steps
-from cifarlab.capture import CAPTURE_FLAGS, CapturedStep, StepRunner, StepSums, prepare_optimizer
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, TrainConfig
+from cifarlab.core.errors import UsageError
 from cifarlab.data.device import PAD, DeviceLoader
-from cifarlab.errors import UsageError
-from cifarlab.models import resnet18
-from cifarlab.optim import OPTIMIZERS, build_optimizer
-from cifarlab.trainstate import preserved_training_state
+from cifarlab.model.optim import OPTIMIZERS, build_optimizer
+from cifarlab.model.resnet import resnet18
+from cifarlab.step import capture
+from cifarlab.step.capture import CAPTURE_FLAGS, CapturedStep, StepRunner, StepSums, prepare_optimizer
+from cifarlab.step.warmup import preserved_training_state
+from cifarlab.train import engine, steps
 
 CPU = torch.device("cpu")
 HAS_CUDA = torch.cuda.is_available()

@@ -15,8 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from cifarlab import checkpoint as ckpt_mod
-from cifarlab.checkpoint import (
+from cifarlab.config import TrainConfig
+from cifarlab.core.errors import UsageError
+from cifarlab.run import checkpoint as ckpt_mod
+from cifarlab.run.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
     resume_config,
@@ -24,10 +26,9 @@ from cifarlab.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from cifarlab.config import TrainConfig
-from cifarlab.engine import EpochRecord, Hooks, TrainState
-from cifarlab.errors import UsageError
-from cifarlab.runner import checkpoint_due, run_training
+from cifarlab.run.runner import checkpoint_due, run_training
+from cifarlab.step.state import EpochRecord, TrainState
+from cifarlab.train.engine import Hooks
 
 METRICS = ("epoch", "status", "train_loss", "train_acc", "test_loss", "test_acc", "images", "steps")
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cifarlab import engine
-from cifarlab.capture import CapturedStep, StepRunner
 from cifarlab.config import TrainConfig
 from cifarlab.data.device import DeviceLoader
-from cifarlab.models import resnet18
-from cifarlab.optim import build_optimizer
+from cifarlab.model.optim import build_optimizer
+from cifarlab.model.resnet import resnet18
+from cifarlab.step import CapturedStep, StepRunner, TrainState
+from cifarlab.train import engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -42,7 +42,7 @@ def test_cuda_synchronized_compute_agrees_with_cuda_events(cuda_graph: str, monk
     cfg = TrainConfig(batch_size=128, epochs=3, evaluate=False, sync_timing=True, cuda_graph=cuda_graph)
     torch.manual_seed(0)
     model = resnet18().to(device).to(memory_format=torch.channels_last)
-    state = engine.TrainState(model=model, optimizer=build_optimizer("sgd", model.parameters(), 0.1, 0.9, 5e-4),
+    state = TrainState(model=model, optimizer=build_optimizer("sgd", model.parameters(), 0.1, 0.9, 5e-4),
                               scaler=None, device=device, precision="bf16")
     assert engine.train(cfg, state, loader, None) == "completed"
     torch.cuda.synchronize()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cifarlab.config import TrainConfig
+from cifarlab.core.errors import DataError
 from cifarlab.data import (
     BASE_FOLDER,
     build_loaders,
@@ -17,7 +18,6 @@ from cifarlab.data import (
     synthetic_split,
     write_cifar_batch,
 )
-from cifarlab.errors import DataError
 
 
 def test_reads_the_real_on_disk_format(cifar_root):

@@ -82,7 +82,7 @@ def test_resume_with_another_process_count_or_no_folder_is_one_line_before_torch
 
 
 def test_more_processes_than_cpu_cores_is_one_line(tmp_path, capsys):
-    from cifarlab.runtime import usable_cpus
+    from cifarlab.core.runtime import usable_cpus
 
     n = usable_cpus() + 1  # it used to start them all (with --nproc 64 on 2 cores, nothing ended within 2 min)
     code, _, err = run_cli(["train", "--nproc", n, *TINY, "--epochs", "1", "--device", "cpu", "--out", tmp_path],
@@ -100,7 +100,7 @@ def test_the_compile_banner_says_where_compilation_lands(torchrun, monkeypatch):
     import torch
 
     from cifarlab.config import TrainConfig
-    from cifarlab.progress import ConsoleProgress
+    from cifarlab.run.console import ConsoleProgress
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         if torchrun:

@@ -12,10 +12,10 @@ from torchvision.transforms import functional as TF
 
 from cifarlab.cli import main
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, TrainConfig
+from cifarlab.core.runtime import resolve_device
 from cifarlab.data import build_loaders, classic_train_transform, load_data
 from cifarlab.data.device import PAD, DeviceLoader, crop_flip, normalize
-from cifarlab.engine import resolve_precision, seed_epoch
-from cifarlab.runtime import resolve_device
+from cifarlab.train.engine import resolve_precision, seed_epoch
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab import ddp, launcher
-from cifarlab.cli import build_parser, config_from_args, main
+from cifarlab.cli import build_parser, config_from_args, launcher, main
 from cifarlab.config import TrainConfig
+from cifarlab.config.flags import train_flags
 from cifarlab.data.device import DeviceLoader
-from cifarlab.engine import warmup_lr
-from cifarlab.flags import train_flags
+from cifarlab.parallel import ddp
+from cifarlab.train.engine import warmup_lr
 
 N_TRAIN, N_TEST, GLOBAL_BATCH = 48, 21, 16
 # --no-batchnorm: BatchNorm normalises each process's 8 images with their own statistics, so with BN
@@ -113,7 +113,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(two_process_
 def test_seed_epoch_calls_the_distributed_samplers_set_epoch():
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from cifarlab.engine import seed_epoch
+    from cifarlab.train.engine import seed_epoch
 
     data = list(range(16))
     loader = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=2, rank=0, seed=0))

@@ -14,15 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-import cifarlab.doctor as doctor
-import cifarlab.doctor_timing as doctor_timing
-import cifarlab.engine as engine
+import cifarlab.doctor.measure as doctor
+import cifarlab.doctor.timing as doctor_timing
+import cifarlab.train.engine as engine
 from cifarlab.config import TrainConfig
+from cifarlab.core.runtime import resolve_device
 from cifarlab.data import DataBundle, load_data
-from cifarlab.doctor_advice import Candidate, Diagnosis, HostFacts, Measurement, choose_repeats, classify, from_epoch_record, plan_round, propose
-from cifarlab.doctor_report import noise_share, recommendation, summarize, verdict
-from cifarlab.engine import EpochRecord
-from cifarlab.runtime import resolve_device
+from cifarlab.doctor.advice import Candidate, Diagnosis, HostFacts, Measurement, choose_repeats, classify, from_epoch_record, plan_round, propose
+from cifarlab.doctor.outputs import noise_share, recommendation, summarize, verdict
+from cifarlab.step.state import EpochRecord
 
 
 def _m(**kw) -> Measurement:

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from cifarlab import cli
-from cifarlab import export as ex
-from cifarlab import inferbench as ib
-from cifarlab.models import resnet18
+from cifarlab.export import artifacts as ex
+from cifarlab.export import bench as ib
+from cifarlab.model.resnet import resnet18
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,10 +19,10 @@ import torch
 from tests.conftest import TINY, make_cifar_dir, one_line, run_cli
 
 import cifarlab.data.cifar as data_mod
-import cifarlab.runner as runner_mod
+import cifarlab.run.runner as runner_mod
 from cifarlab.config import TrainConfig
+from cifarlab.core.errors import DataError
 from cifarlab.data import ARCHIVE_NAME, BASE_FOLDER, TEST_FILES, TRAIN_FILES, load_data
-from cifarlab.errors import DataError
 
 # ------------------------------------------------------------------------------------ divergence
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarlab.checkpoint import CHECKPOINT_NAME
 from cifarlab.cli import main
-from cifarlab.interrupt import StopOnSignal
+from cifarlab.core.signals import StopOnSignal
+from cifarlab.run.checkpoint import CHECKPOINT_NAME
 
 LONG_RUN = ["--dataset", "synthetic", "--subset", "16", "--test-subset", "10", "--batch-size", "8",
             "--max-steps", "1", "--no-evaluate", "--epochs", "500", "--loader", "torch"]
@@ -153,7 +153,7 @@ def test_signal_to_a_real_training_process(tmp_path, capsys, sig, to_group, work
 
 
 def _sleep_as_a_loader_worker() -> None:
-    from cifarlab.interrupt import ignore_stop_signals_in_worker
+    from cifarlab.core.signals import ignore_stop_signals_in_worker
 
     ignore_stop_signals_in_worker()
     time.sleep(60)
@@ -165,7 +165,7 @@ def test_a_loader_worker_ignores_ctrl_c_and_ends_a_grace_period_after_sigterm(mo
     and joins them, which hung for 11 minutes when a run ended in an exception with workers left alive."""
     import multiprocessing
 
-    from cifarlab import interrupt
+    from cifarlab.core import signals as interrupt
 
     monkeypatch.setattr(interrupt, "WORKER_STOP_GRACE_S", 1)
     worker = multiprocessing.get_context("fork").Process(target=_sleep_as_a_loader_worker, daemon=True)
@@ -184,9 +184,9 @@ def test_an_exception_mid_epoch_shuts_the_loader_workers_down(tmp_path, monkeypa
     iterator -- alive; the engine shuts the workers down before it leaves, so none outlives the run."""
     import multiprocessing
 
-    from cifarlab import capture
     from cifarlab.config import TrainConfig
-    from cifarlab.runner import run_training
+    from cifarlab.run.runner import run_training
+    from cifarlab.step import capture
 
     def failing_step(self, lr=None):
         raise RuntimeError("injected failure in a training step")

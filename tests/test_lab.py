@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cifarlab.cli import main
-from cifarlab.optim import OPTIMIZERS
+from cifarlab.model.optim import OPTIMIZERS
 from cifarlab.report.blocks import pct
 
 SECTIONS = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8")
@@ -186,9 +186,9 @@ def test_report_command_rebuilds_the_same_report_from_files(smoke_lab: tuple[int
 
 def test_ctrl_c_keeps_finished_work_and_marks_the_rest_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture) -> None:
-    from cifarlab.engine import Hooks
     from cifarlab.lab import context as experiments
     from cifarlab.lab import registry
+    from cifarlab.train.engine import Hooks
 
     def interrupted_c7(ctx: experiments.LabContext) -> dict:
         def ctrl_c(epoch: int, step: int, steps_total: int) -> None:
@@ -358,7 +358,7 @@ def test_c3_sized_by_timed_steps_extrapolates_and_states_its_protocol(tmp_path: 
     """Issue 11: with sweep_timed_steps each C3 run times that many steps after the iterator start (start-up
     apart), is extrapolated per epoch and labelled so; a fresh seeded model per run; the stop rule kept."""
     from cifarlab.config import LAB_PRESETS
-    from cifarlab.lab.c3_workers import overlaps, timed_run
+    from cifarlab.lab.items.c3_workers import overlaps, timed_run
 
     rec = {"status": "ok", "steps": 2, "loader_start_s": 0.5, "data_s": 0.7, "epoch_s": 1.5}
     t = timed_run([rec], steps_per_epoch=10)
@@ -387,7 +387,7 @@ def test_calibration_twice_counts_the_second_run(tmp_path: Path, monkeypatch: py
     """On CUDA the plan's calibration runs each pipeline twice and estimates from the second run (the first
     pays the process's one-time costs, which on an H200 made the plan charge every run ~10 s of warm-up);
     checked on the CPU by asking for two runs there."""
-    from cifarlab.lab import timing
+    from cifarlab.lab import plan as timing
 
     monkeypatch.setitem(timing.CALIBRATION_RUNS, "cpu", 2)
     seen: list[str] = []
@@ -474,7 +474,7 @@ def test_a_tiny_budget_cuts_c3_and_the_report_says_so(tmp_path: Path) -> None:
 def test_console_time_table_columns_line_up_down_to_the_sum() -> None:
     import io
 
-    from cifarlab.lab.timing import print_time_table
+    from cifarlab.lab.plan import print_time_table
 
     rows = [{"part": "C1 Training", "status": "completed", "runs": 1, "planned_s": 10.3, "elapsed_s": 10.8, "share": 0.25},
             {"part": "report writing", "status": "", "runs": None, "planned_s": None, "elapsed_s": 32.4, "share": 0.75}]
@@ -494,7 +494,7 @@ def test_on_cuda_c5s_cpu_run_gets_a_calibration_of_its_own(tmp_path: Path, monke
     import torch
 
     from cifarlab.config import TrainConfig
-    from cifarlab.lab import timing
+    from cifarlab.lab import plan as timing
     from cifarlab.lab.context import LabContext, PlannedRuns
 
     seen: list[tuple] = []
@@ -528,7 +528,7 @@ def test_calibration_times_evaluation_on_a_few_batches_and_scales_it() -> None:
 
     from cifarlab.config import TrainConfig
     from cifarlab.data.split import DataBundle, Split
-    from cifarlab.lab import timing
+    from cifarlab.lab import plan as timing
 
     def split(n: int) -> Split:
         return Split(np.zeros((n, 32, 32, 3), np.uint8), np.arange(n, dtype=np.int64) % 10)
@@ -548,8 +548,8 @@ def test_calibration_times_evaluation_on_a_few_batches_and_scales_it() -> None:
 def test_lab_runs_keep_their_warning_hook() -> None:
     """A run's warning (e.g. a CUDA graph that fell back) goes through the lab's progress hook, which names the
     run, not to bare stderr: merging the lab's hooks with an item's must keep on_warning."""
-    from cifarlab.engine import Hooks
     from cifarlab.lab.context import _merge
+    from cifarlab.train.engine import Hooks
 
     seen: list[str] = []
     merged = _merge(Hooks(on_warning=seen.append), Hooks(should_stop=lambda: False))

@@ -64,7 +64,7 @@ def test_a_budget_too_large_for_seconds_is_a_usage_error(tmp_path: Path, capsys:
 def test_the_time_table_says_its_wall_time_leaves_out_python_start() -> None:
     """The report said the wall time ran 'from the start of `cifarlab lab`', but its clock starts once Python and
     torch are loaded: `time cifarlab lab --preset smoke` measured 28.8 s for a report's 24.8 s."""
-    from cifarlab.lab.timing import time_table_blocks
+    from cifarlab.lab.plan import time_table_blocks
 
     rows = [{"part": "C1", "status": "completed", "runs": 1, "planned_s": 1.0, "elapsed_s": 2.0, "share": 1.0}]
     text = time_table_blocks({"time_table": rows, "elapsed_s": 2.0, "plan": {}})[0].text  # type: ignore[attr-defined]

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from cifarlab.cli import main
-from cifarlab.doctor_advice import CLASS_ORDER
+from cifarlab.doctor.advice import CLASS_ORDER
 
 
 def test_c4_classifies_each_run_and_checks_the_suggestion(tmp_path: Path) -> None:

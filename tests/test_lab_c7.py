@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cifarlab.config import TrainConfig
-from cifarlab.lab import c7_batchnorm as c7
+from cifarlab.lab.items import c7_batchnorm as c7
 
 
 class FakeContext:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cifarlab.checkpoint import CHECKPOINT_NAME
 from cifarlab.cli import main
-from cifarlab.lab import e_export
+from cifarlab.lab.items import e_export
+from cifarlab.run.checkpoint import CHECKPOINT_NAME
 
 SMOKE_FORMATS = ("torchscript-trace", "torchscript-script", "export")
 

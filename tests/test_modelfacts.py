@@ -1,4 +1,4 @@
-from cifarlab.modelfacts import explain, inspect_model, one_image_gradients
+from cifarlab.model.facts import explain, inspect_model, one_image_gradients
 
 
 def test_q1_to_q4_are_computed_from_the_model():

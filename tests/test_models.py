@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from cifarlab.models import resnet18
+from cifarlab.model.resnet import resnet18
 
 
 def n_params(model: nn.Module) -> int:

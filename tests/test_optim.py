@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cifarlab.optim import OPTIMIZERS, build_optimizer
+from cifarlab.model.optim import OPTIMIZERS, build_optimizer
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))

@@ -11,10 +11,11 @@ import pytest
 import torch
 from tests.conftest import run_cli
 
-from cifarlab import engine, precision, runtime
 from cifarlab.config import TrainConfig
+from cifarlab.core import runtime
 from cifarlab.data.device import DeviceLoader
-from cifarlab.engine import build_state, resolve_precision, train_epoch
+from cifarlab.train import engine, precision
+from cifarlab.train.engine import build_state, resolve_precision, train_epoch
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # only the type is looked at: no CUDA call is made for it below

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cifarlab.config import LAB_PRESETS, TrainConfig
-from cifarlab.errors import UsageError
+from cifarlab.core.errors import UsageError
 from cifarlab.lab import context as experiments
 from cifarlab.lab import registry
 from cifarlab.lab.render import build_report
@@ -18,7 +18,7 @@ from cifarlab.report import blocks as report
 from cifarlab.report.html import to_html
 from cifarlab.report.markdown import to_markdown
 from cifarlab.report.plots import ReportContext
-from cifarlab.runs import summarize
+from cifarlab.run.folder import summarize
 
 
 def record(epoch: int, loss: float, acc: float, status: str = "ok", step: int | None = None) -> dict:
@@ -135,8 +135,8 @@ def test_inductor_cache_dir_and_state(tmp_path: Path, monkeypatch: pytest.Monkey
     """Issue 11: C8 records where inductor's cache lives and how full it was (files below it)."""
     import tempfile
 
-    from cifarlab.lab.c8_compile import cache_label
-    from cifarlab.runtime import cache_state, inductor_cache_dir
+    from cifarlab.core.runtime import cache_state, inductor_cache_dir
+    from cifarlab.lab.items.c8_compile import cache_label
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "ind"))
     assert inductor_cache_dir() == (str(tmp_path / "ind"), "from $TORCHINDUCTOR_CACHE_DIR")

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarlab.checkpoint import CHECKPOINT_NAME, resume_config, save_checkpoint
 from cifarlab.cli import main
 from cifarlab.config import TrainConfig
-from cifarlab.engine import EpochRecord, Hooks, build_state
-from cifarlab.errors import UsageError
-from cifarlab.runner import run_training
+from cifarlab.core.errors import UsageError
+from cifarlab.run.checkpoint import CHECKPOINT_NAME, resume_config, save_checkpoint
+from cifarlab.run.runner import run_training
+from cifarlab.step.state import EpochRecord
+from cifarlab.train.engine import Hooks, build_state
 
 CFG = TrainConfig(dataset="synthetic", subset=16, test_subset=10, batch_size=8, epochs=2, loader="torch", workers=0,
                   device="cpu")
@@ -175,7 +176,7 @@ def test_a_resumed_runs_summary_counts_every_processs_setup_and_no_first_epoch_a
     second process's start-up, and only the first setup)."""
     from dataclasses import replace
 
-    from cifarlab.runs import summarize
+    from cifarlab.run.folder import summarize
 
     rows = [replace(_record(1), epoch_s=5.0, setup_s=2.0), _record(2), replace(_record(3), epoch_s=4.0, setup_s=1.5),
             _record(4)]

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from cifarlab.config import TrainConfig
-from cifarlab.engine import TrainState, train_epoch
-from cifarlab.timing import DeviceClock, SegmentTimer
+from cifarlab.core.clock import DeviceClock, SegmentTimer
+from cifarlab.step.state import TrainState
+from cifarlab.train.engine import train_epoch
 
 
 class SleepyLoader:

@@ -4,10 +4,10 @@ the synthetic stand-in, then apply --subset/--test-subset and describe the sourc
 from __future__ import annotations
 
 from cifarlab.config import TrainConfig
+from cifarlab.core.errors import DataError
 from cifarlab.data.cifar import cifar_present, download_cifar10, load_cifar10
 from cifarlab.data.split import DataBundle
 from cifarlab.data.synthetic import SYNTHETIC_TEST, SYNTHETIC_TRAIN, synthetic_split, take
-from cifarlab.errors import DataError
 
 
 def load_data(cfg: TrainConfig) -> DataBundle:

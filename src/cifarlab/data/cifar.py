@@ -21,9 +21,9 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
 from cifarlab.config import NUM_CLASSES
+from cifarlab.core.errors import DataError
+from cifarlab.core.fileio import file_digest
 from cifarlab.data.split import Split
-from cifarlab.errors import DataError
-from cifarlab.fileio import file_digest
 
 BASE_FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms as T
 
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, TrainConfig
+from cifarlab.core.signals import ignore_stop_signals_in_worker
 from cifarlab.data.split import DataBundle, Split
-from cifarlab.interrupt import ignore_stop_signals_in_worker
 
 
 def classic_train_transform() -> Callable:

@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from cifarlab.config import TrainConfig
+from cifarlab.core.errors import DataError
 from cifarlab.data.classic import build_torch_loaders
 from cifarlab.data.device import build_device_loaders
 from cifarlab.data.split import DataBundle
-from cifarlab.errors import DataError
 
 LoaderBuilder = Callable[..., tuple[Any, Any]]
 

@@ -15,10 +15,10 @@ import math
 from typing import Any, Callable, TextIO
 
 from cifarlab.config import LabPreset
-from cifarlab.errors import UsageError
+from cifarlab.core.errors import UsageError
+from cifarlab.core.runtime import cache_state, inductor_cache_dir
 from cifarlab.lab.context import LabContext
 from cifarlab.report.blocks import Block, Para, fs
-from cifarlab.runtime import cache_state, inductor_cache_dir
 
 MIN_TIMED_STEPS = 20  # C3's timed steps are never halved below this
 REPORT_ALLOWANCE_S = 10.0  # the report at the end (plots, html): kept free in the budget

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cifarlab.config import LabPreset, TrainConfig
+from cifarlab.core.fileio import write_traceback
 from cifarlab.data import DataBundle
-from cifarlab.engine import Hooks
-from cifarlab.fileio import write_traceback
 from cifarlab.report.plots import ReportContext
-from cifarlab.runner import run_training
-from cifarlab.runs import summarize
+from cifarlab.run.folder import summarize
+from cifarlab.run.runner import run_training
+from cifarlab.train.engine import Hooks
 
 FULL_EPOCH_IMAGES = 50_000  # one CIFAR-10 training epoch (C5 extrapolates to it)
 # The items that train C1's configuration (fast path, base config), as the plan names that run: the first of
@@ -200,3 +200,8 @@ def timed_run(records: list[dict[str, Any]], steps_per_epoch: int) -> dict[str, 
     out["epoch_other_s"] = out["epoch_s"] - sum(known) if all(v is not None for v in known) else None
     return out
 
+
+def c1_config(ctx: LabContext) -> TrainConfig:
+    """C1's run: the fast path, with one checkpoint after the last epoch (the lab's runs keep none) so E can
+    export the trained model. The lab reuses runs by what they train, so C5/C6/C7 still reuse this one."""
+    return ctx.fast(ctx.base).replace(checkpoint_every=ctx.base.epochs)

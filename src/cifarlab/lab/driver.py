@@ -15,20 +15,21 @@ from typing import Any, TextIO
 import torch
 
 from cifarlab.config import LAB_PRESETS, LabConfig, LabPreset, TrainConfig
+from cifarlab.core.errors import UsageError
+from cifarlab.core.fileio import write_json_atomic
+from cifarlab.core.folders import create_run_dir, utc_now
+from cifarlab.core.runtime import device_label, environment, usable_cpus
+from cifarlab.core.signals import StopOnSignal
 from cifarlab.data import LOADER_BUILDERS
-from cifarlab.engine import Hooks
-from cifarlab.errors import UsageError
-from cifarlab.fileio import write_json_atomic
-from cifarlab.interrupt import StopOnSignal
 from cifarlab.lab.budget import check_budget, fit_budget, print_budget
 from cifarlab.lab.context import LabContext, save_traceback
+from cifarlab.lab.plan import make_plan, print_plan, print_time_table, time_table
 from cifarlab.lab.registry import EXPERIMENTS, SUITES
 from cifarlab.lab.render import build_report
-from cifarlab.lab.timing import make_plan, print_plan, print_time_table, time_table
-from cifarlab.progress import epoch_line
-from cifarlab.runner import prepare
-from cifarlab.runs import TIMING_NOTES, create_run_dir, utc_now
-from cifarlab.runtime import device_label, environment, usable_cpus
+from cifarlab.run.console import epoch_line
+from cifarlab.run.folder import TIMING_NOTES
+from cifarlab.run.runner import prepare
+from cifarlab.train.engine import Hooks
 
 LAB_SCHEMA = "cifarlab.lab/1"
 

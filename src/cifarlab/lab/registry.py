@@ -3,7 +3,8 @@ report section); a suite is an ordered tuple of item keys. Adding an item = one 
 
 from __future__ import annotations
 
-from cifarlab.lab import (
+from cifarlab.lab.context import Experiment
+from cifarlab.lab.items import (
     c1_training,
     c2_breakdown,
     c3_workers,
@@ -15,7 +16,6 @@ from cifarlab.lab import (
     e_export,
     q_facts,
 )
-from cifarlab.lab.context import Experiment
 from cifarlab.lab.scaling import (
     s1_batch,
     s2_speedup,

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from cifarlab.errors import UsageError
-from cifarlab.fileio import read_json
+from cifarlab.core.errors import UsageError
+from cifarlab.core.fileio import read_json
+from cifarlab.lab.plan import time_table_blocks
 from cifarlab.lab.registry import EXPERIMENTS
 from cifarlab.lab.sections import REF
-from cifarlab.lab.timing import time_table_blocks
 from cifarlab.report.blocks import Block, Heading, Image, Note, Para, Table, fs, pct, runs_of
 from cifarlab.report.document import write_report
 from cifarlab.report.plots import ReportContext

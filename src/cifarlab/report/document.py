@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cifarlab.fileio import write_csv_atomic, write_text_atomic
+from cifarlab.core.fileio import write_csv_atomic, write_text_atomic
 from cifarlab.report.blocks import Block, Table
 from cifarlab.report.html import to_html
 from cifarlab.report.markdown import plain, to_markdown

@@ -10,8 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from cifarlab.fileio import write_bytes_atomic
+from cifarlab.core.fileio import write_bytes_atomic
 from cifarlab.report.blocks import Image, finite, ok_records
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only, no display): the one plotting setup the report,
+    the doctor's chart and infer-bench's chart share. Imported on first use on purpose: it costs about a
+    second and commands that never plot do not pay for it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
 
 
 @dataclass
@@ -26,12 +38,7 @@ class ReportContext:
 
     def plot(self, name: str, alt: str, draw: Callable[[Any], None], size: tuple[float, float] = (8, 3.6)) -> Image:
         """Draw into a new figure with draw(fig) and save plots/<name>.png."""
-
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-
+        plt = pyplot()
         fig = plt.figure(figsize=size, dpi=100)
         try:
             draw(fig)

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cifarlab.collectives import all_gather_rows
-from cifarlab.ddp import session
-from cifarlab.fileio import write_json_atomic
-from cifarlab.runtime import device_label
+from cifarlab.core.fileio import write_json_atomic
+from cifarlab.core.runtime import device_label
+from cifarlab.parallel.collectives import all_gather_rows
+from cifarlab.parallel.ddp import session
 
 BYTES_PER_FP32 = 4
 

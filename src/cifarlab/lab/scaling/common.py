@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from cifarlab.config import SCALING_PRESETS, ScalingPreset, TrainConfig
-from cifarlab.flags import train_flags
+from cifarlab.config.flags import train_flags
+from cifarlab.core.runtime import usable_cpus
 from cifarlab.lab.context import LabContext, LabInterrupted
-from cifarlab.runs import load_run
-from cifarlab.runtime import usable_cpus
+from cifarlab.run.folder import load_run
 
 SUITE = "scaling"
 
