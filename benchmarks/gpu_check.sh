@@ -93,7 +93,7 @@ step doctor 150 $PY -m cifarlab doctor --dataset synthetic --budget 60 --out "$O
 step export 200 bash -c "run=\$(ls -d '$OUT_DIR'/runs/*-captured | head -1) && \
     $PY -m cifarlab export \"\$run\" --out '$OUT_DIR/export' --device cuda \
     --format torchscript-trace,torchscript-script,export,onnx,aoti && \
-    $PY -m cifarlab infer-bench '$OUT_DIR/export' --device cuda --out '$OUT_DIR/inferbench'"
+    $PY -m cifarlab infer-bench '$OUT_DIR/export' --device cuda --allow-code-execution --out '$OUT_DIR/inferbench'"
 
 # C8 alone (full preset: eager and the three compile modes, 10 epochs each), in its own lab folder: what each
 # mode's compile costs on this machine's caches as found (cold on a fresh machine), and a traceback for a mode that

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cifarlab.cli import main
+from cifarlab.export.check import LOGIT_LIMIT
 from cifarlab.lab.items import e_export
 from cifarlab.run.checkpoint import CHECKPOINT_NAME
 
@@ -54,11 +55,14 @@ def test_e_exports_c1s_trained_model_and_c7_still_reuses_c1(lab_c1_e: tuple[int,
 def test_every_reloaded_format_matches_eager(lab_c1_e: tuple[int, Path, dict, str]) -> None:
     _, lab, doc, _ = lab_c1_e
     exp = doc["experiments"]["e"]["result"]["export"]
-    assert exp["formats"] == list(SMOKE_FORMATS) and exp["status"] == "ok"
+    # a smoke run (2 steps at lr 0.1, eval-mode BatchNorm on garbage running statistics) may have logits far
+    # beyond any sane classifier's: its check is then "inconclusive", never "ok" (exportcheck.py)
+    broken = max(a["check"]["max_abs_eager_logit"] for a in exp["artifacts"].values()) > LOGIT_LIMIT
+    assert exp["formats"] == list(SMOKE_FORMATS) and exp["status"] == ("inconclusive" if broken else "ok")
     on_disk = json.loads((lab / "e" / "export" / "export.json").read_text())
     for fmt in SMOKE_FORMATS:
         a = exp["artifacts"][fmt]
-        assert a["check"]["ok"] and a["check"]["max_abs_logit_diff"] <= a["check"]["tolerance_abs"]
+        assert a["check"]["status"] == exp["status"] and a["check"]["worst_diff_over_tolerance"] <= 1
         assert a["check"]["top1_agree_decisive"] == a["check"]["decisive_images"] and a["dynamic_batch"]
         assert (lab / "e" / "export" / a["file"]).stat().st_size == a["bytes"] == on_disk["artifacts"][fmt]["bytes"]
     facts = exp["tracing_vs_scripting"]
@@ -79,7 +83,8 @@ def test_report_has_the_e_section_with_its_numbers(lab_c1_e: tuple[int, Path, di
         row = (f"| {e_export.FORMAT_TITLES[fmt]} | `{a['file']}` | {a['bytes'] / 2**20:.1f} | "
                f"{c['max_abs_logit_diff']:.2e} | {c['batch1_max_abs_logit_diff']:.2e} | {c['top1_agree']}/{c['images']} | yes |")
         assert row in e, row
-    assert "max abs logit diff vs eager (batch 8)" in e and "Every format passed." in e
+    passed = "**Inconclusive**" if res["export"]["status"] == "inconclusive" else "Every format passed."
+    assert "max abs logit diff vs eager (batch 8)" in e and passed in e
     assert "**Tracing vs scripting.**" in e and "`if self.training`" in e and "Measured on this model" in e
     code_blocks = re.findall(r"^```\n(.*?)\n```$", e, flags=re.M | re.S)
     assert len(code_blocks) == 3
@@ -110,8 +115,8 @@ def test_only_e_trains_c1s_config_itself(tmp_path: Path, monkeypatch: pytest.Mon
     code, lab, doc, md = _lab(tmp_path, "e")
     # The console follows E as it goes: each format's export and check, then the latency per batch size.
     out = capsys.readouterr().out
-    assert re.search(r"TorchScript, scripted: written in [0-9.]+ s, reloaded and checked in [0-9.]+ s, "
-                     r"max \|logit diff\| \S+ against a tolerance of \S+ \(scaled by the largest logit\): ok", out), out
+    assert re.search(r"TorchScript, scripted: written in [0-9.]+ s, reloaded and checked in [0-9.]+ s, max \|logit "
+                     r"diff\| \S+ against a per-logit tolerance of 0.001 \* \|logit\| \+ 0.001: (ok|INCONCLUSIVE)", out), out
     assert re.search(r"cpu batch 1, p50 per call: eager [0-9.]+ ms, torchscript-script [0-9.]+ ms", out), out
     assert code == 0 and doc["order"] == ["e"]
     entry = doc["experiments"]["e"]
@@ -119,7 +124,7 @@ def test_only_e_trains_c1s_config_itself(tmp_path: Path, monkeypatch: pytest.Mon
     res = entry["result"]
     (run,) = entry["runs"]
     assert res["model_from"] == "e" and res["run_path"] == run["path"] and run["path"].startswith("e/")
-    assert (lab / run["path"] / CHECKPOINT_NAME).is_file() and res["export"]["status"] == "ok"
+    assert (lab / run["path"] / CHECKPOINT_NAME).is_file() and res["export"]["status"] in ("ok", "inconclusive")
     e = section(md, "E")
     assert "C1 did not run in this lab, so E trained C1's configuration itself" in e
     assert "| TorchScript, scripted | `resnet18.scripted.pt` |" in e and "def forward(self," in e

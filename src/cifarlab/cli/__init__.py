@@ -19,6 +19,7 @@ from cifarlab.cli.slurm import add_slurm_parser, cmd_slurm
 from cifarlab.config import DATASETS, DEVICES, INSPECT_BATCH_SIZE, LAB_PRESETS
 from cifarlab.config.flags import PROG, Parser, add_train_options, config_from_args
 from cifarlab.core.errors import UsageError
+from cifarlab.core.signals import Stopped
 
 __all__ = ["PROG", "SUBCOMMANDS", "add_train_options", "build_parser", "config_from_args", "main"]
 
@@ -136,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Stopped as e:  # export, infer-bench, doctor: their staging is removed, what they measured is kept
+        print(f"{PROG}: interrupted ({e.signal_name}); {e.kept}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from cifarlab.config import INSPECT_BATCH_SIZE, LabConfig, TrainConfig
 from cifarlab.config.flags import PROG, config_from_args
 from cifarlab.core.errors import UsageError
 from cifarlab.core.runtime import compile_cache, workers_warning
-from cifarlab.core.signals import StopOnSignal
+from cifarlab.core.signals import RaiseOnSignal, StopOnSignal
 from cifarlab.doctor.measure import run_doctor
 from cifarlab.lab.driver import run_lab
 from cifarlab.lab.render import build_report
@@ -28,7 +29,7 @@ from cifarlab.parallel.collectives import launched_by_torchrun, world_size
 from cifarlab.run.autoresume import AUTO, plan_run
 from cifarlab.run.checkpoint import CHECKPOINT_NAME, resume_config
 from cifarlab.run.console import ConsoleProgress
-from cifarlab.run.runner import is_out_of_memory, prepare, resumed_precision, run_training
+from cifarlab.run.runner import DISK_ERRNOS, is_out_of_memory, prepare, resumed_precision, run_training
 from cifarlab.train.precision import choose_precision
 
 EXIT_DIVERGED = 3  # README "Exit codes"; interrupted: 128 + signal (130 SIGINT, 143 SIGTERM, 138 SIGUSR1); usage: 2
@@ -156,7 +157,14 @@ def cmd_lab(args: argparse.Namespace) -> int:
         given["only"] = tuple(x for x in given["only"].split(",") if x.strip())
         if not given["only"]:
             raise UsageError("--only needs at least one item, e.g. --only c1,c3")
-    _, code = run_lab(LabConfig(**given))
+    try:
+        _, code = run_lab(LabConfig(**given))
+    except OSError as e:  # results.json or the report could not be written: the lab folder's disk is full/read-only
+        if e.errno not in DISK_ERRNOS:
+            raise
+        where = repr(str(e.filename)) if e.filename else "into the lab folder"
+        raise UsageError(f"cannot write {where}: {e.strerror} ({errno.errorcode.get(e.errno or 0, '?')}); each file "
+                         f"there is whole or absent -- free some space or choose another --out") from None
     return code
 
 
@@ -174,7 +182,8 @@ def train_entry(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    run_doctor(cfg, getattr(args, "budget", None), cfg.out_dir, sys.stdout)
+    with RaiseOnSignal():  # a signal ends the diagnosis; run_doctor writes what was measured, then says so
+        run_doctor(cfg, getattr(args, "budget", None), cfg.out_dir, sys.stdout)
     return 0
 
 

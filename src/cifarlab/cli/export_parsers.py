@@ -89,5 +89,9 @@ def add_infer_bench_parser(sub: Any, run: Callable[[argparse.Namespace], int]) -
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILED_MODES, default=None, metavar="MODE",
                    help="also time torch.compile(model, mode=MODE) (default mode 'default'; compiling takes a while)")
     p.add_argument("--out", metavar="DIR", default=None, help="output folder (default <path>/inferbench)")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="also load artifacts that run code when loaded (AOTInductor packages, .pt2 files with "
+                        "pickled entries); only for export folders you made or trust (sha256 and folder checks "
+                        "still apply)")
     p.set_defaults(func=run)
     return p

@@ -17,6 +17,8 @@ import traceback
 from pathlib import Path
 from typing import IO, Any, Callable
 
+from cifarlab.core.errors import in_chain
+
 
 def current_umask() -> int:
     # os.umask can only be read by setting it: set it back at once.
@@ -56,6 +58,14 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     write_atomic(path, lambda f: f.write(data))
+
+
+def write_serialized_atomic(path: Path, save: Callable[[IO[bytes]], None]) -> None:
+    """save(buffer) serializes into memory, then the bytes are written atomically with Python's file API: torch's
+    C++ file writer aborts the whole process on a full disk (c10::Error, exit 134) where Python raises OSError."""
+    buf = io.BytesIO()
+    save(buf)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def write_traceback(path: Path, e: BaseException) -> Path:
@@ -115,6 +125,11 @@ def file_digest(path: Path, algorithm: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def os_error_in_chain(e: BaseException | None) -> OSError | None:
+    found = in_chain(e, OSError)
+    return found if isinstance(found, OSError) else None
 
 
 def read_json(path: Path) -> Any:

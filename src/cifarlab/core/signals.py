@@ -19,10 +19,11 @@ starts background jobs with SIGINT ignored) stays ignored, as Python itself does
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from types import FrameType
-from typing import Any
+from typing import Any, Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -68,6 +69,48 @@ class StopOnSignal:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM raised as an exception (RaiseOnSignal): `finally` blocks run, so staging folders and
+    temp files are removed. `kept`: what the command kept, for the one line cli.main prints."""
+
+    def __init__(self, signum: int, kept: str = "nothing was written") -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.kept = signum, kept
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class RaiseOnSignal(StopOnSignal):
+    """For commands with no loop to poll (export, infer-bench, doctor): the first SIGINT/SIGTERM raises
+    Stopped where the program is (inside a torch call: as soon as it returns); later signals are ignored
+    while the command cleans up, so a second Ctrl-C cannot leave a staging folder behind."""
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+            raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back for a few renames that must happen all or not at all (publishing an export):
+    a signal that arrives meanwhile is handled right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # A loader worker outlives a SIGTERM by at most this long. The main process, stopping cleanly after its current

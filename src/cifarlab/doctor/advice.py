@@ -5,10 +5,12 @@ doctor.py measures, doctor_report.py writes."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cifarlab.config import TrainConfig
+from cifarlab.core.errors import UsageError
 
 # ---------------------------------------------------------------------------- classification thresholds
 DATA_BOUND_SHARE = 0.20  # data wait >= 20% of the step: data-bound
@@ -396,3 +398,17 @@ def choose_repeats(costs_s: list[float], baseline_cost_s: float, left_s: float, 
         if len(plan_round(costs_s, baseline_cost_s, left_s, r)) >= need:
             return r
     return 1
+
+
+MAX_BUDGET_S = 7 * 24 * 3600.0  # a week: beyond it a number is a typo (1e308), not a diagnosis budget
+
+
+def check_budget_s(budget_s: float) -> float:
+    """--budget in seconds, or one UsageError line: a positive, finite number up to a week."""
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not math.isfinite(budget_s) \
+            or budget_s <= 0:
+        raise UsageError(f"--budget must be a positive number of seconds (got {budget_s}), e.g. --budget 180")
+    if budget_s > MAX_BUDGET_S:
+        raise UsageError(f"--budget {budget_s:g} seconds is more than a week; give a number of seconds such as "
+                         f"--budget 180, or leave --budget out for the default")
+    return float(budget_s)

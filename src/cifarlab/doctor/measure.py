@@ -21,12 +21,14 @@ from typing import TextIO
 import torch
 
 from cifarlab.config import TrainConfig
-from cifarlab.core.errors import UsageError
+from cifarlab.core.errors import UsageError, raise_if_interrupted
 from cifarlab.core.folders import create_run_dir
 from cifarlab.core.runtime import cpu_flags, cpu_has_native_bf16, environment, seed_everything, usable_cpus
+from cifarlab.core.signals import Stopped, signals_deferred
+from cifarlab.core.text import one_line
 from cifarlab.data import DataBundle, build_loaders
 from cifarlab.doctor import outputs as doctor_report
-from cifarlab.doctor.advice import Candidate, Diagnosis, HostFacts, Measurement, choose_repeats, classify, plan_round, propose
+from cifarlab.doctor.advice import Candidate, Diagnosis, HostFacts, Measurement, check_budget_s, choose_repeats, classify, plan_round, propose
 from cifarlab.doctor.outputs import DoctorResult, noise_share, rank, summarize, verdict
 from cifarlab.doctor.timing import (
     OVER_BUDGET,
@@ -180,9 +182,7 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
     the later baseline repeats' share); one that cannot finish in it is stopped and reported "over budget"
     with its partial figures. progress: told the result so far after every measurement (doctor.json)."""
     t0 = started_at if started_at is not None else time.perf_counter()
-    budget_s = float(budget_s if budget_s is not None else DEFAULT_BUDGET_S[device.type])
-    if not budget_s > 0 or not math.isfinite(budget_s):
-        raise UsageError(f"--budget must be a positive number of seconds (got {budget_s})")
+    budget_s = check_budget_s(budget_s if budget_s is not None else DEFAULT_BUDGET_S[device.type])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as in run_training: the same kernels a real run gets
     if cfg.loader == "torch":  # torch repeats our contention finding as a multi-line warning per loader start
@@ -215,7 +215,7 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
     _say(stream, f"plan: {len(runnable)} runnable candidate(s), up to {repeats} round(s) of {steps}-step windows, each "
                  f"round followed by a baseline repeat; {len(cands) - len(runnable)} listed without a run")
     cuts: list[str] = []
-    stopped: set[str] = set()  # measured in an earlier round, then stopped over budget: not run again
+    over_keys: set[str] = set()  # measured in an earlier round, then stopped over budget: not run again
 
     def cut_reason(c: Candidate) -> str:
         need = f"budget: one run needs ~{est(c):.0f} s"
@@ -224,74 +224,82 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
                      f"~{est(c) - c.extra_cost_s:.0f} s to measure it)")
         return f"{need}; {max(left(), 0.0):.0f} s were left"
 
-    def snapshot(status: str) -> DoctorResult:
-        return _result(cfg, data, device, budget_s, steps, baseline, diag, cands, cuts, repeats, t0, status)
+    def snapshot(status: str, stopped: Stopped | None = None) -> DoctorResult:
+        return _result(cfg, data, device, budget_s, steps, baseline, diag, cands, cuts, repeats, t0, status, stopped)
 
     def report() -> None:  # after every measurement: doctor.json keeps what was measured if the doctor is stopped
         if progress is not None:
             progress.update(snapshot("running"))
 
     report()  # the baseline and the diagnosis are on disk before the first candidate starts
-    for r in range(1, repeats + 1):  # re-planned every round from the costs measured so far
-        eligible = [c for c in runnable if c.status in ("proposed", "measured", "cut") and c.key not in stopped]
-        costs = [est(c) for c in eligible]
-        rounds = choose_repeats(costs, base_cost(), left(), repeats - r + 1)  # rounds still affordable, this one included
-        kept = set(plan_round(costs, base_cost(), left(), rounds))
-        reserve_runs = rounds  # this round's baseline repeat and the later rounds': the noise needs them
-        if not kept and (r == 1 or len(baseline) >= 2):  # no room for a candidate plus a baseline repeat, and the
-            # noise is known (or nothing ran yet): one more, unconfirmed figure beats leaving the budget unused
-            kept, reserve_runs = set(plan_round(costs, 0.0, left(), 1)), 0
-        if not kept:
-            break
-        for i, c in enumerate(eligible):
-            reserve = base_cost() * reserve_runs
-            if i not in kept or est(c) + reserve > left():
-                if not c.measurements:
-                    c.status, c.reason = "cut", cut_reason(c)
-                continue
-            limit_s = min(left() - reserve, LIMIT_FACTOR * est(c) + LIMIT_SLACK_S)
-            try:
-                m = measure(cfg.replace(**c.changes), data, device, steps, f"{c.key} r{r}", limit_s=limit_s)
-            except OverBudget as e:  # stopped: its partial figures are reported, it is not run again
-                c.partial = e.partial
-                if c.measurements:  # earlier rounds' figures stand; this repeat is a cut
-                    cuts.append(f"{c.key} r{r}: {e.describe()}")
-                    stopped.add(c.key)
-                else:
-                    c.status, c.reason = OVER_BUDGET, e.describe()
-                _say(stream, f"{c.key} r{r}: {e.describe()}")
-                report()
-                continue
-            except Exception as e:  # noqa: BLE001 -- a candidate that fails here is reported, not fatal
-                if is_out_of_memory(e):
-                    release_device_memory(device)
-                c.status, c.reason = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-                _say(stream, f"{c.key} r{r}: failed: {c.reason}")
-                report()
-                continue
-            c.measurements.append(m)
-            c.status, c.reason = "measured", ""
-            _say(stream, f"{c.key} r{r}: {doctor_report.measurement_line(m)}")
-            report()
-        if base_cost() <= left():
-            label = f"baseline r{len(baseline) + 1}"
-            try:
-                baseline.append(measure(cfg, data, device, steps, label, limit_s=left()))
-            except OverBudget as e:
-                cuts.append(f"{label}: {e.describe()}")
-                _say(stream, f"{label}: {e.describe()}")
+    stopped: Stopped | None = None
+    try:
+        for r in range(1, repeats + 1):  # re-planned every round from the costs measured so far
+            eligible = [c for c in runnable if c.status in ("proposed", "measured", "cut") and c.key not in over_keys]
+            costs = [est(c) for c in eligible]
+            rounds = choose_repeats(costs, base_cost(), left(), repeats - r + 1)  # rounds still affordable, this one included
+            kept = set(plan_round(costs, base_cost(), left(), rounds))
+            reserve_runs = rounds  # this round's baseline repeat and the later rounds': the noise needs them
+            if not kept and (r == 1 or len(baseline) >= 2):  # no room for a candidate plus a baseline repeat, and the
+                # noise is known (or nothing ran yet): one more, unconfirmed figure beats leaving the budget unused
+                kept, reserve_runs = set(plan_round(costs, 0.0, left(), 1)), 0
+            if not kept:
                 break
-            _say(stream, f"baseline r{len(baseline)}: {doctor_report.measurement_line(baseline[-1])}")
-            report()
+            for i, c in enumerate(eligible):
+                reserve = base_cost() * reserve_runs
+                if i not in kept or est(c) + reserve > left():
+                    if not c.measurements:
+                        c.status, c.reason = "cut", cut_reason(c)
+                    continue
+                limit_s = min(left() - reserve, LIMIT_FACTOR * est(c) + LIMIT_SLACK_S)
+                try:
+                    m = measure(cfg.replace(**c.changes), data, device, steps, f"{c.key} r{r}", limit_s=limit_s)
+                except OverBudget as e:  # stopped: its partial figures are reported, it is not run again
+                    c.partial = e.partial
+                    if c.measurements:  # earlier rounds' figures stand; this repeat is a cut
+                        cuts.append(f"{c.key} r{r}: {e.describe()}")
+                        over_keys.add(c.key)
+                    else:
+                        c.status, c.reason = OVER_BUDGET, e.describe()
+                    _say(stream, f"{c.key} r{r}: {e.describe()}")
+                    report()
+                    continue
+                except Exception as e:  # noqa: BLE001 -- a candidate that fails here is reported, not fatal
+                    raise_if_interrupted(e)  # a signal that a compiler wrapped in its own error
+                    if is_out_of_memory(e):
+                        release_device_memory(device)
+                    c.status, c.reason = "failed", f"{type(e).__name__}: {one_line(e, 280)}"
+                    _say(stream, f"{c.key} r{r}: failed: {c.reason}")
+                    report()
+                    continue
+                c.measurements.append(m)
+                c.status, c.reason = "measured", ""
+                _say(stream, f"{c.key} r{r}: {doctor_report.measurement_line(m)}")
+                report()
+            if base_cost() <= left():
+                label = f"baseline r{len(baseline) + 1}"
+                try:
+                    baseline.append(measure(cfg, data, device, steps, label, limit_s=left()))
+                except OverBudget as e:
+                    cuts.append(f"{label}: {e.describe()}")
+                    _say(stream, f"{label}: {e.describe()}")
+                    break
+                _say(stream, f"baseline r{len(baseline)}: {doctor_report.measurement_line(baseline[-1])}")
+                report()
+    except Stopped as e:  # Ctrl-C / SIGTERM: what was measured so far becomes the result, and is written
+        stopped = e
+        _say(stream, f"stopped by {e.signal_name}: writing what was measured so far")
     for c in runnable:
-        if c.status == "proposed":
+        if c.status == "proposed" and stopped is not None:
+            c.status, c.reason = "not run", f"interrupted by {stopped.signal_name} before it ran"
+        elif c.status == "proposed":
             c.status, c.reason = "cut", cut_reason(c)
-    return snapshot("complete")
+    return snapshot("stopped" if stopped is not None else "complete", stopped)
 
 
 def _result(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s: float, steps: int,
             baseline: list[Measurement], diag: Diagnosis, cands: list[Candidate], extra_cuts: list[str], repeats: int,
-            t0: float, status: str) -> DoctorResult:
+            t0: float, status: str, stopped: Stopped | None = None) -> DoctorResult:
     """The doctor's result from what is measured so far (the end, or a snapshot while it runs)."""
     cuts = [f"{c.key} ({' '.join(c.flags)}): not run, {c.reason}" for c in cands if c.status == "cut"]
     cuts += [f"{c.key}: {len(c.measurements)} of {repeats} repeat(s) (budget)" for c in cands
@@ -309,7 +317,7 @@ def _result(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s: 
         config=cfg, device=str(device), environment=environment(device), data_description=data.description,
         budget_s=budget_s, steps=steps, warmup_steps=baseline[0].warmup_steps, repeats=reps, baseline=baseline,
         diagnosis=diag, candidates=cands, noise=noise, noise_note=noise_note, ranked=ranked, best=best,
-        recommendation="", cuts=cuts, status=status,
+        recommendation="", cuts=cuts, status=status, stopped=stopped,
     )
     result.recommendation = doctor_report.recommendation(result)
     result.elapsed_s = time.perf_counter() - t0
@@ -333,7 +341,8 @@ class DoctorProgress:
     def save(self, status: str) -> None:
         if self.latest is not None:
             self.latest.status = status
-            doctor_report.write_json(self.latest, self.path)
+            with contextlib.suppress(OSError):  # a full disk: the final write says so in one line
+                doctor_report.write_json(self.latest, self.path)
 
 
 def run_doctor(cfg: TrainConfig, budget_s: float | None, out_dir: str | Path, stream: TextIO | None,
@@ -341,8 +350,8 @@ def run_doctor(cfg: TrainConfig, budget_s: float | None, out_dir: str | Path, st
     """`cifarlab doctor`: validate, load the data once, diagnose, print the table, write the folder.
     The budget counts from here: loading the data is part of it."""
     t0 = time.perf_counter()
-    if budget_s is not None and (not math.isfinite(budget_s) or budget_s <= 0):
-        raise UsageError(f"--budget must be a positive number of seconds (got {budget_s})")
+    if budget_s is not None:
+        check_budget_s(budget_s)
     device, data = prepare(cfg.replace(out_dir=str(out_dir)))
     # --precision auto: what `cifarlab train` would run, its cached verdict (the doctor never calibrates)
     choice = choose_precision(cfg, device, measure=False)
@@ -362,8 +371,17 @@ def run_doctor(cfg: TrainConfig, budget_s: float | None, out_dir: str | Path, st
         if progress.latest is None:  # nothing measured yet: no folder left behind
             with contextlib.suppress(OSError):
                 progress.path.rmdir()
-        progress.save("stopped")  # an error or Ctrl-C: doctor.json keeps every measurement finished before it
+        progress.save("stopped")  # an error: doctor.json keeps every measurement finished before it
         raise
-    result.path = doctor_report.write_folder(result, out_dir, progress.path)
+    try:
+        with signals_deferred():  # a Ctrl-C now would leave a folder without its report
+            result.path = doctor_report.write_folder(result, out_dir, progress.path)
+    except OSError as e:  # a full or read-only disk: each file is whole or absent (atomic writes)
+        raise UsageError(f"cannot write the doctor's folder under {str(out_dir)!r}: {e.strerror or e}; no file is "
+                         f"half-written -- free some space or choose another --out") from None
     _say(stream, doctor_report.console_text(result))
+    if result.stopped is not None:
+        not_run = [c.key for c in result.candidates if c.status == "not run"]
+        raise Stopped(result.stopped.signum, f"the measurements taken so far are in {str(result.path / 'doctor.json')!r}"
+                      + (f"; not run: {', '.join(not_run)}" if not_run else ""))
     return result

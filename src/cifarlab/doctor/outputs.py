@@ -13,6 +13,7 @@ from typing import Any
 from cifarlab.config import TrainConfig
 from cifarlab.core.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 from cifarlab.core.folders import create_run_dir, utc_now
+from cifarlab.core.signals import Stopped
 from cifarlab.doctor.advice import PARTS, THRESHOLDS, Candidate, Diagnosis, Measurement, pct
 from cifarlab.report.plots import pyplot
 
@@ -89,6 +90,7 @@ class DoctorResult:
     elapsed_s: float = 0.0
     path: Path | None = None
     status: str = "complete"  # running (doctor.json rewritten after every measurement) | complete | stopped
+    stopped: Stopped | None = None  # the signal that ended the diagnosis early (the result holds what ran)
 
     @property
     def baseline_summary(self) -> Summary:
@@ -179,6 +181,7 @@ def to_json(result: DoctorResult) -> dict[str, Any]:
         "ranking": [c.key for c, _, _ in result.ranked],
         "best": result.best.key if result.best else None,
         "recommendation": result.recommendation,
+        "stopped_by": result.stopped.signal_name if result.stopped is not None else None,
     }
 
 

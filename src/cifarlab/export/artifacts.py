@@ -30,12 +30,15 @@ import torch
 from torch import nn
 
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, EXPORT_CHECK_IMAGES, EXPORT_FORMATS, NORMS, export_format_names
-from cifarlab.core.errors import UsageError
-from cifarlab.core.fileio import file_digest, write_json_atomic
+from cifarlab.core.errors import UsageError, raise_if_interrupted
+from cifarlab.core.fileio import file_digest, os_error_in_chain, write_json_atomic, write_serialized_atomic, write_text_atomic
 from cifarlab.core.folders import ensure_writable_dir, utc_now
 from cifarlab.core.runtime import environment
+from cifarlab.core.signals import signals_deferred
 from cifarlab.core.text import one_line
 from cifarlab.data import cifar_present, load_cifar10, synthetic_split
+from cifarlab.export.check import LOGIT_LIMIT, compare, rule, tolerances
+from cifarlab.export.trust import recorded_in, refuse_foreign_out
 from cifarlab.model.resnet import resnet18
 from cifarlab.run.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
@@ -59,9 +62,6 @@ ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 CHECK_IMAGES = EXPORT_CHECK_IMAGES
 EXCEPTION_CHARS = 200  # of an exception's first line quoted in export's and infer-bench's messages
 MAX_DYNAMIC_BATCH = 4096
-# max |logit - eager logit| allowed, relative to max(1, max |eager logit|). CUDA allows more: its conv and
-# matmul kernels may use TF32, and compiled kernels reorder sums differently from cuDNN.
-RELATIVE_TOLERANCE = {"cpu": 1e-3, "cuda": 1e-2}
 TRACING_VS_SCRIPTING = (
     "Tracing runs the model once on an example batch and records the aten ops that ran: control flow and "
     "module state are frozen into constants (BatchNorm's `training` flag is baked in as False because the model "
@@ -117,22 +117,22 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise UsageError(f"{str(run_dir)!r} is not a folder; pass a run folder such as runs/20260101-120000-train")
     path = folder / CHECKPOINT_NAME
     if not path.is_file():
-        raise UsageError(f"{folder} has no {CHECKPOINT_NAME} (the run stopped before its first checkpoint or ran "
+        raise UsageError(f"{str(folder)!r} has no {CHECKPOINT_NAME} (the run stopped before its first checkpoint or ran "
                          f"with --checkpoint-every 0); train it with checkpoints, then export")
     ckpt = load_checkpoint(path)
     config = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
     norm = config.get("norm", "batch")
     if norm not in NORMS:
-        raise UsageError(f"{path}: its config has norm {norm!r}, not one of {', '.join(NORMS)}; it is not a cifarlab run")
+        raise UsageError(f"{str(path)!r}: its config has norm {norm!r}, not one of {', '.join(NORMS)}; it is not a cifarlab run")
     model = resnet18(norm=norm)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise UsageError(f"{path} does not hold cifarlab's ResNet-18 (norm={norm}) weights "
+        raise UsageError(f"{str(path)!r} does not hold cifarlab's ResNet-18 (norm={norm}) weights "
                          f"({type(e).__name__}: {one_line(e, EXCEPTION_CHARS)}); export only checkpoints written by cifarlab train") from None
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise UsageError(f"{path}: weights hold NaN/inf (first: {bad[0]}); the run diverged -- export an earlier run")
+        raise UsageError(f"{str(path)!r}: weights hold NaN/inf (first: {bad[0]}); the run diverged -- export an earlier run")
     source = {"run_dir": str(folder), "checkpoint": str(path), "epoch": int(ckpt["epoch"]), "norm": norm,
               "dataset": config.get("dataset"), "seed": config.get("seed", 0), "data_dir": config.get("data_dir")}
     return model.eval(), source
@@ -177,14 +177,14 @@ def _batch_dim() -> dict[str, Any]:
 def _export_trace(model: nn.Module, x: torch.Tensor, path: Path) -> str:
     with _quiet():
         traced = torch.jit.trace(model, x, check_trace=False)  # our own check below is stricter
-        torch.jit.save(traced, str(path))
+        write_serialized_atomic(path, lambda f: torch.jit.save(traced, f))
     return f"# torch.jit.trace(model, batch of {x.shape[0]}): inlined graph (every recorded aten op)\n{traced.inlined_graph}"
 
 
 def _export_script(model: nn.Module, x: torch.Tensor, path: Path) -> str:
     with _quiet():
         scripted = torch.jit.script(model)
-        torch.jit.save(scripted, str(path))
+        write_serialized_atomic(path, lambda f: torch.jit.save(scripted, f))
     parts = [("ResNet.forward", scripted), ("layer1[0] (BasicBlock).forward", getattr(scripted.layer1, "0")),
              (f"bn1 ({type(model.bn1).__name__}).forward", scripted.bn1)]
     return "\n".join(f"# {name}\n{module.code}" for name, module in parts)
@@ -197,7 +197,7 @@ def _exported_program(model: nn.Module, x: torch.Tensor) -> Any:
 
 def _export_export(model: nn.Module, x: torch.Tensor, path: Path) -> str:
     program = _exported_program(model, x)
-    torch.export.save(program, str(path))
+    write_serialized_atomic(path, lambda f: torch.export.save(program, f))
     return f"# torch.export.export(model, (x,), batch dimension dynamic 1..{MAX_DYNAMIC_BATCH})\n{program}"
 
 
@@ -222,7 +222,7 @@ EXPORTERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], str]] = {
 }
 
 
-def load_onnx(path: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def load_onnx(path: Path | bytes, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """An ONNX Runtime session as a tensor -> tensor function."""
     import onnxruntime as ort  # an optional extra: imported only when an ONNX file is loaded (see onnx_missing)
 
@@ -235,7 +235,8 @@ def load_onnx(path: Path, device: torch.device) -> Callable[[torch.Tensor], torc
     # turns, spinning threads would steal the cores of the next runtime's call.
     options.intra_op_num_threads = torch.get_num_threads()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    model = path if isinstance(path, bytes) else str(path)
+    session = ort.InferenceSession(model, sess_options=options, providers=providers)
     name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -245,40 +246,24 @@ def load_onnx(path: Path, device: torch.device) -> Callable[[torch.Tensor], torc
     return run
 
 
-def load_artifact(fmt: str, path: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Read an artifact back from disk as a callable on `device` (what a deployment would do)."""
+def load_artifact(fmt: str, path: Path, device: torch.device,
+                  data: bytes | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Read an artifact back from disk as a callable on `device` (what a deployment would do). data: the
+    file's bytes, already read and checked (exporttrust), loaded instead of reading path again."""
+    source: Any = io.BytesIO(data) if data is not None else str(path)
     with _quiet():
         if fmt in ("torchscript-trace", "torchscript-script"):
-            return torch.jit.load(str(path), map_location=device).eval()
+            return torch.jit.load(source, map_location=device).eval()
         if fmt == "export":
-            return torch.export.load(str(path)).module().to(device)
+            return torch.export.load(source).module().to(device)
         if fmt == "aoti":
-            return torch._inductor.aoti_load_package(str(path))
+            return torch._inductor.aoti_load_package(str(path))  # a package loads from its path only
     if fmt == "onnx":
-        return load_onnx(path, device)
+        return load_onnx(data if data is not None else path, device)
     raise UsageError(f"format {fmt!r} is not known; choose from: {', '.join(FORMATS)}")
 
 
 # ------------------------------------------------------------------------------------- checking
-
-
-def compare(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, reference: torch.Tensor,
-            tolerance_abs: float) -> dict[str, Any]:
-    """Run fn on x and on x[:1] and compare with the eager logits. Top-1 must agree on every image whose
-    eager top-2 margin exceeds the tolerance (a near-tie may flip without anything being wrong)."""
-    with torch.no_grad():
-        out = fn(x).float().cpu()
-        out1 = fn(x[:1]).float().cpu()
-    ref = reference.float().cpu()
-    diff = float((out - ref).abs().max()) if out.shape == ref.shape else float("inf")
-    diff1 = float((out1 - ref[:1]).abs().max()) if out1.shape == ref[:1].shape else float("inf")
-    top2 = ref.topk(2, dim=1).values
-    decisive = (top2[:, 0] - top2[:, 1]) > tolerance_abs
-    agree = out.argmax(1) == ref.argmax(1) if out.shape == ref.shape else torch.zeros(len(ref), dtype=torch.bool)
-    ok = diff <= tolerance_abs and diff1 <= tolerance_abs and bool(agree[decisive].all())
-    return {"ok": ok, "max_abs_logit_diff": diff, "batch1_max_abs_logit_diff": diff1, "tolerance_abs": tolerance_abs,
-            "top1_agree": int(agree.sum()), "images": len(ref), "decisive_images": int(decisive.sum()),
-            "top1_agree_decisive": int(agree[decisive].sum())}
 
 
 def mode_switch_facts(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
@@ -316,13 +301,14 @@ def export_model(model: nn.Module, out_dir: str | Path, formats: list[str] | tup
     if unknown:
         raise UsageError(f"format {unknown[0]!r} is not known; choose from: {', '.join(FORMATS)}")
     created = not Path(out_dir).exists()
+    refuse_foreign_out(Path(out_dir), out_flag, "export", lambda name: recorded_in(
+        Path(out_dir), name, EXPORT_JSON, EXPORT_SCHEMA, tuple(GRAPH_FILES.values())))
     out = ensure_writable_dir(Path(out_dir), out_flag)
     model = copy.deepcopy(model).eval().to(device)  # the caller's model keeps its device and mode
     x = example_batch.to(device)
     with torch.no_grad():
         reference = model(x).float().cpu()
-    tolerance_rel = RELATIVE_TOLERANCE.get(device.type, 1e-3)
-    tolerance_abs = tolerance_rel * max(1.0, float(reference.abs().max()))
+    tolerance_rel, tolerance_abs = tolerances(device.type)
     staging = Path(tempfile.mkdtemp(prefix=".export-staging-", dir=out))
     try:
         artifacts: dict[str, Any] = {}
@@ -332,14 +318,14 @@ def export_model(model: nn.Module, out_dir: str | Path, formats: list[str] | tup
             graph_text = EXPORTERS[fmt](model, x, path)
             export_s = time.perf_counter() - t0
             if graph_text:
-                (staging / GRAPH_FILES[fmt]).write_text(graph_text + "\n", encoding="utf-8")
+                write_text_atomic(staging / GRAPH_FILES[fmt], graph_text + "\n")
             t0 = time.perf_counter()
             loaded = load_artifact(fmt, path, device)
-            check = compare(loaded, x, reference, tolerance_abs)
+            check = compare(loaded, x, reference, device.type)
             artifacts[fmt] = {
                 "file": ARTIFACTS[fmt], "bytes": path.stat().st_size, "sha256": sha256_file(path),
                 "graph_file": GRAPH_FILES[fmt] if graph_text else None,
-                "dynamic_batch": check["batch1_max_abs_logit_diff"] <= tolerance_abs,
+                "dynamic_batch": check["batch1_ok"],
                 "export_s": round(export_s, 3), "reload_and_check_s": round(time.perf_counter() - t0, 3),
                 "check": check,
             }
@@ -353,30 +339,40 @@ def export_model(model: nn.Module, out_dir: str | Path, formats: list[str] | tup
                       "normalization": {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)},
                       "dynamic_batch_range": [1, MAX_DYNAMIC_BATCH], "example_batch": int(x.shape[0])},
             "check": {"images": check_images, "tolerance_relative": tolerance_rel, "tolerance_abs": tolerance_abs,
-                      "rule": (f"max |logit - eager| <= {tolerance_rel:g} * max(1, max |eager logit|) at the example "
-                               f"batch and at batch 1, and the same top-1 on every image whose eager top-2 "
-                               f"margin exceeds that tolerance")},
+                      "logit_limit": LOGIT_LIMIT, "rule": rule(device.type)},
             "artifacts": artifacts,
             "environment": environment(device),
         }
         if getattr(model, "norm", "batch") == "batch" and {"torchscript-trace", "torchscript-script"} <= set(formats):
             report["tracing_vs_scripting"] = mode_switch_facts(model, x)
         failed = [f for f in formats if not artifacts[f]["check"]["ok"]]
-        report["status"] = "mismatch" if failed else "ok"
+        inconclusive = any(artifacts[f]["check"]["status"] == "inconclusive" for f in failed)
+        report["status"] = ("inconclusive" if inconclusive else "mismatch") if failed else "ok"
         if failed and raise_on_mismatch:
             c = artifacts[failed[0]]["check"]
+            if inconclusive:
+                raise ExportMismatch(
+                    f"the check is inconclusive: the model's eager logits reach {c['max_abs_eager_logit']:.3g} (limit "
+                    f"{LOGIT_LIMIT:g}), so no tolerance can tell a correct export from a wrong one; nothing was "
+                    f"written to {str(out)!r} -- export a run that trained properly", report)
             raise ExportMismatch(
-                f"{failed[0]} does not match eager: max |logit diff| {c['max_abs_logit_diff']:.3g} "
-                f"(batch 1: {c['batch1_max_abs_logit_diff']:.3g}) vs tolerance {tolerance_abs:.3g}, top-1 "
-                f"{c['top1_agree']}/{c['images']}; nothing was written to {out}", report)
+                f"{failed[0]} does not match eager: max |logit diff| {c['max_abs_logit_diff']:.3g} (batch 1: "
+                f"{c['batch1_max_abs_logit_diff']:.3g}), {c['worst_diff_over_tolerance']:.3g}x the per-logit tolerance "
+                f"({tolerance_rel:g} * |logit| + {tolerance_abs:g}), top-1 {c['top1_agree']}/{c['images']}; nothing "
+                f"was written to {str(out)!r}", report)
         write_json_atomic(staging / EXPORT_JSON, report)
         for name in sorted(os.listdir(staging)):  # on disk before any rename makes it visible
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
-        for name in sorted(os.listdir(staging), key=lambda n: n == EXPORT_JSON):  # export.json last
-            os.replace(staging / name, out / name)
-    except OSError as e:
-        raise UsageError(f"{out_flag} {str(out)!r}: writing the export failed ({e.strerror or e}); "
+        with signals_deferred():  # a Ctrl-C now cannot leave half of the files renamed
+            for name in sorted(os.listdir(staging), key=lambda n: n == EXPORT_JSON):  # export.json last
+                os.replace(staging / name, out / name)
+    except (OSError, RuntimeError) as e:  # torch wraps an OSError of its writer in a RuntimeError
+        raise_if_interrupted(e)  # ... and a Ctrl-C that landed in Python code torch called
+        os_error = os_error_in_chain(e)
+        if os_error is None:
+            raise
+        raise UsageError(f"{out_flag} {str(out)!r}: writing the export failed ({os_error.strerror or os_error}); "
                          f"nothing was left half-written -- free space or choose another folder") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import tempfile
 import time
@@ -29,12 +28,13 @@ import torch
 from torch import nn
 
 from cifarlab.config import INFER_BENCH_BATCH_SIZES, INFER_BENCH_ITERS, INFER_BENCH_WARMUP
-from cifarlab.core.errors import UsageError
+from cifarlab.core.errors import UsageError, raise_if_interrupted
 from cifarlab.core.fileio import write_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
 from cifarlab.core.folders import ensure_writable_dir, utc_now
 from cifarlab.core.runtime import environment, usable_cpus
 from cifarlab.core.text import one_line
 from cifarlab.export import artifacts as ex
+from cifarlab.export import trust
 from cifarlab.report.plots import pyplot
 from cifarlab.run.checkpoint import CHECKPOINT_NAME
 
@@ -57,6 +57,7 @@ class Variant:
     device: torch.device
     precision: str = "fp32"
     note: str = ""
+    artifact: str | None = None  # the export folder's file it was loaded from (after exporttrust's checks)
 
 
 # --------------------------------------------------------------------------------------- variants
@@ -70,38 +71,52 @@ def _autocast(fn: Callable[[torch.Tensor], Any], device: torch.device) -> Callab
 
 
 def make_variants(model: nn.Module, device: torch.device, export_dir: str | Path | None = None, *,
-                  compile_mode: str | None = None) -> tuple[list[Variant], dict[str, str]]:
+                  compile_mode: str | None = None, allow_code: bool = False,
+                  log: Callable[[str], None] | None = None) -> tuple[list[Variant], dict[str, str]]:
     """Eager (plus bf16 autocast on CUDA GPUs that support it), every artifact listed in export_dir's
-    export.json loaded onto `device`, and torch.compile(mode=compile_mode) when given. Returns the variants
-    and {variant: why it was skipped on this device}."""
+    export.json that passes exporttrust's policy, loaded onto `device`, and torch.compile(mode=compile_mode)
+    when given. Returns the variants and {variant: why it was skipped on this device}; each skip is also one
+    `log` line."""
     device = torch.device(device)
     eager = copy.deepcopy(model).eval().to(device)  # one copy per device: the caller's model stays where it is
     variants = [Variant("eager", eager, device)]
     skipped: dict[str, str] = {}
+
+    def skip(name: str, reason: str) -> None:
+        skipped[name] = reason
+        if log is not None:
+            log(f"  {device.type}: {name} not benchmarked: {reason}")
+
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             variants.append(Variant("eager-bf16", _autocast(eager, device), device, "bf16 autocast",
                                     "torch.autocast(cuda, bfloat16): convolutions and matmuls in bf16"))
         else:
-            skipped["eager-bf16"] = "this GPU has no bf16 support"
+            skip("eager-bf16", "this GPU has no bf16 support")
     if export_dir is not None:
         export_dir = Path(export_dir)
-        info = json.loads((export_dir / ex.EXPORT_JSON).read_text(encoding="utf-8"))
-        for fmt, entry in info.get("artifacts", {}).items():
-            name = "onnxruntime" if fmt == "onnx" else fmt
-            if fmt == "aoti" and info.get("device", "cpu").split(":")[0] != device.type:
-                skipped[name] = f"the package was compiled for {info.get('device')}"
+        info, entries = trust.read_export_json(export_dir, ex.FORMATS, ex.EXPORT_SCHEMA, ex.EXPORT_JSON)
+        for entry in entries:
+            name = "onnxruntime" if entry.fmt == "onnx" else entry.fmt
+            if entry.fmt == "aoti" and info["device"].split(":")[0] != device.type:
+                skip(name, f"the package was compiled for {info['device']}")
+                continue
+            data, path, refused = trust.verified_bytes(export_dir, entry, allow_code)
+            if data is None or path is None:
+                skip(name, refused)
                 continue
             try:
-                fn = ex.load_artifact(fmt, export_dir / entry["file"], device)
+                fn = ex.load_artifact(entry.fmt, path, device, data)
             except Exception as e:  # a format that cannot run on this device is reported, not fatal
-                skipped[name] = f"{type(e).__name__}: {one_line(e, ex.EXCEPTION_CHARS)}"
+                raise_if_interrupted(e)
+                skip(name, f"{entry.file!r} failed to load ({type(e).__name__}: {one_line(e, ex.EXCEPTION_CHARS)})")
                 continue
             providers = getattr(fn, "providers", None)
             if providers is not None and device.type == "cuda" and "CUDAExecutionProvider" not in providers:
-                skipped[name] = "onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)"
+                skip(name, "onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
                 continue
-            variants.append(Variant(name, fn, device, note=f"{entry['file']} reloaded from disk"))
+            variants.append(Variant(name, fn, device, note=f"{entry.file} reloaded from disk, sha256 checked",
+                                    artifact=entry.file))
     if compile_mode:
         variants.append(Variant("compile", torch.compile(eager, mode=compile_mode), device,
                                 note=f"torch.compile(mode={compile_mode!r}); compilation happens in the warm-up"))
@@ -153,6 +168,7 @@ def bench(variants: list[Variant], batch_sizes: tuple[int, ...] | list[int] = DE
                             _timed_call(v.fn, x, cuda)
                         times[v.name] = []
                     except Exception as e:  # noqa: BLE001 -- recorded in the row, the others go on
+                        raise_if_interrupted(e)
                         status[v.name] = f"failed: {type(e).__name__}: {one_line(e, ex.EXCEPTION_CHARS)}"
                         if cuda:
                             torch.cuda.empty_cache()
@@ -243,9 +259,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         plt.close(fig)
 
 
+OUTPUT_NAMES = tuple(f"inferbench.{k}" for k in ("json", "csv", "txt", "png"))
+
+
 def write_outputs(rows: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
     """inferbench.json (rows + meta), .csv, .txt (the table) and .png into out_dir, each atomically."""
-    paths = {k: out_dir / f"inferbench.{k}" for k in ("json", "csv", "txt", "png")}
+    paths = {name.split(".")[1]: out_dir / name for name in OUTPUT_NAMES}
     write_csv_atomic(paths["csv"], rows)
     write_text_atomic(paths["txt"], format_table(rows) + "\n")
     plot(rows, paths["png"])
@@ -279,11 +298,11 @@ def export_source(path: str | Path, log: Callable[[str], None]) -> Iterator[tupl
     export/ is exported into a temporary folder first (default formats, checked like `cifarlab export`)."""
     folder = Path(path)
     if (folder / ex.EXPORT_JSON).is_file():
-        try:
-            info = json.loads((folder / ex.EXPORT_JSON).read_text(encoding="utf-8"))
-            run_dir = Path(info["source"]["run_dir"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UsageError(f"{folder / ex.EXPORT_JSON} does not name its source run; export the run again") from None
+        info, _ = trust.read_export_json(folder, ex.FORMATS, ex.EXPORT_SCHEMA, ex.EXPORT_JSON)
+        if not isinstance(info["source"].get("run_dir"), str):
+            raise UsageError(f"{str(folder / ex.EXPORT_JSON)!r}: field source.run_dir is not a path, so the eager "
+                             f"model cannot be found; export the run again")
+        run_dir = Path(info["source"]["run_dir"])
         if not (run_dir / CHECKPOINT_NAME).is_file() and (folder.parent / CHECKPOINT_NAME).is_file():
             run_dir = folder.parent  # the default layout RUN_DIR/export, moved since
         model, source = ex.load_run_model(run_dir)
@@ -307,18 +326,27 @@ def export_source(path: str | Path, log: Callable[[str], None]) -> Iterator[tupl
 def bench_path(path: str | Path, *, out_dir: str | Path | None, device: str = "auto",
                batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, iters: int = DEFAULT_ITERS,
                warmup: int = DEFAULT_WARMUP, budget_s: float = DEFAULT_BUDGET_S, compile_mode: str | None = None,
-               log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict[str, Path]]:
-    """`cifarlab infer-bench`: rows and the written files (default folder: <path>/inferbench)."""
+               log: Callable[[str], None] = print,
+               allow_code: bool = False) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """`cifarlab infer-bench`: rows and the written files (default folder: <path>/inferbench). Artifacts are
+    loaded under exporttrust's policy (allow_code: --allow-code-execution)."""
     devices = resolve_devices(device)
     load_before = _load_average()
     with export_source(path, log) as (model, source, export_dir):
-        out = ensure_writable_dir(Path(out_dir) if out_dir is not None else Path(path) / "inferbench",
-                                  "--out" if out_dir is not None else "the default --out")
+        out, flag = (Path(out_dir), "--out") if out_dir is not None else (Path(path) / "inferbench", "the default --out")
+        trust.refuse_foreign_out(out, flag, "infer-bench",
+                                 lambda name: trust.recorded_in(out, name, OUTPUT_NAMES[0], BENCH_SCHEMA, OUTPUT_NAMES))
+        out = ensure_writable_dir(out, flag)
         variants: list[Variant] = []
         skipped: dict[str, dict[str, str]] = {}
         for d in devices:
-            found, skipped[str(d)] = make_variants(model, d, export_dir, compile_mode=compile_mode)
+            found, skipped[str(d)] = make_variants(model, d, export_dir, compile_mode=compile_mode,
+                                                   allow_code=allow_code, log=log)
             variants += found
+        if not any(v.artifact for v in variants):
+            raise UsageError(f"nothing to benchmark against eager: no artifact listed in "
+                             f"{str(export_dir / ex.EXPORT_JSON)!r} passed the checks (see the lines above); "
+                             f"export the run again")
         log(f"variants: {', '.join(dict.fromkeys(v.name for v in variants))}; devices: "
             f"{', '.join(str(d) for d in devices)}; batch sizes {', '.join(map(str, batch_sizes))}")
         rows = bench(variants, batch_sizes, iters=iters, warmup=warmup, budget_s=budget_s, log=log)
@@ -336,4 +364,8 @@ def bench_path(path: str | Path, *, out_dir: str | Path | None, device: str = "a
             if any(d.type == "cuda" for d in devices) else None,
             "skipped": skipped, "load_average_1min": {"before": load_before, "after": load_after},
             "environment": {str(d): environment(d) for d in devices}}
-    return rows, write_outputs(rows, out, meta)
+    try:
+        return rows, write_outputs(rows, out, meta)
+    except OSError as e:  # a full or read-only disk: each file is whole or absent (atomic writes)
+        raise UsageError(f"cannot write the results into {str(out)!r}: {e.strerror or e}; no file is half-written "
+                         f"-- free some space or choose another --out") from None

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from cifarlab.core.errors import UsageError
 from cifarlab.core.fileio import read_json
+from cifarlab.core.text import one_line
 from cifarlab.lab.plan import time_table_blocks
 from cifarlab.lab.registry import EXPERIMENTS
 from cifarlab.lab.sections import REF
@@ -102,18 +103,55 @@ class KeptPlots(ReportContext):
         return super().plot(name, alt, draw, size)
 
 
+# What a renderer raises on results of the right schema but another shape (an edited or foreign results.json)
+SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError)
+
+
+def _shaped(lab_dir: Path, field: str, render: Callable[[], list[Block]]) -> list[Block]:
+    """render(), or one UsageError line naming results.json and the field whose content did not fit."""
+    try:
+        return render()
+    except SHAPE_ERRORS as e:
+        raise UsageError(f"{str(Path(lab_dir) / 'results.json')!r}: field {field} does not have the shape this "
+                         f"cifarlab renders ({type(e).__name__}: {one_line(e, 120)}); the file was edited or written by "
+                         f"another program -- rerun the lab") from None
+
+
 def build_blocks(lab_dir: Path, doc: dict[str, Any], reuse_plots: bool = False) -> tuple[list[Block], ReportContext]:
     rc = (KeptPlots if reuse_plots else ReportContext)(lab_dir=lab_dir, doc=doc)
-    blocks = header_blocks(doc)
+    blocks = _shaped(lab_dir, "(the header: machine, preset, data, time_table)", lambda: header_blocks(doc))
     for key in doc.get("order", []):
         entry = doc["experiments"].get(key, {"status": "not run"})
         exp = EXPERIMENTS.get(key)
         blocks.append(Heading(entry.get("title", key.upper())))
         if exp is not None and entry.get("status") in ("completed", "skipped"):
-            blocks += exp.render(entry, rc)
+            blocks += _shaped(lab_dir, f"experiments.{key}", lambda: exp.render(entry, rc))
         else:
-            blocks += generic_blocks(entry)
+            blocks += _shaped(lab_dir, f"experiments.{key}", lambda: generic_blocks(entry))
     return blocks, rc
+
+
+def _check_shape(path: Path, doc: dict[str, Any]) -> None:
+    """The fields every report reads, before any is used: one line naming the first that does not fit."""
+    def bad(field: str, want: str) -> UsageError:
+        return UsageError(f"{str(path)!r}: field {field} is not {want}; the file was edited or written by another "
+                          f"program -- rerun the lab")
+    order, experiments = doc.get("order", []), doc.get("experiments", {})
+    if not isinstance(order, list) or not all(isinstance(k, str) for k in order):
+        raise bad("order", "a list of item names")
+    if not isinstance(experiments, dict):
+        raise bad("experiments", "an object")
+    for key in order:
+        entry = experiments.get(key, {})
+        if not isinstance(entry, dict):
+            raise bad(f"experiments.{key}", "an object")
+        if not isinstance(entry.get("status", ""), str) or not isinstance(entry.get("title", ""), str):
+            raise bad(f"experiments.{key}.status/title", "a string")
+        if not isinstance(entry.get("runs", []), list):
+            raise bad(f"experiments.{key}.runs", "a list")
+    for field in ("machine", "preset", "data"):
+        if not isinstance(doc.get(field, {}), dict):
+            raise bad(field, "an object")
 
 
 def load_results(lab_dir: Path) -> dict[str, Any]:
@@ -127,6 +165,7 @@ def load_results(lab_dir: Path) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("schema") not in SUPPORTED_SCHEMAS:
         raise UsageError(f"{path} has schema {doc.get('schema') if isinstance(doc, dict) else None!r}; "
                          f"this cifarlab reads {', '.join(SUPPORTED_SCHEMAS)}")
+    _check_shape(path, doc)
     return doc
 
 
@@ -135,5 +174,10 @@ def build_report(lab_dir: Path, reuse_plots: bool = False) -> dict[str, Path]:
     reuse_plots: keep plots/*.png that exist (they were drawn from the same results a moment ago)."""
     lab_dir = Path(lab_dir)
     doc = load_results(lab_dir)
-    blocks, _ = build_blocks(lab_dir, doc, reuse_plots)
-    return write_report(lab_dir, blocks)
+    try:  # plots are written while the blocks are built
+        blocks, _ = build_blocks(lab_dir, doc, reuse_plots)
+        return write_report(lab_dir, blocks)
+    except OSError as e:  # a read-only or full lab folder: the files already there are untouched
+        raise UsageError(f"cannot write the report into {str(lab_dir)!r}: {e.strerror or e}; no report file is "
+                         f"half-written -- free some space or make the folder writable, then run "
+                         f"'cifarlab report' again") from None

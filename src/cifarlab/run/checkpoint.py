@@ -19,7 +19,6 @@ import fcntl
 import json
 import os
 import random
-import re
 import socket
 import tempfile
 import time
@@ -31,8 +30,9 @@ import numpy as np
 import torch
 
 from cifarlab.config import TrainConfig
-from cifarlab.core.errors import UsageError
-from cifarlab.core.fileio import fsync_dir, write_atomic
+from cifarlab.core.errors import UsageError, raise_if_interrupted
+from cifarlab.core.fileio import fsync_dir, os_error_in_chain, write_atomic
+from cifarlab.core.text import one_line
 from cifarlab.parallel import collectives
 from cifarlab.step.state import EpochRecord, TrainState
 
@@ -123,8 +123,10 @@ def save_checkpoint(folder: Path, cfg: TrainConfig, state: TrainState) -> Path:
             torch.save(payload, f)
         except Exception as e:
             # torch's zip writer turns a full disk into "RuntimeError: unexpected pos ...": surface the
-            # OSError underneath so the caller can say "No space left on device".
-            os_error = _os_error_in_chain(e)
+            # OSError underneath so the caller can say "No space left on device". The same wrapping hides a
+            # second Ctrl-C that landed in its write callback: that is an interruption, not a failure.
+            raise_if_interrupted(e)
+            os_error = os_error_in_chain(e)
             if os_error is None:
                 raise
             raise os_error from None
@@ -132,17 +134,6 @@ def save_checkpoint(folder: Path, cfg: TrainConfig, state: TrainState) -> Path:
     target = write_atomic(folder / CHECKPOINT_NAME, write)
     fsync_dir(folder)
     return target
-
-
-def _os_error_in_chain(e: BaseException | None) -> OSError | None:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -344,11 +335,4 @@ def restore(state: TrainState, ckpt: dict[str, Any], path: Path) -> None:
 
 def _gist(e: BaseException) -> str:
     """One short line from an exception whose message may span many lines (torch.load's does)."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
-    lines = [line for line in lines if line]
-    # weights_only refusals explain themselves after "WeightsUnpickler error:" (same line or the next)
-    for i, line in enumerate(lines):
-        if "WeightsUnpickler error:" in line:
-            detail = line.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
-            return f"weights_only refused it: {detail}"[:240]
-    return (lines[0] if lines else "")[:240]
+    return one_line(e)

@@ -17,6 +17,7 @@ import torch
 from cifarlab.core.errors import UsageError
 from cifarlab.export import artifacts as ex
 from cifarlab.export import bench as ib
+from cifarlab.export.check import compare, verdict
 from cifarlab.lab.context import Experiment, LabContext, LabInterrupted, PlannedRuns, c1_config
 from cifarlab.lab.sections import pipelines_para, runs_para
 from cifarlab.report.blocks import Block, Code, Note, Para, Table, fs, pct, runs_of
@@ -81,8 +82,7 @@ def _cuda_check(variants: list[ib.Variant], device: torch.device, x: torch.Tenso
     xd = x.to(device)
     with torch.no_grad():
         reference = mine["eager"].fn(xd).float().cpu()
-    tolerance_abs = ex.RELATIVE_TOLERANCE["cuda"] * max(1.0, float(reference.abs().max()))
-    return {name: ex.compare(v.fn, xd, reference, tolerance_abs) for name, v in mine.items()
+    return {name: compare(v.fn, xd, reference, "cuda") for name, v in mine.items()
             if v.precision == "fp32" and name != "eager"}
 
 
@@ -108,8 +108,8 @@ def e_export(ctx: LabContext) -> dict[str, Any]:
         check = art["check"]
         ctx.note(f"{FORMAT_TITLES.get(fmt, fmt)}: written in {art['export_s']:.2f} s, reloaded and checked in "
                  f"{art['reload_and_check_s']:.2f} s, max |logit diff| {check['max_abs_logit_diff']:.1e} against a "
-                 f"tolerance of {check['tolerance_abs']:.1e} (scaled by the largest logit): "
-                 f"{'ok' if check['ok'] else 'MISMATCH'}")
+                 f"per-logit tolerance of {check.get('tolerance_relative', 0):g} * |logit| + {check['tolerance_abs']:g}: "
+                 f"{verdict(check)}")
     excerpts = {}
     for fmt in formats:
         if report["artifacts"][fmt]["graph_file"]:
@@ -158,7 +158,7 @@ def format_blocks(res: dict[str, Any]) -> list[Block]:
         rows.append([FORMAT_TITLES.get(fmt, fmt), f"`{a['file']}`", f"{a['bytes'] / 2**20:.1f}",
                      _diff(c["max_abs_logit_diff"]), _diff(c["batch1_max_abs_logit_diff"]),
                      f"{c['top1_agree']}/{c['images']}", "yes" if a["dynamic_batch"] else "no",
-                     fs(a["export_s"], 1), "ok" if c["ok"] else "MISMATCH"])
+                     fs(a["export_s"], 1), verdict(c)])
     for fmt, why in exp["skipped"].items():
         rows.append([FORMAT_TITLES.get(fmt, fmt), "", "", "", "", "", "", "", f"not exported: {why}"])
     chk = exp["check"]
@@ -167,15 +167,17 @@ def format_blocks(res: dict[str, Any]) -> list[Block]:
                "top-1 agreement", "any batch size", "export s", "check"], rows, csv="e_formats"),
         Para(f"Each file was reloaded from disk and run on {res['check_images']} next to the eager model "
              f"({exp['device']}, torch {exp['torch']}). Rule: {chk['rule']} (here {chk['tolerance_abs']:.2g}). "
-             + ("Every format passed." if exp["status"] == "ok" else
-                "**At least one format differs from eager beyond the tolerance** (its files are kept for inspection).")),
+             + {"ok": "Every format passed.", "inconclusive": "**Inconclusive**: the eager model's logits are non-finite "
+                "or absurdly large (a diverged or barely trained model), so no tolerance can tell a correct export from "
+                "a wrong one."}.get(exp["status"], "**At least one format differs from eager beyond the tolerance** "
+                                                   "(its files are kept for inspection).")),
     ]
     cuda = res.get("cuda_check")
     if cuda:
         blocks.append(Table(["format (reloaded on the GPU)", "max abs logit diff vs eager on the GPU", "same at batch 1",
                              "top-1 agreement", "tolerance", "check"],
                             [[FORMAT_TITLES.get(name, name), _diff(c["max_abs_logit_diff"]), _diff(c["batch1_max_abs_logit_diff"]),
-                              f"{c['top1_agree']}/{c['images']}", f"{c['tolerance_abs']:.2g}", "ok" if c["ok"] else "MISMATCH"]
+                              f"{c['top1_agree']}/{c['images']}", f"{c['tolerance_abs']:.2g}", verdict(c)]
                              for name, c in cuda.items()], csv="e_formats_cuda"))
     return blocks
 
