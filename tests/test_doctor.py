@@ -282,6 +282,7 @@ def test_a_step_that_never_returns_is_interrupted_at_its_limit(tiny, monkeypatch
 
 def test_baseline_over_budget_is_one_line_and_leaves_no_folder(tiny, monkeypatch, tmp_path: Path) -> None:
     cfg, data, device = tiny
+    monkeypatch.setattr(doctor, "BASELINE_MIN_LIMIT_S", 2.0)  # the floor a tiny budget gets (60 s) made short
     monkeypatch.setattr(doctor, "build_loaders", _SlowFor(lambda c: True, 1.0))
     with pytest.raises(doctor.UsageError, match=r"--budget 7 s: the baseline measurement alone did not fit; over budget"):
         doctor.run_doctor(cfg.replace(out_dir=str(tmp_path)), 7, tmp_path, None, steps=4)

@@ -60,6 +60,9 @@ FINISH_RESERVE_S = 5.0  # of the budget, kept for the end: the table, doctor.jso
 # A measurement's time limit: what is left of the budget (less the reserve for later baseline repeats), and
 # never more than LIMIT_FACTOR x its estimate + LIMIT_SLACK_S, so one runaway candidate cannot eat the rest.
 LIMIT_FACTOR, LIMIT_SLACK_S = 3.0, 15.0
+# The first baseline measurement gets at least this long whatever the budget: without it the doctor can say nothing
+# (a budget below one measurement, e.g. --budget 1, is overrun by the baseline and nothing else).
+BASELINE_MIN_LIMIT_S = 60.0
 
 
 
@@ -190,7 +193,8 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
     left = lambda: budget_s - FINISH_RESERVE_S - (time.perf_counter() - t0)  # noqa: E731
     _say(stream, "baseline r1 ..." + ("" if steps else " (its last warm-up step sets the steps per window)"))
     try:
-        baseline = [measure(cfg, data, device, steps, "baseline r1", gpu_profile=True, limit_s=left())]
+        baseline = [measure(cfg, data, device, steps, "baseline r1", gpu_profile=True,
+                            limit_s=max(left(), BASELINE_MIN_LIMIT_S))]
     except OverBudget as e:  # nothing to compare a change with: one line, what it measured in it
         raise UsageError(f"--budget {budget_s:.0f} s: the baseline measurement alone did not fit; {e.describe()}; "
                          f"give a larger --budget") from None
