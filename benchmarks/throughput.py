@@ -9,7 +9,8 @@
     workers, fp32, eager.
 (c) fast-eager (CUDA only): the fast path with the step run eagerly (--cuda-graph off).
 (d) fast:    the split resident on the device with batched crop/flip (loader "device"), channels_last,
-    precision "auto" (bf16 on CUDA GPUs that support it, fp32 on CPUs), optional --compile, and on CUDA
+    precision "auto" as `cifarlab train` resolves it (bf16 on CUDA GPUs that support it; on a CPU with native
+    bf16 the measured, cached choice of precision.choose_precision; fp32 on other CPUs), optional --compile, and on CUDA
     the whole training step captured as one CUDA graph (--cuda-graph auto).
 
 On CUDA nothing is warmed up by the benchmark: the engine's one-time setup (cuDNN autotuning, graph
@@ -47,7 +48,8 @@ from cifarlab.data import build_loaders, load_data
 from cifarlab.model.facts import flop_facts
 from cifarlab.model.resnet import resnet18
 from cifarlab.run.folder import write_json_atomic
-from cifarlab.train.engine import build_state, resolve_precision, seed_epoch, train_epoch
+from cifarlab.train.engine import build_state, seed_epoch, train_epoch
+from cifarlab.train.precision import choose_precision
 
 CPU_DEFAULT_SUBSET = 2048  # a full CPU epoch takes ~20 minutes on 2 cores
 MATMUL_N = {"cpu": 1024, "cuda": 8192}
@@ -289,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                 if args.pipelines and pipe.name not in args.pipelines:
                     continue
                 cfg = base.replace(batch_size=batch, **pipe.changes).validate()
-                precision = resolve_precision(cfg.precision, device)
+                choice = choose_precision(cfg, device, say=lambda line: print(f"  {line}", flush=True))
+                if cfg.precision == "auto":
+                    print(f"  {pipe.name}: precision {choice.reason}")
+                cfg = cfg.replace(precision=choice.precision)  # what `cifarlab train` runs with these flags
+                precision = choice.precision
                 if precision not in peaks:
                     peaks[precision] = matmul_peak(device, precision)
                     print(f"  measured {precision} matmul peak: {peaks[precision] / 1e12:.3f} TFLOP/s")

@@ -3,6 +3,7 @@ and checking its one-line errors."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,10 @@ import pytest
 
 from cifarlab.cli import main
 from cifarlab.data import BASE_FOLDER, TEST_FILES, TRAIN_FILES, synthetic_split, write_cifar_batch
+
+# --precision auto on a CPU with native bf16 is decided by timing both precisions (precision.py): the suite keeps
+# fp32 on every machine, so its numbers do not depend on the CPU (tests/test_precision.py turns it back on).
+os.environ.setdefault("CIFARLAB_PRECISION_CALIBRATION", "off")
 
 # A training run of a few seconds on the classic pipeline without worker processes.
 TINY = ["--subset", "16", "--test-subset", "10", "--batch-size", "8", "--loader", "torch", "--workers", "0"]

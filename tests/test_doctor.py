@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import cifarlab.doctor.measure as doctor
+import cifarlab.doctor.timing as doctor_timing
 import cifarlab.train.engine as engine
 from cifarlab.config import TrainConfig
 from cifarlab.core.runtime import resolve_device
@@ -214,3 +215,75 @@ def test_recommendation_says_no_change_was_measured_when_the_budget_cut_them_all
                     "flags (18.0 img/s) -- rerun with a larger --budget to try them")
     assert recommendation(result([na])) == ("recommendation: no change was measured (none applies here); keep the "
                                             "current flags (18.0 img/s)")
+
+
+# ----------------------------------------------------------------------------------------- the budget is kept
+
+class _SlowFor:
+    """The real device loader, `sleep_s` before every batch when the config matches `slow(cfg)`."""
+
+    def __init__(self, slow, sleep_s: float) -> None:
+        self.slow, self.sleep_s, self.real = slow, sleep_s, doctor.build_loaders
+
+    def __call__(self, cfg, data, device):
+        train, test = self.real(cfg, data, device)
+        return (_SleepyLoader(train, self.sleep_s) if self.slow(cfg) else train), test
+
+
+def test_budget_is_kept_a_slow_candidate_stops_over_budget_and_doctor_json_follows(tiny, monkeypatch, tmp_path: Path) -> None:
+    cfg, data, device = tiny
+    cfg = cfg.replace(out_dir=str(tmp_path))
+    monkeypatch.setattr(doctor.shutil, "which", lambda name: f"/usr/bin/{name}")  # a C++ compiler: compile can run
+    monkeypatch.setattr(doctor, "build_loaders", _SlowFor(lambda c: c.batch_size == 16, 2.0))  # batch-16: 2 s a batch
+    seen: list[tuple[str, int]] = []  # (measurement, measurements in doctor.json when it started)
+    real_measure = doctor.measure
+
+    def spy(c, d, dev, steps, label, **kw):
+        files = list(tmp_path.glob("*-doctor/doctor.json"))
+        saved = json.loads(files[0].read_text()) if files else None
+        count = 0 if saved is None else len(saved["baseline"]["measurements"]) + sum(
+            len(x["measurements"]) + (x["partial"] is not None) for x in saved["candidates"])
+        seen.append((label, count))
+        return real_measure(c, d, dev, steps, label, **kw)
+
+    monkeypatch.setattr(doctor, "measure", spy)
+    budget_s = 14.0
+    t0 = time.perf_counter()
+    result = doctor.run_doctor(cfg, budget_s, tmp_path, io.StringIO(), steps=4, only=["batch", "compile"], repeats=2)
+    took_s = time.perf_counter() - t0
+    assert took_s <= budget_s + 1.0, took_s  # the doctor ends within its budget (1 s for a loaded machine)
+    by_key = {c.key: c for c in result.candidates}
+    slow = by_key["batch-16"]
+    # batch-16 needs 9 steps x 2 s: stopped at its limit (from what was left), not run to the end
+    assert slow.status == "over budget" and slow.reason.startswith("over budget: stopped at its ")
+    assert slow.partial is not None and slow.partial["elapsed_s"] < budget_s and not slow.measurements
+    compile_cand = by_key["compile"]  # estimated (minutes to compile on a CPU) and never started
+    assert compile_cand.status == "cut" and "estimated for torch.compile to compile the step on this CPU" in compile_cand.reason
+    assert all(label != "compile r1" for label, _ in seen)
+    # doctor.json was rewritten after every measurement: each one started with all earlier ones on disk
+    assert seen[0] == ("baseline r1", 0) and [n for _, n in seen[1:]] == list(range(1, len(seen)))
+    saved = json.loads((result.path / "doctor.json").read_text())
+    assert saved["status"] == "complete" and saved["budget"]["elapsed_s"] <= budget_s
+    [over] = [c for c in saved["candidates"] if c["status"] == "over budget"]
+    assert over["key"] == "batch-16" and over["partial"]["phase"]
+
+
+def test_a_step_that_never_returns_is_interrupted_at_its_limit(tiny, monkeypatch) -> None:
+    """A step longer than the whole limit (a compilation, a stuck loader) is interrupted HARD_GRACE_S after it."""
+    cfg, data, device = tiny
+    monkeypatch.setattr(doctor, "build_loaders", _SlowFor(lambda c: True, 60.0))
+    t0 = time.perf_counter()
+    with pytest.raises(doctor.OverBudget) as stopped:
+        doctor.measure(cfg, data, device, steps=2, label="stuck", limit_s=0.5)
+    assert time.perf_counter() - t0 < 0.5 + doctor_timing.HARD_GRACE_S + 2.0
+    assert stopped.value.partial["phase"] == "untimed warm-up step(s)" and stopped.value.partial["timed_steps"] == 0
+    assert "no step timed before the stop" in stopped.value.describe()
+
+
+def test_baseline_over_budget_is_one_line_and_leaves_no_folder(tiny, monkeypatch, tmp_path: Path) -> None:
+    cfg, data, device = tiny
+    monkeypatch.setattr(doctor, "BASELINE_MIN_LIMIT_S", 2.0)  # the floor a tiny budget gets (60 s) made short
+    monkeypatch.setattr(doctor, "build_loaders", _SlowFor(lambda c: True, 1.0))
+    with pytest.raises(doctor.UsageError, match=r"--budget 7 s: the baseline measurement alone did not fit; over budget"):
+        doctor.run_doctor(cfg.replace(out_dir=str(tmp_path)), 7, tmp_path, None, steps=4)
+    assert not list(tmp_path.glob("*-doctor"))

@@ -29,7 +29,8 @@ from cifarlab.parallel.collectives import launched_by_torchrun, world_size
 from cifarlab.run.autoresume import AUTO, plan_run
 from cifarlab.run.checkpoint import CHECKPOINT_NAME, resume_config
 from cifarlab.run.console import ConsoleProgress
-from cifarlab.run.runner import DISK_ERRNOS, is_out_of_memory, prepare, run_training
+from cifarlab.run.runner import DISK_ERRNOS, is_out_of_memory, prepare, resumed_precision, run_training
+from cifarlab.train.precision import choose_precision
 
 EXIT_DIVERGED = 3  # README "Exit codes"; interrupted: 128 + signal (130 SIGINT, 143 SIGTERM, 138 SIGUSR1); usage: 2
 
@@ -70,10 +71,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress = ConsoleProgress(total_epochs=cfg.epochs)
         # inductor's cache is looked at once (a walk of its folder): the banner says it, run.json records it
         cache = compile_cache() if cfg.compile != "none" else None
-        progress.banner(cfg, data.description, device, cache)
+        # --precision auto on a CPU with native bf16: measured (or the cached verdict) before the banner says it
+        precision = resumed_precision(cfg, resume) or choose_precision(cfg, device, say=lambda s: print(s, flush=True))
+        progress.banner(cfg, data.description, device, cache, precision)
         hooks = dataclasses.replace(progress.hooks(), should_stop=stop.should_stop)
         extra = {**(history or {}), **({"compile_cache": cache} if cache else {})}
-        result = run_training(cfg, hooks=hooks, data=data, resume=resume, run_dir=run_dir, extra_status=extra or None)
+        result = run_training(cfg, hooks=hooks, data=data, resume=resume, run_dir=run_dir, extra_status=extra or None,
+                              precision=precision)
         progress.finish(result)
     return _train_outcome(result, stop.signal_name, stop.exit_code)
 

@@ -78,7 +78,7 @@ class TrainConfig:
     epochs: int = 5
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # auto: bf16 on CUDA GPUs that support it, else fp32 (engine.resolve_precision)
+    precision: str = "auto"  # auto: bf16 on CUDA GPUs with it; measured on CPUs with native bf16 (train/precision.py); else fp32
     channels_last: bool = True
     compile: str = "none"
     cuda_graph: str = "auto"  # auto: captured step on CUDA's fast path (engine.capture_blocker); on; off: eager

@@ -67,7 +67,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, help="seed for init, shuffling and augmentation (default 0)")
     t.add_argument("--device", choices=DEVICES, help="auto (default: CUDA when present), cpu or cuda")
     t.add_argument("--precision", choices=PRECISIONS,
-                   help="fp32, bf16, fp16 (autocast) or auto (default: bf16 on CUDA GPUs that support it, else fp32)")
+                   help="fp32, bf16, fp16 (autocast) or auto (default: bf16 on CUDA GPUs that support it; on a CPU "
+                        "with native bf16 the faster of fp32 and bf16, measured once and cached; else fp32)")
     t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC memory layout (default on)")
     t.add_argument("--compile", choices=TRAIN_COMPILE_MODES, help="torch.compile mode (default none)")
     t.add_argument("--cuda-graph", choices=CUDA_GRAPH_MODES,

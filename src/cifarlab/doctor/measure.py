@@ -8,31 +8,44 @@ after untimed warm-up steps, on a loader that is already running; evaluation nev
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import resource
 import shutil
 import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import TextIO
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from cifarlab.config import TrainConfig
 from cifarlab.core.errors import UsageError, raise_if_interrupted
+from cifarlab.core.folders import create_run_dir
 from cifarlab.core.runtime import cpu_flags, cpu_has_native_bf16, environment, seed_everything, usable_cpus
 from cifarlab.core.signals import Stopped, signals_deferred
 from cifarlab.core.text import one_line
 from cifarlab.data import DataBundle, build_loaders
 from cifarlab.doctor import outputs as doctor_report
-from cifarlab.doctor.advice import HostFacts, Measurement, check_budget_s, choose_repeats, classify, plan_round, propose
+from cifarlab.doctor.advice import Candidate, Diagnosis, HostFacts, Measurement, check_budget_s, choose_repeats, classify, plan_round, propose
 from cifarlab.doctor.outputs import DoctorResult, noise_share, rank, summarize, verdict
+from cifarlab.doctor.timing import (
+    OVER_BUDGET,
+    OverBudget,
+    StepStream,
+    TimeLimit,
+    children_cpu_s,
+    dispatch_us,
+    gpu_busy_s,
+    main_thread_sched_s,
+    peak_rss_bytes,
+    weighted,
+    window_row,
+)
 from cifarlab.run.runner import is_out_of_memory, oom_message, prepare, release_device_memory
-from cifarlab.step.state import EpochRecord
-from cifarlab.train.engine import build_state, ensure_step_runner, resolve_precision, seed_epoch, train_epoch
+from cifarlab.train.engine import build_state, ensure_step_runner, resolve_precision
+from cifarlab.train.precision import choose_precision
 
 DEFAULT_BUDGET_S = {"cuda": 60.0, "cpu": 180.0}
 WARMUP_STEPS = {"cuda": 5, "cpu": 1}  # untimed: cuDNN algorithm search, allocator, caches
@@ -43,141 +56,33 @@ DEFAULT_REPEATS = 3
 PROFILE_STEPS = 10  # CUDA busy fraction: steps recorded by torch.profiler (a window apart from the timed one)
 # Estimated one-off cost (s) of compilation before the first timed step, used only to plan the budget.
 COMPILE_COST_S = {"cuda": 60.0, "cpu": 240.0, "cuda_graph": 5.0}
+FINISH_RESERVE_S = 5.0  # of the budget, kept for the end: the table, doctor.json, doctor.md and the chart
+# A measurement's time limit: what is left of the budget (less the reserve for later baseline repeats), and
+# never more than LIMIT_FACTOR x its estimate + LIMIT_SLACK_S, so one runaway candidate cannot eat the rest.
+LIMIT_FACTOR, LIMIT_SLACK_S = 3.0, 15.0
+# The first baseline measurement gets at least this long whatever the budget: without it the doctor can say nothing
+# (a budget below one measurement, e.g. --budget 1, is overrun by the baseline and nothing else).
+BASELINE_MIN_LIMIT_S = 60.0
 
 
-class _Stream:
-    """The train loader as train_epoch sees it across several calls: one iterator keeps running from
-    call to call until restart() (a new epoch: reseeded, workers started again, inside the next call's
-    data wait) or until the real epoch ends. len() is the steps the next call should plan for."""
-
-    def __init__(self, loader: Any, seed: int) -> None:
-        self.loader, self.seed = loader, seed
-        self.epoch, self.steps = 0, 0
-        self.loader_start_s = 0.0  # creating the latest iterator (worker start-up)
-        self._it: Iterator | None = None
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def restart(self) -> None:
-        self._it = None  # drops the DataLoader iterator: non-persistent workers shut down
-
-    def __iter__(self) -> Iterator:
-        while True:
-            fresh = self._it is None
-            if fresh:
-                self.epoch += 1
-                seed_epoch(self.seed, self.epoch, self.loader)
-                t0 = time.perf_counter()
-                self._it = iter(self.loader)
-                self.loader_start_s = time.perf_counter() - t0
-            try:
-                yield next(self._it)
-            except StopIteration:
-                self._it = None
-                if fresh:
-                    return  # an empty loader
-
-    def run(self, cfg: TrainConfig, state: Any, steps: int) -> EpochRecord:
-        self.steps = steps
-        return train_epoch(cfg.replace(max_steps=steps), state, self, self.epoch or 1)
-
-
-def _children_cpu_s() -> float | None:
-    """CPU seconds used so far by this process's live descendants (the loader workers, also when a
-    forkserver or spawn parent sits between), from /proc; None where /proc does not tell."""
-    if not os.path.exists("/proc/self/task"):
-        return None
-    total, todo, seen = 0, ["self"], set()
-    while todo:
-        pid = todo.pop()
-        try:  # a process may exit at any point of this walk: skip it, keep the others
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{task}/children") as f:
-                    kids = [k for k in f.read().split() if k not in seen]
-                seen.update(kids)
-                todo += kids
-        except OSError:
-            continue
-    for pid in seen:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
-        except (OSError, ValueError, IndexError):
-            continue
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-DISPATCH_OPS, DISPATCH_ROUNDS = 2000, 5
-
-
-def dispatch_us() -> float:
-    """Median CPU time (this thread's, so preemption by other processes is not in it) of one trivial
-    torch op: the host's per-op floor, to compare a step's CPU time with."""
-    x = torch.zeros(1)
-    rounds = []
-    for _ in range(DISPATCH_ROUNDS):
-        t0 = time.thread_time()
-        for _ in range(DISPATCH_OPS):
-            x.add_(1.0)
-        rounds.append((time.thread_time() - t0) / DISPATCH_OPS)
-    return 1e6 * statistics.median(rounds)
-
-
-def _main_thread_sched_s() -> tuple[float, float] | None:
-    """(on-CPU, waiting-for-a-CPU) seconds of this process's main thread so far (/proc schedstat)."""
-    try:
-        with open(f"/proc/self/task/{os.getpid()}/schedstat") as f:
-            run_ns, wait_ns = f.read().split()[:2]
-        return int(run_ns) / 1e9, int(wait_ns) / 1e9
-    except (OSError, ValueError):
-        return None
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def _gpu_busy_s(stream: _Stream, cfg: TrainConfig, state: Any, steps: int) -> float | None:
-    """Union of the GPU's kernel and copy intervals over `steps` profiled steps (profiler overhead
-    lands on the host, not in the kernels' own durations, so the busy time itself stays honest)."""
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        stream.run(cfg, state, steps)
-    try:
-        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                       if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
-    except (AttributeError, RuntimeError):  # a profiler without device events: busy fraction not measured
-        return None
-    if not spans:
-        return None
-    busy_us, cur_start, cur_end = 0.0, spans[0][0], spans[0][1]
-    for s, e in spans[1:]:
-        if s > cur_end:
-            busy_us += cur_end - cur_start
-            cur_start, cur_end = s, e
-        else:
-            cur_end = max(cur_end, e)
-    return (busy_us + cur_end - cur_start) / 1e6
-
-
-def _window(name: str, rec: EpochRecord, weight: float) -> dict[str, Any]:
-    return {"window": name, "steps": rec.steps, "images": rec.images, "window_s": rec.epoch_s, "data_s": rec.data_s,
-            "h2d_s": rec.h2d_s, "compute_s": rec.compute_s, "other_s": rec.other_s, "weight": weight}
-
-
-def _weighted(windows: list[dict[str, Any]], key: str) -> float | None:
-    values = [w[key] for w in windows]
-    return None if any(v is None for v in values) else sum(v * w["weight"] for v, w in zip(values, windows))
 
 
 def measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int | None, label: str,
-            warmup_steps: int | None = None, gpu_profile: bool = False) -> Measurement:
+            warmup_steps: int | None = None, gpu_profile: bool = False, limit_s: float | None = None) -> Measurement:
     """One configuration as one estimated epoch: a fresh seeded model and loader, untimed warm-up
     steps, then a new epoch's first min(steps, E) steps ('start': worker start-up and first batches
     included) and up to `steps` more on the same iterator ('steady'), E = steps per epoch. When the two
     windows do not cover the epoch, the steady one stands for the rest of it. steps None: chosen from
-    the last warm-up step's time (TARGET_WINDOW_S within MIN_STEPS..MAX_STEPS)."""
+    the last warm-up step's time (TARGET_WINDOW_S within MIN_STEPS..MAX_STEPS).
+    limit_s: stop it there (OverBudget, with what was timed so far): between steps, or HARD_GRACE_S later
+    by interrupting a step (a compilation) that has not returned."""
+    limit = TimeLimit(limit_s)
+    with limit.hard():
+        return _measure(cfg, data, device, steps, label, warmup_steps, gpu_profile, limit)
+
+
+def _measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int | None, label: str,
+             warmup_steps: int | None, gpu_profile: bool, limit: TimeLimit) -> Measurement:
     t_start = time.perf_counter()
     if warmup_steps is None:
         warmup_steps = COMPILE_WARMUP_STEPS if cfg.compile != "none" else WARMUP_STEPS[device.type]
@@ -187,12 +92,15 @@ def measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int
     # The step runner (eager, or one captured CUDA graph per step) and its one-time setup, built from the
     # real loader (its batch sizes and sample shape), before any window and outside them.
     runner = ensure_step_runner(cfg, state, train_loader)
-    stream = _Stream(train_loader, cfg.seed)
+    stream = StepStream(train_loader, cfg.seed)
     per_epoch = len(train_loader)
     try:
+        limit.check()
+        limit.phase = "untimed warm-up step(s)"
         if warmup_steps > 1:
-            stream.run(cfg, state, warmup_steps - 1)
-        last = stream.run(cfg, state, 1) if warmup_steps else None
+            limit.check(stream.run(cfg, state, warmup_steps - 1, limit))
+        last = stream.run(cfg, state, 1, limit) if warmup_steps else None
+        limit.check(last)
         if steps is None:
             step_s = last.epoch_s if last is not None else TARGET_WINDOW_S
             steps = max(MIN_STEPS, min(MAX_STEPS, math.ceil(TARGET_WINDOW_S / max(step_s, 1e-6))))
@@ -201,36 +109,41 @@ def measure(cfg: TrainConfig, data: DataBundle, device: torch.device, steps: int
         stream.restart()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        cpu0, kids0, sched0 = time.process_time(), _children_cpu_s(), _main_thread_sched_s()
-        first = stream.run(cfg, state, first_n)
+        cpu0, kids0, sched0 = time.process_time(), children_cpu_s(), main_thread_sched_s()
+        limit.phase = "timed start window"
+        first = stream.run(cfg, state, first_n, limit)
+        limit.check(first)
         loader_start_s = stream.loader_start_s
-        steady = stream.run(cfg, state, steady_n) if steady_n else None
-        cpu1, kids1, sched1 = time.process_time(), _children_cpu_s(), _main_thread_sched_s()
+        limit.phase = "timed steady window"
+        steady = stream.run(cfg, state, steady_n, limit) if steady_n else None
+        if steady is not None:
+            limit.check(steady)
+        cpu1, kids1, sched1 = time.process_time(), children_cpu_s(), main_thread_sched_s()
         load, op_us = os.getloadavg()[0], dispatch_us()
         if device.type == "cuda":
             peak, total = torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
         else:
-            peak, total = _peak_rss_bytes(), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            peak, total = peak_rss_bytes(), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         cost_s = time.perf_counter() - t_start  # the profiled window below is not part of a rerun's cost
         busy_per_step = None
         if gpu_profile and device.type == "cuda":
             n = min(steps, PROFILE_STEPS)
-            kernel_s = _gpu_busy_s(stream, cfg, state, n)
+            kernel_s = gpu_busy_s(stream, cfg, state, n)
             busy_per_step = None if kernel_s is None else kernel_s / n
     finally:
         stream.restart()
-    windows = [_window("start", first, 1.0)]
+    windows = [window_row("start", first, 1.0)]
     if steady is not None:
-        windows.append(_window("steady", steady, (per_epoch - first.steps) / max(steady.steps, 1)))
+        windows.append(window_row("steady", steady, (per_epoch - first.steps) / max(steady.steps, 1)))
     workers_cpu = None
     if cfg.loader == "torch" and cfg.workers > 0 and kids0 is not None and kids1 is not None:
         workers_cpu = kids1 - kids0  # workers started inside the start window, so kids0 holds none of theirs
-    epoch_steps = round(_weighted(windows, "steps") or 0)
+    epoch_steps = round(weighted(windows, "steps") or 0)
     return Measurement(
-        label=label, steps=epoch_steps, images=_weighted(windows, "images") or 0.0,
-        epoch_s=_weighted(windows, "window_s") or 0.0, data_s=_weighted(windows, "data_s") or 0.0,
-        h2d_s=_weighted(windows, "h2d_s"), compute_s=_weighted(windows, "compute_s"),
-        other_s=_weighted(windows, "other_s") or 0.0, device_type=device.type, torch_threads=torch.get_num_threads(),
+        label=label, steps=epoch_steps, images=weighted(windows, "images") or 0.0,
+        epoch_s=weighted(windows, "window_s") or 0.0, data_s=weighted(windows, "data_s") or 0.0,
+        h2d_s=weighted(windows, "h2d_s"), compute_s=weighted(windows, "compute_s"),
+        other_s=weighted(windows, "other_s") or 0.0, device_type=device.type, torch_threads=torch.get_num_threads(),
         usable_cpus=usable_cpus(), loader=cfg.loader, workers=cfg.workers if cfg.loader == "torch" else 0,
         windows=windows, timed_s=sum(w["window_s"] for w in windows), loader_start_s=loader_start_s,
         warmup_steps=warmup_steps, window_steps=steps, cost_s=cost_s, process_cpu_s=cpu1 - cpu0, workers_cpu_s=workers_cpu,
@@ -262,21 +175,29 @@ def _say(stream: TextIO | None, text: str) -> None:
 
 def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s: float | None = None,
              steps: int | None = None, only: list[str] | None = None, repeats: int = DEFAULT_REPEATS,
-             stream: TextIO | None = None, started_at: float | None = None) -> DoctorResult:
+             stream: TextIO | None = None, started_at: float | None = None,
+             progress: "DoctorProgress | None" = None) -> DoctorResult:
     """Baseline, classification, then each runnable candidate rerun for the same steps (round-robin
     over repeats, the baseline interleaved) within budget_s. `only`: candidate keys or key prefixes
     to consider (e.g. ["workers", "loader-device"]); the rest are listed as not asked for.
-    started_at: time.perf_counter() when the budget started (default: now)."""
+    started_at: time.perf_counter() when the budget started (default: now).
+    Every measurement runs under a time limit from what is left of the budget (less FINISH_RESERVE_S and
+    the later baseline repeats' share); one that cannot finish in it is stopped and reported "over budget"
+    with its partial figures. progress: told the result so far after every measurement (doctor.json)."""
     t0 = started_at if started_at is not None else time.perf_counter()
     budget_s = check_budget_s(budget_s if budget_s is not None else DEFAULT_BUDGET_S[device.type])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as in run_training: the same kernels a real run gets
     if cfg.loader == "torch":  # torch repeats our contention finding as a multi-line warning per loader start
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
-    left = lambda: budget_s - (time.perf_counter() - t0)  # noqa: E731
+    left = lambda: budget_s - FINISH_RESERVE_S - (time.perf_counter() - t0)  # noqa: E731
     _say(stream, "baseline r1 ..." + ("" if steps else " (its last warm-up step sets the steps per window)"))
     try:
-        baseline = [measure(cfg, data, device, steps, "baseline r1", gpu_profile=True)]
+        baseline = [measure(cfg, data, device, steps, "baseline r1", gpu_profile=True,
+                            limit_s=max(left(), BASELINE_MIN_LIMIT_S))]
+    except OverBudget as e:  # nothing to compare a change with: one line, what it measured in it
+        raise UsageError(f"--budget {budget_s:.0f} s: the baseline measurement alone did not fit; {e.describe()}; "
+                         f"give a larger --budget") from None
     except Exception as e:  # the configuration itself does not fit: one line, as `cifarlab train` says it
         if is_out_of_memory(e):
             release_device_memory(device)
@@ -297,10 +218,28 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
                      else base_cost() * c.cost_factor + c.extra_cost_s)
     _say(stream, f"plan: {len(runnable)} runnable candidate(s), up to {repeats} round(s) of {steps}-step windows, each "
                  f"round followed by a baseline repeat; {len(cands) - len(runnable)} listed without a run")
+    cuts: list[str] = []
+    over_keys: set[str] = set()  # measured in an earlier round, then stopped over budget: not run again
+
+    def cut_reason(c: Candidate) -> str:
+        need = f"budget: one run needs ~{est(c):.0f} s"
+        if c.extra_cost_s and "compile" in c.changes and device.type == "cpu":  # estimated, never started to find out
+            need += (f" (~{c.extra_cost_s:.0f} s estimated for torch.compile to compile the step on this CPU, "
+                     f"~{est(c) - c.extra_cost_s:.0f} s to measure it)")
+        return f"{need}; {max(left(), 0.0):.0f} s were left"
+
+    def snapshot(status: str, stopped: Stopped | None = None) -> DoctorResult:
+        return _result(cfg, data, device, budget_s, steps, baseline, diag, cands, cuts, repeats, t0, status, stopped)
+
+    def report() -> None:  # after every measurement: doctor.json keeps what was measured if the doctor is stopped
+        if progress is not None:
+            progress.update(snapshot("running"))
+
+    report()  # the baseline and the diagnosis are on disk before the first candidate starts
     stopped: Stopped | None = None
     try:
         for r in range(1, repeats + 1):  # re-planned every round from the costs measured so far
-            eligible = [c for c in runnable if c.status in ("proposed", "measured", "cut")]
+            eligible = [c for c in runnable if c.status in ("proposed", "measured", "cut") and c.key not in over_keys]
             costs = [est(c) for c in eligible]
             rounds = choose_repeats(costs, base_cost(), left(), repeats - r + 1)  # rounds still affordable, this one included
             kept = set(plan_round(costs, base_cost(), left(), rounds))
@@ -314,23 +253,43 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
                 reserve = base_cost() * reserve_runs
                 if i not in kept or est(c) + reserve > left():
                     if not c.measurements:
-                        c.status, c.reason = "cut", f"budget: one run needs ~{est(c):.0f} s"
+                        c.status, c.reason = "cut", cut_reason(c)
                     continue
+                limit_s = min(left() - reserve, LIMIT_FACTOR * est(c) + LIMIT_SLACK_S)
                 try:
-                    m = measure(cfg.replace(**c.changes), data, device, steps, f"{c.key} r{r}")
+                    m = measure(cfg.replace(**c.changes), data, device, steps, f"{c.key} r{r}", limit_s=limit_s)
+                except OverBudget as e:  # stopped: its partial figures are reported, it is not run again
+                    c.partial = e.partial
+                    if c.measurements:  # earlier rounds' figures stand; this repeat is a cut
+                        cuts.append(f"{c.key} r{r}: {e.describe()}")
+                        over_keys.add(c.key)
+                    else:
+                        c.status, c.reason = OVER_BUDGET, e.describe()
+                    _say(stream, f"{c.key} r{r}: {e.describe()}")
+                    report()
+                    continue
                 except Exception as e:  # noqa: BLE001 -- a candidate that fails here is reported, not fatal
                     raise_if_interrupted(e)  # a signal that a compiler wrapped in its own error
                     if is_out_of_memory(e):
                         release_device_memory(device)
                     c.status, c.reason = "failed", f"{type(e).__name__}: {one_line(e, 280)}"
                     _say(stream, f"{c.key} r{r}: failed: {c.reason}")
+                    report()
                     continue
                 c.measurements.append(m)
                 c.status, c.reason = "measured", ""
                 _say(stream, f"{c.key} r{r}: {doctor_report.measurement_line(m)}")
+                report()
             if base_cost() <= left():
-                baseline.append(measure(cfg, data, device, steps, f"baseline r{len(baseline) + 1}"))
+                label = f"baseline r{len(baseline) + 1}"
+                try:
+                    baseline.append(measure(cfg, data, device, steps, label, limit_s=left()))
+                except OverBudget as e:
+                    cuts.append(f"{label}: {e.describe()}")
+                    _say(stream, f"{label}: {e.describe()}")
+                    break
                 _say(stream, f"baseline r{len(baseline)}: {doctor_report.measurement_line(baseline[-1])}")
+                report()
     except Stopped as e:  # Ctrl-C / SIGTERM: what was measured so far becomes the result, and is written
         stopped = e
         _say(stream, f"stopped by {e.signal_name}: writing what was measured so far")
@@ -338,12 +297,20 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
         if c.status == "proposed" and stopped is not None:
             c.status, c.reason = "not run", f"interrupted by {stopped.signal_name} before it ran"
         elif c.status == "proposed":
-            c.status, c.reason = "cut", f"budget: one run needs ~{est(c):.0f} s"
+            c.status, c.reason = "cut", cut_reason(c)
+    return snapshot("stopped" if stopped is not None else "complete", stopped)
+
+
+def _result(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s: float, steps: int,
+            baseline: list[Measurement], diag: Diagnosis, cands: list[Candidate], extra_cuts: list[str], repeats: int,
+            t0: float, status: str, stopped: Stopped | None = None) -> DoctorResult:
+    """The doctor's result from what is measured so far (the end, or a snapshot while it runs)."""
     cuts = [f"{c.key} ({' '.join(c.flags)}): not run, {c.reason}" for c in cands if c.status == "cut"]
     cuts += [f"{c.key}: {len(c.measurements)} of {repeats} repeat(s) (budget)" for c in cands
              if c.status == "measured" and len(c.measurements) < repeats]
     if len(baseline) < repeats + 1:
         cuts.append(f"baseline: {len(baseline)} of {repeats + 1} repeat(s) (budget)")
+    cuts += extra_cuts
     reps = max((len(c.measurements) for c in cands), default=0)
     base = summarize(baseline)
     assert base is not None
@@ -354,11 +321,32 @@ def diagnose(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s:
         config=cfg, device=str(device), environment=environment(device), data_description=data.description,
         budget_s=budget_s, steps=steps, warmup_steps=baseline[0].warmup_steps, repeats=reps, baseline=baseline,
         diagnosis=diag, candidates=cands, noise=noise, noise_note=noise_note, ranked=ranked, best=best,
-        recommendation="", cuts=cuts, stopped=stopped,
+        recommendation="", cuts=cuts, status=status, stopped=stopped,
     )
     result.recommendation = doctor_report.recommendation(result)
     result.elapsed_s = time.perf_counter() - t0
     return result
+
+
+class DoctorProgress:
+    """The doctor's folder while it runs: update() keeps the latest result and rewrites doctor.json (atomically)
+    from it; save(status) rewrites it once more with that status -- the one function a stop (a signal handler,
+    an error) calls so that what was measured stays on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.latest: DoctorResult | None = None
+
+    def update(self, result: DoctorResult) -> None:
+        result.path = self.path
+        self.latest = result
+        self.save(result.status)
+
+    def save(self, status: str) -> None:
+        if self.latest is not None:
+            self.latest.status = status
+            with contextlib.suppress(OSError):  # a full disk: the final write says so in one line
+                doctor_report.write_json(self.latest, self.path)
 
 
 def run_doctor(cfg: TrainConfig, budget_s: float | None, out_dir: str | Path, stream: TextIO | None,
@@ -369,13 +357,29 @@ def run_doctor(cfg: TrainConfig, budget_s: float | None, out_dir: str | Path, st
     if budget_s is not None:
         check_budget_s(budget_s)
     device, data = prepare(cfg.replace(out_dir=str(out_dir)))
+    # --precision auto: what `cifarlab train` would run, its cached verdict (the doctor never calibrates)
+    choice = choose_precision(cfg, device, measure=False)
+    if choice.calibration is not None:
+        cfg = cfg.replace(precision=choice.precision)
     _say(stream, f"doctor: {data.description} (training steps only: the test split is never evaluated)")
     _say(stream, f"device: {device}; loader {cfg.loader}" + (f", workers {cfg.workers}" if cfg.loader == "torch" else "")
          + f", batch {cfg.batch_size}; budget {budget_s if budget_s is not None else DEFAULT_BUDGET_S[device.type]:.0f} s")
-    result = diagnose(cfg, data, device, budget_s, steps=steps, only=only, repeats=repeats, stream=stream, started_at=t0)
+    progress = DoctorProgress(create_run_dir(out_dir, "doctor"))
+    if cfg.precision == "auto" or choice.calibration is not None:
+        _say(stream, f"precision auto: {choice.reason}")
+    _say(stream, f"folder: {progress.path} (doctor.json rewritten after every measurement)")
+    try:
+        result = diagnose(cfg, data, device, budget_s, steps=steps, only=only, repeats=repeats, stream=stream,
+                          started_at=t0, progress=progress)
+    except BaseException:
+        if progress.latest is None:  # nothing measured yet: no folder left behind
+            with contextlib.suppress(OSError):
+                progress.path.rmdir()
+        progress.save("stopped")  # an error: doctor.json keeps every measurement finished before it
+        raise
     try:
         with signals_deferred():  # a Ctrl-C now would leave a folder without its report
-            result.path = doctor_report.write_folder(result, out_dir)
+            result.path = doctor_report.write_folder(result, out_dir, progress.path)
     except OSError as e:  # a full or read-only disk: each file is whole or absent (atomic writes)
         raise UsageError(f"cannot write the doctor's folder under {str(out_dir)!r}: {e.strerror or e}; no file is "
                          f"half-written -- free some space or choose another --out") from None

@@ -89,6 +89,7 @@ class DoctorResult:
     cuts: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     path: Path | None = None
+    status: str = "complete"  # running (doctor.json rewritten after every measurement) | complete | stopped
     stopped: Stopped | None = None  # the signal that ended the diagnosis early (the result holds what ran)
 
     @property
@@ -153,7 +154,7 @@ def current_setting(result: DoctorResult) -> str:
 def _cand_dict(c: Candidate, base: Summary) -> dict[str, Any]:
     s = summarize(c.measurements)
     return {"key": c.key, "flags": c.flags, "changes": c.changes, "why": c.why, "addresses": list(c.addresses),
-            "status": c.status, "reason": c.reason, "note": c.note,
+            "status": c.status, "reason": c.reason, "note": c.note, "partial": c.partial,
             "measurements": [m.to_dict() for m in c.measurements], "summary": s.to_dict() if s else None,
             "gain_share": (s.images_per_s_median / base.images_per_s_median - 1.0) if s else None}
 
@@ -162,6 +163,7 @@ def to_json(result: DoctorResult) -> dict[str, Any]:
     base = result.baseline_summary
     return {
         "schema": DOCTOR_SCHEMA,
+        "status": result.status,  # running: written after a measurement, more to come; stopped: ended early
         "created": utc_now(),
         "environment": result.environment,
         "config": result.config.to_dict(),
@@ -194,10 +196,11 @@ def recommendation(result: DoctorResult) -> str:
     if not result.ranked:  # nothing was rerun: no change was compared with the noise at all
         cut = [" ".join(c.flags) for c in result.candidates if c.status == "cut"]
         failed = [" ".join(c.flags) for c in result.candidates if c.status == "failed"]
-        why = "; ".join(f"{what}: {', '.join(flags)}" for what, flags in (("cut by the budget", cut), ("failed", failed))
-                        if flags)
+        over = [" ".join(c.flags) for c in result.candidates if c.status == "over budget"]
+        why = "; ".join(f"{what}: {', '.join(flags)}" for what, flags in
+                        (("cut by the budget", cut), ("stopped over budget", over), ("failed", failed)) if flags)
         return (f"recommendation: no change was measured ({why or 'none applies here'}); keep the current flags "
-                f"({base.images_per_s_median:.1f} img/s)" + (" -- rerun with a larger --budget to try them" if cut else ""))
+                f"({base.images_per_s_median:.1f} img/s)" + (" -- rerun with a larger --budget to try them" if cut or over else ""))
     if result.best is None:
         hint = [f"{' '.join(c.flags)} ({g:+.0%})" for c, s, g in result.ranked
                 if g > 0 and verdict(s, base, result.noise).startswith("unconfirmed")]
@@ -332,10 +335,16 @@ def chart_png(result: DoctorResult) -> bytes:
     return buf.getvalue()
 
 
-def write_folder(result: DoctorResult, out_dir: str | Path) -> Path:
-    path = create_run_dir(out_dir, "doctor")
-    result.path = path
+def write_json(result: DoctorResult, path: Path) -> None:
+    """doctor.json in the folder `path` (atomically: a stop while writing leaves the previous one)."""
     write_json_atomic(path / "doctor.json", to_json(result))
+
+
+def write_folder(result: DoctorResult, out_dir: str | Path, path: Path | None = None) -> Path:
+    """Every output in `path` (an existing doctor folder), or in a new one under out_dir."""
+    path = path if path is not None else create_run_dir(out_dir, "doctor")
+    result.path = path
+    write_json(result, path)
     write_bytes_atomic(path / CHART_NAME, chart_png(result))
     write_text_atomic(path / "doctor.md", markdown(result))
     return path

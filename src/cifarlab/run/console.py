@@ -12,6 +12,7 @@ from cifarlab.core.runtime import device_label
 from cifarlab.parallel import collectives
 from cifarlab.step.state import EpochRecord, TrainState
 from cifarlab.train.engine import Hooks, resolve_precision
+from cifarlab.train.precision import PrecisionChoice
 
 
 def fmt_s(value: float | None) -> str:
@@ -46,8 +47,9 @@ class ConsoleProgress:
         self._last_draw = 0.0
 
     def banner(self, cfg: TrainConfig, data_description: str, device: Any,
-               compile_cache: dict[str, Any] | None = None) -> None:
-        """The run's data, device, model and (with --compile) inductor's cache as runtime.compile_cache found it."""
+               compile_cache: dict[str, Any] | None = None, precision: PrecisionChoice | None = None) -> None:
+        """The run's data, device, model, the precision and why (precision.choose_precision's choice; without
+        it the unmeasured rule) and (with --compile) inductor's cache as runtime.compile_cache found it."""
         if device.type != "cuda":
             mode = "synchronized (exact data/h2d/compute split; CPU ops finish before they return)"
         elif cfg.sync_timing:
@@ -58,15 +60,17 @@ class ConsoleProgress:
             loader = f"loader device (split resident on {device.type}, batched crop/flip; --workers does not apply)"
         else:
             loader = f"loader torch (DataLoader + PIL transforms), workers {cfg.workers}"
-        precision = resolve_precision(cfg.precision, device)
-        if precision != cfg.precision:
-            precision += f" ({cfg.precision})"
+        resolved = precision.precision if precision is not None else resolve_precision(cfg.precision, device)
+        shown = resolved if resolved == cfg.precision else f"{resolved} ({cfg.precision})"
         print(f"{self.prefix}data:   {data_description}", file=self.out)
         print(f"{self.prefix}device: {device_label(device)}; {loader}, batch {cfg.batch_size}; timing {mode}",
               file=self.out)
         print(f"{self.prefix}model:  ResNet-18 norm={cfg.norm}; optimizer {cfg.optimizer} lr {cfg.lr} "
-              f"momentum {cfg.momentum} wd {cfg.weight_decay}; precision {precision}, "
+              f"momentum {cfg.momentum} wd {cfg.weight_decay}; precision {shown}, "
               f"channels_last {cfg.channels_last}, compile {cfg.compile}", file=self.out)
+        if precision is not None and cfg.precision == "auto":
+            spent = f"; {precision.calibration_s:.1f} s of calibration, setup, not in any epoch" if precision.calibration_s else ""
+            print(f"{self.prefix}precision: {precision.reason}{spent}", file=self.out)
         if compile_cache:
             files = compile_cache["entries_before"]
             state = f"warm, {files:,} file(s)" if files else "cold"

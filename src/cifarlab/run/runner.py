@@ -27,6 +27,7 @@ from cifarlab.run.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, s
 from cifarlab.run.folder import RunWriter
 from cifarlab.step.state import EpochRecord, TrainState
 from cifarlab.train.engine import Hooks, build_state, train
+from cifarlab.train.precision import PrecisionChoice, choose_precision
 from cifarlab.train.steps import check_cuda_graph
 
 
@@ -40,6 +41,7 @@ class RunResult:
     device_label: str
     precision: str
     error: str | None = None  # one line for the user when status is "oom"
+    precision_reason: str = ""  # why this precision (precision.PrecisionChoice.reason)
 
     @property
     def finished(self) -> list[EpochRecord]:
@@ -62,14 +64,18 @@ def run_training(
     extra_status: dict[str, Any] | None = None,
     resume: str | Path | None = None,
     run_dir: str | Path | None = None,
+    precision: PrecisionChoice | None = None,
 ) -> RunResult:
     """Train per cfg, writing the run folder as epochs finish. `data` may be passed in so a sweep
     reads the dataset once; the model, optimizer, loaders and RNG state are always new.
 
     resume: an existing run folder (cfg from checkpoint.resume_config) whose checkpoint.pt is loaded
-    into the fresh state; training continues there with epoch state.epoch + 1.
+    into the fresh state; training continues there with epoch state.epoch + 1; with --precision auto it keeps
+    the precision it started with (run.json's), never a new calibration's.
     run_dir: a fresh run trains into exactly this folder (created if missing; autoresume.plan_run checked it)
     instead of a new time-stamped one under cfg.out_dir.
+    precision: the caller's choice (it printed it in the banner); None: precision.choose_precision here,
+    before the run's seed is set and outside every epoch (its seconds are in run.json's precision_choice).
     Out of memory ends the run with status "oom" (a scaling sweep records it as the limit); a full or
     read-only disk is a UsageError naming the folder."""
     cfg.validate()
@@ -81,14 +87,17 @@ def run_training(
     if device.type == "cuda":
         # Let cuDNN pick the fastest convolution algorithms for these fixed shapes.
         torch.backends.cudnn.benchmark = True
+    if precision is None:
+        precision = resumed_precision(cfg, resume) or choose_precision(cfg, device)
     seed_everything(cfg.seed)
     with _oom_as_usage_error(cfg, device):
         train_loader, test_loader = build_loaders(cfg, data, device, rank=collectives.rank(),
                                                   world=collectives.world_size() if collectives.is_active() else None)
-        state = build_state(cfg, device)
+        state = build_state(cfg, device, precision.precision)
     extra = dict(extra_status or {})
     extra.update(pid=os.getpid(), host=socket.gethostname())  # lets --resume refuse a run still alive
     extra.update(ddp.run_section(cfg))  # {} unless launched by torchrun
+    extra["precision_choice"] = precision.to_dict()
     started, elapsed_before_s = "", 0.0
     if resume is not None:
         folder = Path(resume)
@@ -180,7 +189,19 @@ def run_training(
         device_label=label,
         precision=state.precision,
         error=error,
+        precision_reason=precision.reason,
     )
+
+
+def resumed_precision(cfg: TrainConfig, resume: str | Path | None) -> PrecisionChoice | None:
+    """--resume with --precision auto: the precision the run started with (its run.json), so a resumed run never
+    changes precision because a calibration, a cache or the machine's load changed in between."""
+    if resume is None or cfg.precision != "auto" or not (Path(resume) / "run.json").is_file():
+        return None
+    previous = read_json(Path(resume) / "run.json").get("precision")
+    if previous not in ("fp32", "bf16", "fp16"):
+        return None
+    return PrecisionChoice(previous, "auto", f"{previous}: resumed run, the precision it started with")
 
 
 def _new_run_dir(cfg: TrainConfig, run_dir: str | Path | None) -> Path:

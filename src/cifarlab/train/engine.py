@@ -57,15 +57,12 @@ class Hooks:
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """auto -> bf16 on CUDA GPUs that support it, fp32 elsewhere. On CPUs fp32 even where the flags
-    show native bf16 (runtime.cpu_has_native_bf16): on a 2-core Xeon with amx_bf16 and avx512_bf16,
-    torch 2.14, bf16 autocast trained ResNet-18 at 6.3 img/s against 22.7 in fp32 (channels_last,
-    batch 64) -- bf16 matmuls ran 11x faster, but convolution backward and batch norm in bf16 fall off
-    oneDNN's fast path. On a 2-core AMD EPYC with avx512_bf16 and no AMX, the same torch, the opposite:
-    bf16 2.0x faster than fp32 (batch 128, channels_last; benchmarks/cpu_step.py). With evidence both ways
-    auto stays fp32 on every CPU (a default that flips by CPU kind would also change the numerics of the same
-    command between machines); --precision bf16 asks for it, and `cifarlab doctor` measures it as a candidate
-    wherever the flags show native bf16."""
+    """The precision rule without measurement: an explicit --precision wins; auto -> bf16 on CUDA GPUs that
+    support it, fp32 on a CPU. Runs do not stop here for auto on a CPU with native bf16 (avx512_bf16 or
+    amx_bf16): precision.choose_precision times a few steps of fp32 and bf16 on that CPU once (cached per
+    machine, torch and model config) and picks bf16 only when it is measured faster by a clear margin,
+    because the same flags have gone both ways (bf16 3.6x slower and 2.6x faster on 2-core Xeons with AMX,
+    2.0x faster on an AMD EPYC with avx512_bf16). The runner passes that verdict to build_state."""
     if requested != "auto":
         return requested
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -73,13 +70,14 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "fp32"
 
 
-def build_state(cfg: TrainConfig, device: torch.device) -> TrainState:
-    """A fresh model and optimizer for one run (never shared across sweep points)."""
+def build_state(cfg: TrainConfig, device: torch.device, precision: str | None = None) -> TrainState:
+    """A fresh model and optimizer for one run (never shared across sweep points). precision: the resolved
+    one when the caller decided it (precision.choose_precision), else resolve_precision's rule."""
     model = resnet18(norm=cfg.norm).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-    precision = resolve_precision(cfg.precision, device)
+    precision = precision or resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = TrainState(model=model, optimizer=optimizer, scaler=scaler, device=device, precision=precision)
     if cfg.compile != "none":
