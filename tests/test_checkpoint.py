@@ -52,7 +52,7 @@ def stop_at(epoch: int, step: int) -> Hooks:
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     # 16 of the 24 images per epoch, a different 16 each epoch; the stop comes after step 1 of 2, mid-epoch (a stop
-    # during an epoch's last step keeps the finished epoch: tests/test_resume_audit.py)
+    # during an epoch's last step keeps the finished epoch: tests/test_resume_edges.py)
     cfg = tiny_cfg(tmp_path, subset=24, max_steps=2)
     straight = run_training(cfg)
     assert straight.status == "completed"

@@ -1,5 +1,5 @@
-"""Resume edge cases found by an audit of checkpoints, resume and run folders: each test fails on the code
-before its fix. Run folders are built by hand (a checkpoint of a tiny config) unless a test trains."""
+"""Resume edge cases of checkpoints, resume and run folders: each test fails without the behaviour it
+checks. Run folders are built by hand (a checkpoint of a tiny config) unless a test trains."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The lab's composition (`--only`), its plan and `--budget`, checked as a user would read them (lab audit)."""
+"""The lab's composition (`--only`), its plan and `--budget`, checked as a user would read them."""
 
 from __future__ import annotations
 

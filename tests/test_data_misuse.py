@@ -1,5 +1,5 @@
 """What a user sees when --data points at the wrong thing, and what the outputs say about the data used
-(found by an audit of the data path; each test failed before its fix)."""
+(each test fails without the behaviour it checks)."""
 
 from __future__ import annotations
 
