@@ -37,7 +37,7 @@ import torch
 from cifarlab.config import TrainConfig
 from cifarlab.core.fileio import write_json_atomic
 from cifarlab.core.runtime import cpu_has_native_bf16, device_label, environment, seed_everything, usable_cpus
-from cifarlab.data import BASE_FOLDER, TEST_FILES, TRAIN_FILES, build_loaders, load_data, synthetic_split, write_cifar_batch
+from cifarlab.data import build_loaders, load_data, write_synthetic_cifar
 from cifarlab.train.engine import build_state, ensure_step_runner, evaluate, seed_epoch, train_epoch
 
 CPU = torch.device("cpu")
@@ -50,17 +50,6 @@ def contenders() -> dict[str, dict[str, Any]]:
         "fast-fp32": dict(loader="device", precision="fp32", channels_last=True),
         "fast-bf16": dict(loader="device", precision="bf16", channels_last=True),
     }
-
-
-def write_dataset(root: Path, per_file: int, n_test: int, seed: int) -> Path:
-    """root/cifar-10-batches-py in the real on-disk format (tests/conftest.py's make_cifar_dir, larger)."""
-    folder = root / BASE_FOLDER
-    for i, name in enumerate(TRAIN_FILES):
-        split = synthetic_split(per_file, seed + i, "train")
-        write_cifar_batch(folder / name, split.images, split.labels, batch_label=f"training batch {i + 1} of 5")
-    test = synthetic_split(n_test, seed, "test")
-    write_cifar_batch(folder / TEST_FILES[0], test.images, test.labels, batch_label="testing batch 1 of 1")
-    return root
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     chosen = {k: v for k, v in contenders().items() if not args.only or k in args.only.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = args.data or str(write_dataset(Path(tmp), per_file=max(args.subset // 5 + 10, 20),
+        data_dir = args.data or str(write_synthetic_cifar(Path(tmp), per_train_file=max(args.subset // 5 + 10, 20),
                                                   n_test=max(args.test_subset, 20), seed=args.seed))
         base = TrainConfig(data_dir=data_dir, dataset="cifar10", subset=args.subset, test_subset=args.test_subset,
                            batch_size=args.batch_size, test_batch_size=100, epochs=args.epochs, seed=args.seed, lr=args.lr,

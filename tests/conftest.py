@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cifarlab.cli import main
-from cifarlab.data import BASE_FOLDER, TEST_FILES, TRAIN_FILES, synthetic_split, write_cifar_batch
+from cifarlab.data import write_synthetic_cifar
 
 # --precision auto on a CPU with native bf16 is decided by timing both precisions (precision.py): the suite keeps
 # fp32 on every machine, so its numbers do not depend on the CPU (tests/test_precision.py turns it back on).
@@ -35,13 +35,7 @@ def one_line(err: str) -> str:
 
 def make_cifar_dir(root: Path, per_train_file: int = 40, n_test: int = 40, seed: int = 0) -> Path:
     """root/cifar-10-batches-py/{data_batch_1..5,test_batch} holding learnable class-coloured images."""
-    folder = root / BASE_FOLDER
-    for i, name in enumerate(TRAIN_FILES):
-        split = synthetic_split(per_train_file, seed + i, "train")
-        write_cifar_batch(folder / name, split.images, split.labels, batch_label=f"training batch {i + 1} of 5")
-    test = synthetic_split(n_test, seed, "test")
-    write_cifar_batch(folder / TEST_FILES[0], test.images, test.labels, batch_label="testing batch 1 of 1")
-    return root
+    return write_synthetic_cifar(root, per_train_file, n_test, seed)
 
 
 @pytest.fixture
@@ -52,3 +46,12 @@ def cifar_root(tmp_path: Path) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def train_tiny_run(out: Path, subset: int = 16, test_subset: int = 8, batch_size: int = 8) -> Path:
+    """One CPU run of one step on synthetic data through the CLI, in a fresh folder below `out`: its run folder."""
+    code = main(["train", "--dataset", "synthetic", "--subset", str(subset), "--test-subset", str(test_subset),
+                 "--epochs", "1", "--batch-size", str(batch_size), "--max-steps", "1", "--out", str(out), "--device", "cpu"])
+    assert code == 0
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    return run

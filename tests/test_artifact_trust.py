@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import train_tiny_run
 
 from cifarlab import cli
 from cifarlab.export import artifacts as ex
@@ -25,11 +26,7 @@ BENCH = ["--batch-sizes", "2", "--iters", "1", "--warmup", "1", "--device", "cpu
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    code = cli.main(["train", "--dataset", "synthetic", "--subset", "16", "--test-subset", "8", "--epochs", "1",
-                     "--batch-size", "8", "--max-steps", "1", "--out", str(out), "--device", "cpu"])
-    assert code == 0
-    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    run = train_tiny_run(tmp_path_factory.mktemp("runs"))
     assert cli.main(["export", str(run), "--format", "torchscript-trace,export", "--check-images", "4"]) == 0
     return run
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import train_tiny_run
 
 from cifarlab import cli
 from cifarlab.export import artifacts as ex
@@ -26,11 +27,7 @@ CI_FORMATS = [f for f in ("torchscript-trace", "torchscript-script", "export", "
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    code = cli.main(["train", "--dataset", "synthetic", "--subset", "32", "--test-subset", "16", "--epochs", "1",
-                     "--batch-size", "16", "--max-steps", "1", "--out", str(out), "--device", "cpu"])
-    assert code == 0
-    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    run = train_tiny_run(tmp_path_factory.mktemp("runs"), subset=32, test_subset=16, batch_size=16)
     return run
 
 

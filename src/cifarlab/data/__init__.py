@@ -19,11 +19,11 @@ from cifarlab.data.classic import classic_test_transform, classic_train_transfor
 from cifarlab.data.device import DeviceLoader
 from cifarlab.data.loaders import LOADER_BUILDERS, build_loaders
 from cifarlab.data.split import DataBundle, Split
-from cifarlab.data.synthetic import stratified_indices, synthetic_split, take
+from cifarlab.data.synthetic import stratified_indices, synthetic_split, take, write_synthetic_cifar
 
 __all__ = [
     "ARCHIVE_MD5", "ARCHIVE_NAME", "BASE_FOLDER", "TEST_FILES", "TRAIN_FILES", "DataBundle", "DeviceLoader",
     "LOADER_BUILDERS", "Split", "build_loaders", "cifar_present", "classic_test_transform",
     "classic_train_transform", "download_cifar10", "load_cifar10", "load_data", "read_batch", "stratified_indices", "synthetic_split",
-    "take", "write_cifar_batch",
+    "take", "write_cifar_batch", "write_synthetic_cifar",
 ]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from cifarlab.config import NUM_CLASSES
-from cifarlab.data.cifar import IMAGE_SHAPE
+from cifarlab.data.cifar import BASE_FOLDER, IMAGE_SHAPE, TEST_FILES, TRAIN_FILES, write_cifar_batch
 from cifarlab.data.split import Split
 
 
@@ -51,3 +53,15 @@ def take(split: Split, n: int | None, seed: int) -> Split:
     idx = stratified_indices(split.labels, n, seed)
     return Split(split.images[idx], split.labels[idx])
 
+
+def write_synthetic_cifar(root: Path, per_train_file: int = 40, n_test: int = 40, seed: int = 0) -> Path:
+    """root/cifar-10-batches-py/{data_batch_1..5,test_batch} in CIFAR-10's real on-disk format, holding the
+    synthetic stand-in's learnable class-coloured images: what tests and benchmarks read through the real loader
+    where CIFAR-10 itself cannot be downloaded."""
+    folder = root / BASE_FOLDER
+    for i, name in enumerate(TRAIN_FILES):
+        split = synthetic_split(per_train_file, seed + i, "train")
+        write_cifar_batch(folder / name, split.images, split.labels, batch_label=f"training batch {i + 1} of 5")
+    test = synthetic_split(n_test, seed, "test")
+    write_cifar_batch(folder / TEST_FILES[0], test.images, test.labels, batch_label="testing batch 1 of 1")
+    return root
