@@ -63,6 +63,7 @@ step bare 240 $PY benchmarks/bare_step.py --batches 128,512 --steps 200 --json-o
 # The lab's C1 run, full-size synthetic split, 5 epochs: captured step (default) and eager, same seed;
 # synchronized only at epoch ends (the fast path's timing mode, as the lab's fast runs use).
 step train 240 bash -c "$PY -m cifarlab train --dataset synthetic --epochs 5 --no-sync-timing --out '$OUT_DIR/runs' --name captured \
+    --tensorboard '$OUT_DIR/tb' && $PY benchmarks/tensorboard_check.py '$OUT_DIR/runs' '$OUT_DIR/tb' \
     && $PY -m cifarlab train --dataset synthetic --epochs 5 --no-sync-timing --cuda-graph off --out '$OUT_DIR/runs' --name eager \
     && $PY benchmarks/compare_runs.py '$OUT_DIR/runs'"
 
@@ -103,7 +104,7 @@ step c8 "${C8_LIMIT_S:-480}" $PY -m cifarlab lab --preset full --dataset synthet
 # The lab's full preset, per-experiment times (results.json time table); LAB_ONLY narrows it.
 # LAB_BUDGET_MIN sets the lab's --budget (C3 and C8 cut to fit, the cuts said in the report).
 step lab "${LAB_LIMIT_S:-420}" $PY -m cifarlab lab --preset full --dataset synthetic ${LAB_ONLY:+--only $LAB_ONLY} \
-    ${LAB_BUDGET_MIN:+--budget $LAB_BUDGET_MIN} --out "$OUT_DIR/lab"
+    ${LAB_BUDGET_MIN:+--budget $LAB_BUDGET_MIN} --out "$OUT_DIR/lab" --tensorboard
 
 # Failures keep their whole traceback in the output folder (runs, lab items, C8 modes): show their ends here,
 # so the console alone says what broke.

@@ -26,12 +26,16 @@ both ends; data wait = time blocked on the loader's next batch (engine's data_s)
 sync_timing off (no per-step device synchronization) for both pipelines; on a CPU that changes
 nothing, as CPU ops finish before they return. Achieved FLOP/s = FLOPs per training image
 (torch.utils.flop_counter via modelfacts.flop_facts) x images/s, set against the best dense matmul
-rate measured on the same device in the run's precision.
+rate measured on the same device in the run's precision ("% peak"), and MFU against the peak `cifarlab train`
+uses (utilization.resolve_peak: the published dense peak of the card and precision -- fp32 on Ampere and later
+counts as tf32, cuDNN's default for convolutions -- or, for a CPU or a card not in the table, a measured matmul
+peak, "measured" in the table).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -47,6 +51,7 @@ from cifarlab.core.runtime import cpu_has_native_bf16, device_label, environment
 from cifarlab.data import build_loaders, load_data
 from cifarlab.model.facts import flop_facts
 from cifarlab.model.resnet import resnet18
+from cifarlab.model.utilization import MEASURED, resolve_peak
 from cifarlab.run.folder import write_json_atomic
 from cifarlab.train.engine import build_state, seed_epoch, train_epoch
 from cifarlab.train.precision import choose_precision
@@ -99,6 +104,8 @@ class Result:
     step_mode: str = "eager"
     achieved_flop_s: float | None = None
     peak_flop_s: float | None = None
+    mfu: float | None = None  # achieved / utilization.resolve_peak (published where known)
+    mfu_peak: dict[str, Any] | None = None
 
     @property
     def median_ips(self) -> float:
@@ -116,7 +123,7 @@ class Result:
             "epoch_s": self.epoch_s, "images_per_s": self.images_per_s, "data_s": self.data_s,
             "median_images_per_s": self.median_ips, "median_epoch_s": statistics.median(self.epoch_s),
             "median_data_fraction": self.data_fraction, "achieved_flop_s": self.achieved_flop_s,
-            "peak_matmul_flop_s": self.peak_flop_s,
+            "peak_matmul_flop_s": self.peak_flop_s, "mfu": self.mfu, "mfu_peak": self.mfu_peak,
         }
 
 
@@ -201,7 +208,7 @@ def spread(values: list[float]) -> str:
 def table(results: list[Result]) -> str:
     head = (f"{'device':<6} {'batch':>5} {'pipeline':<10} {'step':<10} {'prec':<5} {'images':>6} {'img/s median':>12} "
             f"{'img/s min-max':>15} {'epoch_s med':>11} {'1st epoch s':>11} {'setup s':>7} {'data wait':>9} "
-            f"{'TFLOP/s':>8} {'% peak':>7} {'vs classic':>10} {'vs typical':>10}")
+            f"{'TFLOP/s':>8} {'% peak':>7} {'MFU':>15} {'vs classic':>10} {'vs typical':>10}")
     lines = [head, "-" * len(head)]
     by_key = {(r.device, r.batch_size, r.pipeline): r for r in results}
 
@@ -213,11 +220,13 @@ def table(results: list[Result]) -> str:
         tflops = f"{r.achieved_flop_s / 1e12:.3f}" if r.achieved_flop_s else "n/a"
         peak = f"{100 * r.achieved_flop_s / r.peak_flop_s:.1f}%" if r.achieved_flop_s and r.peak_flop_s else "n/a"
         first = f"{r.first_epoch_s:.2f}" if r.first_epoch_s is not None else "n/a"
+        mfu = "n/a" if r.mfu is None or r.mfu_peak is None else (
+            f"{100 * r.mfu:.1f}% {r.mfu_peak['precision']}" + (" meas." if r.mfu_peak["kind"] == MEASURED else ""))
         setup = f"{r.setup_s:.2f}" if r.setup_s is not None else "n/a"
         lines.append(
             f"{r.device:<6} {r.batch_size:>5} {r.pipeline:<10} {r.step_mode:<10} {r.precision:<5} {r.images:>6} "
             f"{r.median_ips:>12,.1f} {spread(r.images_per_s):>15} {statistics.median(r.epoch_s):>11.2f} {first:>11} "
-            f"{setup:>7} {100 * r.data_fraction:>8.2f}% {tflops:>8} {peak:>7} {ratio(r, 'classic'):>10} "
+            f"{setup:>7} {100 * r.data_fraction:>8.2f}% {tflops:>8} {peak:>7} {mfu:>15} {ratio(r, 'classic'):>10} "
             f"{ratio(r, 'typical'):>10}"
         )
     return "\n".join(lines)
@@ -321,9 +330,16 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             if r.device == device.type:
                 r.peak_flop_s = peaks[r.precision]
+                mfu_peak = resolve_peak(device, r.precision)
+                if mfu_peak.kind == MEASURED:  # this benchmark's best of two longer measurements is the better one
+                    mfu_peak = dataclasses.replace(mfu_peak, tflops=max(mfu_peak.tflops, peaks[r.precision] / 1e12))
+                r.mfu, r.mfu_peak = (r.achieved_flop_s or 0.0) / 1e12 / mfu_peak.tflops, mfu_peak.to_dict()
+                print(f"  MFU of {r.pipeline} batch {r.batch_size} against the {mfu_peak.label()}: "
+                      f"{mfu_peak.tflops:,.3g} TFLOP/s ({mfu_peak.source.split(',')[0]})")
     load_after = os.getloadavg()
     print(f"\nmedians over {args.repeats} epochs after a warm-up; data wait = median share of the epoch spent blocked "
-          f"on the loader; % peak = achieved / measured matmul peak in the run's precision; "
+          f"on the loader; % peak = achieved / measured matmul peak in the run's precision; MFU = achieved / the peak "
+          f"cifarlab train uses (published for known cards, 'meas.' = measured); "
           f"load average at end {load_after[0]:.2f}")
     print(table(results))
     if args.json_out:

@@ -26,7 +26,7 @@ MAX_MODULE_LINES = 420  # "no module over ~400 lines"
 # commands (they import torch, seconds) so --help is instant; plotting defers matplotlib; optional
 # extras (ONNX) are imported only when asked for.
 DEFERRED_OK = {("cli/__init__.py", "cifarlab.cli.commands")}
-DEFERRED_PREFIXES = ("matplotlib", "onnx", "onnxruntime", "onnxscript")
+DEFERRED_PREFIXES = ("matplotlib", "onnx", "onnxruntime", "onnxscript", "torch.utils.tensorboard", "hta")  # optional extras
 
 
 def _tool(name: str) -> str:

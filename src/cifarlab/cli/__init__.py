@@ -55,6 +55,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its checkpoint (its own config; only --epochs may change); "
                         "auto with --run-dir DIR: continue DIR if it has a checkpoint, else start there")
+    p.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
+                   help="write TensorBoard event files to DIR/<run folder name> (default DIR: <--out>/tensorboard); "
+                        "needs pip install 'cifarlab[tensorboard]'")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="data-parallel on N processes (one per GPU; on CPU the cores are split): runs torchrun; "
                         "--batch-size is then per process")
@@ -79,6 +82,9 @@ def _add_lab(sub: Any) -> None:
     p.add_argument("--seed", type=int, help="base seed (default 0)")
     p.add_argument("--budget", dest="budget_min", type=float, metavar="MINUTES",
                    help="size C3's and C8's repeats and steps to fit this many minutes (the report says what was cut)")
+    p.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
+                   help="TensorBoard event files, one run per training run named <item>/<label> (e.g. c6/adam), under "
+                        "DIR/<lab folder name> (default DIR: the lab folder's tensorboard/)")
     p.set_defaults(func=run_command("lab"))
 
 

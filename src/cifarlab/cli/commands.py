@@ -30,6 +30,7 @@ from cifarlab.run.autoresume import AUTO, plan_run
 from cifarlab.run.checkpoint import CHECKPOINT_NAME, resume_config
 from cifarlab.run.console import ConsoleProgress
 from cifarlab.run.runner import DISK_ERRNOS, is_out_of_memory, prepare, resumed_precision, run_training
+from cifarlab.run.tensorboard_log import DEFAULT_FOLDER, require, target_for
 from cifarlab.train.precision import choose_precision
 
 EXIT_DIVERGED = 3  # README "Exit codes"; interrupted: 128 + signal (130 SIGINT, 143 SIGTERM, 138 SIGUSR1); usage: 2
@@ -74,10 +75,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         # --precision auto on a CPU with native bf16: measured (or the cached verdict) before the banner says it
         precision = resumed_precision(cfg, resume) or choose_precision(cfg, device, say=lambda s: print(s, flush=True))
         progress.banner(cfg, data.description, device, cache, precision)
+        tensorboard = target_for(getattr(args, "tensorboard", None), Path(cfg.out_dir) / DEFAULT_FOLDER)
+        if tensorboard is not None:
+            print(f"tensorboard: events under {tensorboard.root}/ (view: tensorboard --logdir {tensorboard.root})", flush=True)
         hooks = dataclasses.replace(progress.hooks(), should_stop=stop.should_stop)
         extra = {**(history or {}), **({"compile_cache": cache} if cache else {})}
         result = run_training(cfg, hooks=hooks, data=data, resume=resume, run_dir=run_dir, extra_status=extra or None,
-                              precision=precision)
+                              precision=precision, tensorboard=tensorboard)
         progress.finish(result)
     return _train_outcome(result, stop.signal_name, stop.exit_code)
 
@@ -153,6 +157,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
     # Before torch loads: keeps the profiler library's (kineto) error chatter out of the lab's output.
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     given = {k: v for k, v in vars(args).items() if k in LabConfig.__dataclass_fields__}
+    if "tensorboard" in given:
+        require()
     if "only" in given:
         given["only"] = tuple(x for x in given["only"].split(",") if x.strip())
         if not given["only"]:
@@ -177,6 +183,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def train_entry(args: argparse.Namespace) -> int:
     """`cifarlab train`: --nproc N launches torchrun; under torchrun the process group wraps cmd_train."""
+    if getattr(args, "tensorboard", None) is not None:
+        require()  # once, before torchrun's N processes would each say it
     return run_train_command(args, config_from_args(args), cmd_train)
 
 

@@ -280,6 +280,7 @@ class LabConfig:
     out_dir: str = "runs"
     seed: int = 0
     budget_min: float | None = None  # --budget: size C3 and C8 to fit this many minutes (None: no budget)
+    tensorboard: str | None = None  # --tensorboard [DIR]: None not asked for, "" the lab folder's tensorboard/
 
 
 # ------------------------------------------------------------------------- the scaling suite

@@ -43,6 +43,7 @@ from cifarlab.doctor.timing import (
     weighted,
     window_row,
 )
+from cifarlab.model.utilization import for_run
 from cifarlab.run.runner import is_out_of_memory, oom_message, prepare, release_device_memory
 from cifarlab.train.engine import build_state, ensure_step_runner, resolve_precision
 from cifarlab.train.precision import choose_precision
@@ -322,6 +323,7 @@ def _result(cfg: TrainConfig, data: DataBundle, device: torch.device, budget_s: 
         budget_s=budget_s, steps=steps, warmup_steps=baseline[0].warmup_steps, repeats=reps, baseline=baseline,
         diagnosis=diag, candidates=cands, noise=noise, noise_note=noise_note, ranked=ranked, best=best,
         recommendation="", cuts=cuts, status=status, stopped=stopped,
+        utilization=for_run(cfg.norm, device, resolve_precision(cfg.precision, device)),
     )
     result.recommendation = doctor_report.recommendation(result)
     result.elapsed_s = time.perf_counter() - t0

@@ -15,6 +15,7 @@ from cifarlab.core.fileio import write_bytes_atomic, write_json_atomic, write_te
 from cifarlab.core.folders import create_run_dir, utc_now
 from cifarlab.core.signals import Stopped
 from cifarlab.doctor.advice import PARTS, THRESHOLDS, Candidate, Diagnosis, Measurement, pct
+from cifarlab.model.utilization import Utilization
 from cifarlab.report.plots import pyplot
 
 UNKNOWN_NOISE_SHARE = 0.10  # noise assumed when the baseline has a single repeat
@@ -91,6 +92,7 @@ class DoctorResult:
     path: Path | None = None
     status: str = "complete"  # running (doctor.json rewritten after every measurement) | complete | stopped
     stopped: Stopped | None = None  # the signal that ended the diagnosis early (the result holds what ran)
+    utilization: Utilization | None = None  # FLOPs per image and the peak of the baseline's precision
 
     @property
     def baseline_summary(self) -> Summary:
@@ -176,6 +178,7 @@ def to_json(result: DoctorResult) -> dict[str, Any]:
         "baseline": {"setting": current_setting(result), "measurements": [m.to_dict() for m in result.baseline],
                      "summary": base.to_dict()},
         "diagnosis": result.diagnosis.to_dict(),
+        "utilization": utilization_facts(result),
         "noise": {"share": result.noise, "definition": result.noise_note},
         "candidates": [_cand_dict(c, base) for c in result.candidates],
         "ranking": [c.key for c, _, _ in result.ranked],
@@ -188,6 +191,33 @@ def to_json(result: DoctorResult) -> dict[str, Any]:
 def measurement_line(m: Measurement) -> str:
     parts = "  ".join(f"{p} {v:.1f}" for p in PARTS if (v := m.per_step_ms(p)) is not None)
     return f"{m.images_per_s:7.1f} img/s  step {m.step_ms:8.1f} ms  ({parts} ms/step)  [{m.cost_s:.1f} s]"
+
+
+def utilization_facts(result: DoctorResult) -> dict[str, Any] | None:
+    """The baseline's achieved TFLOP/s and MFU over the whole step and over its compute part alone (doctor.json)."""
+    util = result.utilization
+    if util is None:
+        return None
+    base = result.baseline_summary
+    images_per_step = base.images_per_s_median * base.step_ms_median / 1e3
+    tflops = util.flops_per_image * base.images_per_s_median / 1e12
+    compute_ms = base.parts_ms.get("compute")
+    compute_tflops = util.flops_per_image * images_per_step / (compute_ms / 1e3) / 1e12 if compute_ms else None
+    return {**util.describe(), "step_tflops": tflops, "step_mfu": tflops / util.peak.tflops,
+            "compute_tflops": compute_tflops, "compute_mfu": compute_tflops / util.peak.tflops if compute_tflops else None}
+
+
+def utilization_verdict(result: DoctorResult) -> str | None:
+    """'compute-bound at 23% of the bf16 peak of the H100 SXM (...)': the diagnosis against the hardware's peak."""
+    facts = utilization_facts(result)
+    if facts is None or result.utilization is None:
+        return None
+    peak = result.utilization.peak
+    compute = (f"; {pct(facts['compute_mfu'])} over the compute part alone ({facts['compute_tflops']:.3g} TFLOP/s)"
+               if facts["compute_mfu"] is not None else "")
+    return (f"{result.diagnosis.label} at {pct(facts['step_mfu'])} of the {peak.label()} ({peak.tflops:,.3g} TFLOP/s): "
+            f"{facts['step_tflops']:.3g} TFLOP/s achieved over the whole step ({facts['train_flops_per_image'] / 1e9:.3f} "
+            f"GFLOP per image x {result.baseline_summary.images_per_s_median:.1f} img/s){compute}")
 
 
 def recommendation(result: DoctorResult) -> str:
@@ -267,6 +297,8 @@ def console_text(result: DoctorResult) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["", "thresholds: " + "; ".join(f"{k}: {v}" for k, v in THRESHOLDS.items()),
              f"diagnosis: {result.diagnosis.label} -- " + "; ".join(result.diagnosis.evidence)]
+    if verdict_line := utilization_verdict(result):
+        lines.append(f"utilization: {verdict_line}")
     lines += [f"finding: {f}" for f in result.diagnosis.findings]
     lines += _measured_facts(result)
     lines.append(f"noise: {result.noise_note}")
@@ -288,6 +320,8 @@ def markdown(result: DoctorResult) -> str:
           f"{result.environment.get('cpu_count_usable')} usable CPU cores, torch {result.environment.get('torch')}",
           f"- baseline: `{current_setting(result)}`", "", f"**{result.recommendation}**", "",
           f"## Diagnosis: {result.diagnosis.label}", ""]
+    if verdict_line := utilization_verdict(result):
+        md += [f"Utilization: {verdict_line}.", ""]
     md += [f"- {e}" for e in result.diagnosis.evidence + result.diagnosis.findings + _measured_facts(result)]
     md += ["", "Thresholds: " + "; ".join(f"{k}: {v}" for k, v in THRESHOLDS.items()) + ".", "",
            "## Every change, rerun", "", f"Noise: {result.noise_note}.", ""]

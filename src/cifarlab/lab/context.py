@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cifarlab.config import LabPreset, TrainConfig
-from cifarlab.core.fileio import write_traceback
+from cifarlab.core.fileio import read_json, write_traceback
 from cifarlab.data import DataBundle
 from cifarlab.report.plots import ReportContext
 from cifarlab.run.folder import summarize
 from cifarlab.run.runner import run_training
+from cifarlab.run.tensorboard_log import TensorBoardLog, TensorBoardTarget
 from cifarlab.train.engine import Hooks
 
 FULL_EPOCH_IMAGES = 50_000  # one CIFAR-10 training epoch (C5 extrapolates to it)
@@ -71,6 +72,7 @@ class LabContext:
     shared: dict[str, Any] = field(default_factory=dict)  # e.g. C3's best worker count, for C4/C5
     keys: tuple[str, ...] = ()  # the items this lab runs, in order (the plan: which runs will be reused)
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # key -> finished run infos
+    tensorboard: Path | None = None  # --tensorboard: each run's events in <this>/<key>/<label>
     _done: dict[TrainConfig, dict[str, Any]] = field(default_factory=dict)
 
     def fast(self, cfg: TrainConfig) -> TrainConfig:
@@ -95,16 +97,21 @@ class LabContext:
             raise LabInterrupted(f"{key}/{label} not started")
         # checkpoint_every changes what the run keeps, not what it trains (C1 keeps its last epoch for E)
         identity = cfg.replace(name="run", out_dir="", tags=(), checkpoint_every=0)
+        target = TensorBoardTarget(self.tensorboard, f"{key}/{label}") if self.tensorboard is not None else None
         if reuse and data is None and identity in self._done:
             info = {**self._done[identity], "label": label, "reused": True}
             self.runs.setdefault(key, []).append(info)
+            if target is not None:  # the reused run's curves under this item's name too
+                log = TensorBoardLog(target.folder(self.lab_dir))
+                log.add_all(info["records"])
+                log.close()
             return info
         cfg = cfg.replace(out_dir=str(self.lab_dir / key), name=label)
         with warnings.catch_warnings():
             # torch's multi-line "excessive worker creation" warning; the report states it per point
             warnings.filterwarnings("ignore", message="This DataLoader will create")
             result = run_training(cfg, hooks=_merge(self.progress_hooks(key, label, cfg), hooks),
-                                  data=data or self.data)
+                                  data=data or self.data, tensorboard=target)
         rows = [r.to_dict() for r in result.records]
         info = {
             "label": label,
@@ -117,6 +124,9 @@ class LabContext:
             "summary": summarize(rows),
             "records": rows,
         }
+        run_doc = read_json(result.path / "run.json")
+        if run_doc.get("utilization"):  # FLOPs per image and the peak behind the records' MFU (lab/mfu.py)
+            info["utilization"] = run_doc["utilization"]
         self.runs.setdefault(key, []).append(info)
         if data is None:
             self._done[identity] = info

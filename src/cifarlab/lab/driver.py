@@ -20,6 +20,7 @@ from cifarlab.core.fileio import write_json_atomic
 from cifarlab.core.folders import create_run_dir, utc_now
 from cifarlab.core.runtime import device_label, environment, usable_cpus
 from cifarlab.core.signals import StopOnSignal
+from cifarlab.core.step_bar import StepBar
 from cifarlab.data import LOADER_BUILDERS
 from cifarlab.lab.budget import check_budget, fit_budget, print_budget
 from cifarlab.lab.context import LabContext, save_traceback
@@ -29,6 +30,7 @@ from cifarlab.lab.render import build_report
 from cifarlab.run.console import epoch_line
 from cifarlab.run.folder import TIMING_NOTES
 from cifarlab.run.runner import prepare
+from cifarlab.run.tensorboard_log import DEFAULT_FOLDER
 from cifarlab.train.engine import Hooks
 
 LAB_SCHEMA = "cifarlab.lab/1"
@@ -67,8 +69,7 @@ class LabProgress:
 
     def __post_init__(self) -> None:
         self.t0 = time.perf_counter()
-        self.bar = hasattr(self.err, "isatty") and self.err.isatty()
-        self._last_draw = 0.0
+        self.step_bar = StepBar(self.err, batch_size=1, extra=self.status)  # the lab's progress beside the epoch's
         self._current_done = 0
         self._item_key = ""
         self._item_t0 = self.t0
@@ -118,20 +119,15 @@ class LabProgress:
                   f"with training for the same cores", file=self.out, flush=True)
 
         def on_step(epoch: int, step: int, steps_total: int) -> None:
-            now = time.perf_counter()
-            if not self.bar or (now - self._last_draw < 0.5 and step != steps_total):
-                return
-            self._last_draw = now
-            self.err.write(f"\r[{self.position}] {label} epoch {epoch}/{cfg.epochs} step {step}/{steps_total} "
-                           f"| {self.status()}   ")
-            self.err.flush()
+            self.step_bar.batch_size = cfg.batch_size
+            self.step_bar.on_step(f"[{self.position}] {label} epoch {epoch}/{cfg.epochs}", epoch, step, steps_total)
 
         def on_epoch(record: Any, state: Any) -> None:
             self.done_epochs += 1
             self._current_done += 1
-            if self.bar:
-                self.err.write("\r" + " " * 110 + "\r")
-            print(f"   {label}: {epoch_line(record, cfg.epochs)}  | {self.status()}", file=self.out, flush=True)
+            self.step_bar.close()
+            line = epoch_line(record, cfg.epochs, show_utilization=state.device.type == "cuda")
+            print(f"   {label}: {line}  | {self.status()}", file=self.out, flush=True)
 
         return Hooks(on_step=on_step, on_epoch=on_epoch, should_stop=self.should_stop)
 
@@ -211,6 +207,8 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
     ctx = LabContext(base=base, preset=preset, data=data, device=device, lab_dir=lab_dir, fast_loader=fast_loader,
                      repeats=lab.repeats or preset.repeats, progress_hooks=progress.hooks, keys=tuple(keys),
                      note=lambda message: print(f"   {message}", file=out, flush=True))
+    if lab.tensorboard is not None:  # a given DIR holds many labs: each in its own folder, runs as <item>/<label>
+        ctx.tensorboard = Path(lab.tensorboard) / lab_dir.name if lab.tensorboard else lab_dir / DEFAULT_FOLDER
     banner = data_banner(data.source, preset)
     env = environment(device)
     env["usable_cpus"] = usable_cpus()
@@ -243,6 +241,9 @@ def run_lab(lab: LabConfig, out: TextIO | None = None) -> tuple[Path, int]:
           + ("device-resident loader" if fast_loader == "device" else "not installed, classic loader used instead"),
           file=out)
     print(f"lab folder: {lab_dir}", file=out, flush=True)
+    if ctx.tensorboard is not None:
+        doc["tensorboard"] = {"dir": str(ctx.tensorboard), "runs": "<item>/<label>, e.g. c6/adam"}
+        print(f"tensorboard: tensorboard --logdir {ctx.tensorboard}", file=out, flush=True)
     overhead: dict[str, float] = {"setup": time.perf_counter() - t_start}
     # Ctrl-C / SIGTERM: the running step finishes, its run keeps its finished epochs, no new run starts;
     # a second signal raises KeyboardInterrupt at once (still caught per experiment).

@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, INSPECT_BATCH_SIZE
 from cifarlab.data import synthetic_split
 from cifarlab.model.optim import build_optimizer
 from cifarlab.model.resnet import resnet18
+from cifarlab.model.utilization import count_flops
 
 FACTS_SCHEMA = "cifarlab.facts/1"
 
@@ -50,18 +50,11 @@ def structure_facts(model: nn.Module) -> dict[str, Any]:
 
 def flop_facts(model: nn.Module) -> dict[str, Any]:
     """FLOPs per image (torch.utils.flop_counter counts a multiply-add as 2 FLOPs)."""
-    x, y = _input_batch(2, seed=0)
-    model.eval()
-    with FlopCounterMode(display=False) as fwd:
-        model(x[:1])
-    model.train()
-    with FlopCounterMode(display=False) as step:
-        nn.functional.cross_entropy(model(x), y).backward()
-    model.zero_grad(set_to_none=True)
+    forward, train = count_flops(model, *_input_batch(2, seed=0))  # training step on a batch of 2
     return {
-        "forward_flops_per_image": fwd.get_total_flops(),
-        "forward_macs_per_image": fwd.get_total_flops() // 2,
-        "train_flops_per_image": step.get_total_flops() // 2,  # forward + backward, batch of 2
+        "forward_flops_per_image": forward,
+        "forward_macs_per_image": forward // 2,
+        "train_flops_per_image": train,  # forward + backward
     }
 
 

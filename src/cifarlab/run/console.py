@@ -1,14 +1,15 @@
 """Console output for runs: a banner, one line per epoch (stdout), a progress bar inside the epoch
-(stderr, only on a terminal so logs stay clean)."""
+(stderr, only on a terminal so logs stay clean: core.step_bar.StepBar, drawn by tqdm)."""
 
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any, TextIO
 
 from cifarlab.config import TrainConfig
 from cifarlab.core.runtime import device_label
+from cifarlab.core.step_bar import StepBar
+from cifarlab.model.utilization import for_run
 from cifarlab.parallel import collectives
 from cifarlab.step.state import EpochRecord, TrainState
 from cifarlab.train.engine import Hooks, resolve_precision
@@ -19,13 +20,16 @@ def fmt_s(value: float | None) -> str:
     return "   n/a" if value is None else f"{value:6.2f}s"
 
 
-def epoch_line(r: EpochRecord, total_epochs: int) -> str:
+def epoch_line(r: EpochRecord, total_epochs: int, show_utilization: bool = False) -> str:
+    """One epoch on one line; show_utilization (GPUs) adds the achieved TFLOP/s and MFU (run.json "utilization")."""
     test = "" if r.test_acc is None else f"  test {100 * r.test_acc:5.1f}%"
     head = f"epoch {r.epoch}/{total_epochs}  loss {r.train_loss:.4f}  train {100 * r.train_acc:5.1f}%{test}"
     parts = (
         f"data {fmt_s(r.data_s)}  h2d {fmt_s(r.h2d_s)}  compute {fmt_s(r.compute_s)}  "
         f"other {fmt_s(r.other_s)}  = epoch {fmt_s(r.epoch_s)}  ({r.images_per_s:,.0f} img/s)"
     )
+    if show_utilization and r.tflops is not None and r.mfu is not None:
+        parts += f"  {r.tflops:.2f} TFLOP/s, MFU {100 * r.mfu:.1f}%"
     tail = "" if r.eval_s is None else f"  eval {fmt_s(r.eval_s)}"
     # one-time warm-up / graph capture before this process's first epoch (a CPU's ~0 s is not shown)
     if r.setup_s is not None and (r.setup_s >= 0.005 or r.step_mode != "eager"):
@@ -35,6 +39,14 @@ def epoch_line(r: EpochRecord, total_epochs: int) -> str:
     return f"{head}  | {parts}{tail}{status}"
 
 
+def utilization_line(cfg: TrainConfig, device: Any, precision: str) -> str:
+    """What the epoch lines' TFLOP/s and MFU are taken against (precision: the run's, resolved)."""
+    util = for_run(cfg.norm, device, precision)
+    peak = util.peak
+    return (f"flops:  {util.flops_per_image / 1e9:.3f} GFLOP per training image (forward + backward); MFU against the "
+            f"{peak.label()}, {peak.tflops:,.1f} TFLOP/s per device ({peak.source.split(',')[0]})")
+
+
 class ConsoleProgress:
     def __init__(self, total_epochs: int, out: TextIO | None = None, err: TextIO | None = None,
                  prefix: str = "") -> None:
@@ -42,9 +54,8 @@ class ConsoleProgress:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.prefix = prefix
-        self.bar = hasattr(self.err, "isatty") and self.err.isatty()
-        self._epoch_t0 = time.perf_counter()
-        self._last_draw = 0.0
+        self.step_bar = StepBar(self.err, batch_size=1)  # banner() sets the batch size
+        self.show_utilization = False  # set by banner(): on GPUs
 
     def banner(self, cfg: TrainConfig, data_description: str, device: Any,
                compile_cache: dict[str, Any] | None = None, precision: PrecisionChoice | None = None) -> None:
@@ -71,6 +82,10 @@ class ConsoleProgress:
         if precision is not None and cfg.precision == "auto":
             spent = f"; {precision.calibration_s:.1f} s of calibration, setup, not in any epoch" if precision.calibration_s else ""
             print(f"{self.prefix}precision: {precision.reason}{spent}", file=self.out)
+        self.step_bar.batch_size = cfg.batch_size
+        self.show_utilization = device.type == "cuda"
+        if self.show_utilization:
+            print(f"{self.prefix}{utilization_line(cfg, device, resolved)}", file=self.out)
         if compile_cache:
             files = compile_cache["entries_before"]
             state = f"warm, {files:,} file(s)" if files else "cold"
@@ -83,27 +98,11 @@ class ConsoleProgress:
         self.out.flush()
 
     def on_step(self, epoch: int, step: int, steps_total: int) -> None:
-        if not self.bar:
-            return
-        now = time.perf_counter()
-        if step == 1:
-            self._epoch_t0 = now
-        if now - self._last_draw < 0.2 and step != steps_total:
-            return
-        self._last_draw = now
-        elapsed = now - self._epoch_t0
-        frac = step / steps_total if steps_total else 0.0
-        eta = elapsed / step * (steps_total - step) if step else 0.0
-        filled = int(30 * frac)
-        self.err.write(f"\r{self.prefix}epoch {epoch}/{self.total_epochs} [{'#' * filled}{'.' * (30 - filled)}] "
-                       f"{step}/{steps_total} steps, ETA {eta:5.1f}s ")
-        self.err.flush()
+        self.step_bar.on_step(f"{self.prefix}epoch {epoch}/{self.total_epochs}", epoch, step, steps_total)
 
     def on_epoch(self, record: EpochRecord, state: TrainState) -> None:
-        if self.bar:
-            self.err.write("\r" + " " * 100 + "\r")
-            self.err.flush()
-        print(self.prefix + epoch_line(record, self.total_epochs), file=self.out)
+        self.step_bar.close()
+        print(self.prefix + epoch_line(record, self.total_epochs, self.show_utilization), file=self.out)
         self.out.flush()
 
     def on_warning(self, message: str) -> None:

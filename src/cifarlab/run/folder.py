@@ -123,6 +123,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_other_s": mean("other_s", done),
         "mean_eval_s": mean("eval_s", done),
         "mean_images_per_s": mean("images_per_s", done),
+        "mean_tflops": mean("tflops", done),  # achieved, whole epochs (run.json "utilization")
+        "mean_mfu": mean("mfu", done),
     }
 
 

@@ -22,9 +22,11 @@ from cifarlab.core.fileio import read_json, write_json_atomic
 from cifarlab.core.folders import create_run_dir, ensure_writable_dir, utc_now
 from cifarlab.core.runtime import cache_state, compile_cache, device_label, environment, resolve_device, seed_everything
 from cifarlab.data import DataBundle, build_loaders, load_data
+from cifarlab.model import utilization
 from cifarlab.parallel import collectives, ddp
 from cifarlab.run.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
 from cifarlab.run.folder import RunWriter
+from cifarlab.run.tensorboard_log import TensorBoardTarget, open_for_run
 from cifarlab.step.state import EpochRecord, TrainState
 from cifarlab.train.engine import Hooks, build_state, train
 from cifarlab.train.precision import PrecisionChoice, choose_precision
@@ -65,6 +67,7 @@ def run_training(
     resume: str | Path | None = None,
     run_dir: str | Path | None = None,
     precision: PrecisionChoice | None = None,
+    tensorboard: TensorBoardTarget | None = None,
 ) -> RunResult:
     """Train per cfg, writing the run folder as epochs finish. `data` may be passed in so a sweep
     reads the dataset once; the model, optimizer, loaders and RNG state are always new.
@@ -77,7 +80,8 @@ def run_training(
     precision: the caller's choice (it printed it in the banner); None: precision.choose_precision here,
     before the run's seed is set and outside every epoch (its seconds are in run.json's precision_choice).
     Out of memory ends the run with status "oom" (a scaling sweep records it as the limit); a full or
-    read-only disk is a UsageError naming the folder."""
+    read-only disk is a UsageError naming the folder.
+    tensorboard: where this run's TensorBoard events go (a resumed run continues in the folder its run.json names)."""
     cfg.validate()
     if data is None:
         device, data = prepare(cfg)
@@ -98,7 +102,7 @@ def run_training(
     extra.update(pid=os.getpid(), host=socket.gethostname())  # lets --resume refuse a run still alive
     extra.update(ddp.run_section(cfg))  # {} unless launched by torchrun
     extra["precision_choice"] = precision.to_dict()
-    started, elapsed_before_s = "", 0.0
+    started, elapsed_before_s, previous = "", 0.0, {}
     if resume is not None:
         folder = Path(resume)
         restore(state, load_checkpoint(folder / CHECKPOINT_NAME), folder / CHECKPOINT_NAME)
@@ -125,6 +129,13 @@ def run_training(
         started=started,
         elapsed_before_s=elapsed_before_s,
     ))
+    # FLOPs per image and the peak of the precision used (a measured matmul where no published one applies)
+    util = utilization.for_run(cfg.norm, device, state.precision, collectives.world_size() if collectives.is_active() else 1)
+    extra["utilization"] = util.describe()
+    with _disk_errors_as_usage_error(writer.path):
+        tb = open_for_run(tensorboard, writer.path, previous.get("tensorboard"), state.records) if collectives.is_main() else None
+    if tb is not None:
+        extra["tensorboard"] = tb.describe()
     with _disk_errors_as_usage_error(writer.path):
         if resume is None:
             writer.write_header()
@@ -136,7 +147,10 @@ def run_training(
     user_hooks = hooks or Hooks()
 
     def on_epoch(record: EpochRecord, st: TrainState) -> None:
+        record.tflops, record.mfu = util.epoch(record.images, record.epoch_s)
         writer.write_records(st.records)
+        if tb is not None:
+            tb.after_epoch(record, st.records)
         if record.status == "ok" and checkpoint_due(cfg, st.epoch) and collectives.is_main():
             t0 = time.perf_counter()
             save_checkpoint(writer.path, cfg, st)
@@ -166,6 +180,9 @@ def run_training(
                 raise UsageError(disk_error_message(e, writer.path)) from None
             raise
         status, error = "oom", oom_message(cfg, e, device)
+    finally:
+        if tb is not None:
+            tb.close()  # flushed however training ended
     if "compile_cache" in extra:
         extra["compile_cache"]["entries_after"] = cache_state(extra["compile_cache"]["dir"])["entries"]
     if state.step_runner is not None:  # eager or captured step, and why (a capture that fell back says so)

@@ -36,6 +36,9 @@ class EpochRecord:
     diverged_step: int | None = None  # 0-based step of the first non-finite loss
     setup_s: float | None = None  # one-time setup before this epoch (first epoch of a process only)
     step_mode: str = STEP_EAGER  # "eager" | "cuda-graph" (capture.StepRunner.mode)
+    lr: float | None = None  # the optimizer's learning rate after the epoch's last step
+    tflops: float | None = None  # achieved: train FLOPs per image x images / epoch_s / 1e12 (model.utilization)
+    mfu: float | None = None  # tflops / the peak of the precision used, all devices (run.json "utilization")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -240,6 +240,7 @@ def train_epoch(
         diverged_step=bad_step if bad_step >= 0 else None,
         setup_s=setup_s,
         step_mode=runner.mode,
+        lr=float(state.optimizer.param_groups[0]["lr"]),
     )
 
 

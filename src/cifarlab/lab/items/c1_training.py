@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from cifarlab.lab.context import Experiment, LabContext, PlannedRuns, c1_config
+from cifarlab.lab.mfu import has_mfu, mfu_cell, peaks_para, tflops_cell
 from cifarlab.lab.sections import REF, REFERENCE, pipelines_para, runs_para, short_run_note
 from cifarlab.report.blocks import Block, Table, finite, fs, ok_records, pct, runs_of
 from cifarlab.report.plots import ReportContext, curves
@@ -22,6 +23,9 @@ def render_c1(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     rows = [[r["epoch"], fs(r["train_loss"], 4), pct(r["train_acc"]), fs(r.get("test_loss"), 4), pct(r.get("test_acc")),
              fs(r["epoch_s"]), fs(r.get("eval_s")), f"{r['images_per_s']:.1f}" if finite(r.get("images_per_s")) else "n/a"]
             for r in recs]
+    utilization = has_mfu([run])  # lab folders from before runs recorded it: the table as it was
+    if utilization:
+        rows = [[*row, tflops_cell(r.get("tflops")), mfu_cell(r.get("mfu"))] for row, r in zip(rows, recs)]
     s = run["summary"]
     n = s.get("epochs_completed", 0)
     # the reference loss is at epoch 5 like its top-1 (labs from before run_size was stored: as they were)
@@ -30,7 +34,8 @@ def render_c1(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
         *short_run_note(rc.doc),
         pipelines_para(entry, rc.doc),
         Table(["epoch", "train loss", "train top-1", "test loss", "test top-1", "epoch s", "eval s (separate)",
-               "images/s"], rows, csv="c1_epochs"),
+               "images/s", *(["TFLOP/s", "MFU"] if utilization else [])], rows, csv="c1_epochs"),
+        *(peaks_para([run]) if utilization else []),
         Table(["metric", "ours", REF],
               [[f"train top-1 after epoch {n}", pct(s.get("final_train_acc")), f"{pct(REFERENCE['c1_train_acc'])} (epoch 5)"],
                [f"train loss after epoch {n}", fs(s.get("final_train_loss"), 3), ref_loss],

@@ -22,8 +22,9 @@ from cifarlab.core.runtime import usable_cpus
 from cifarlab.doctor.advice import THRESHOLDS, classify, from_epoch_record
 from cifarlab.lab.context import Experiment, LabContext, PlannedRuns, epoch_steps, timed_run
 from cifarlab.lab.sections import measured_table, runs_para
-from cifarlab.report.blocks import Block, Para, Table, finite, fs, pct, runs_of
+from cifarlab.report.blocks import Block, Note, Para, Table, finite, fs, pct, runs_of
 from cifarlab.report.plots import ReportContext, stacked
+from cifarlab.run.traces import hta_available, place_trace, temporal_breakdown
 from cifarlab.train.engine import Hooks
 
 
@@ -48,14 +49,21 @@ def _profiled_train(ctx: LabContext, key: str, label: str, cfg: TrainConfig) -> 
         with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=active, repeat=1),
                      on_trace_ready=ready) as prof:
             info = ctx.train(key, label, cfg, hooks=Hooks(on_step=lambda e, s, n: prof.step()), reuse=False)
-    trace = Path(ctx.lab_dir) / info["path"] / "profile.pt.trace.json"
-    if tmp.exists():
-        os.replace(tmp, trace)  # TensorBoard's profiler plugin reads *.pt.trace.json
+    run_dir = Path(ctx.lab_dir) / info["path"]
+    # alone in <run>/traces/rank0.pt.trace.json: HTA reads every JSON file of the folder it is given, and
+    # TensorBoard's profiler plugin reads *.pt.trace.json
+    trace = place_trace(tmp, run_dir) if tmp.exists() else None
     info["profile"] = {
-        "trace": os.path.relpath(trace, ctx.lab_dir) if trace.exists() else None,
+        "trace": os.path.relpath(trace, ctx.lab_dir) if trace else None,
+        "trace_dir": os.path.relpath(trace.parent, ctx.lab_dir) if trace else None,
         "steps_recorded": active,
         "top_ops": captured.get("top_ops", []),
     }
+    if trace is not None and cuda and hta_available():  # HTA's own view of the same GPU time, beside ours
+        try:
+            info["profile"]["hta_temporal_breakdown"] = temporal_breakdown(trace.parent)
+        except Exception as e:  # noqa: BLE001 -- HTA failing on a trace is reported, the profile stays
+            info["profile"]["hta_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return info
 
 
@@ -123,6 +131,30 @@ def diagnose_run(label: str, info: dict[str, Any], cfg: TrainConfig, device_type
     return {"epoch": done[-1]["epoch"], **diagnosis.to_dict()}
 
 
+def hta_blocks(runs: list[dict[str, Any]]) -> list[Block]:
+    """Where HTA finds the traces, and (CUDA, HTA installed) its temporal breakdown of each run's GPU time. Labs
+    written before the traces had a folder of their own: nothing."""
+    dirs = [(r["label"], r.get("profile", {})) for r in runs if r.get("profile", {}).get("trace_dir")]
+    if not dirs:
+        return []
+    blocks: list[Block] = [Para("Each run's trace is alone in its folder, as Holistic Trace Analysis reads it: "
+                                + "; ".join(f"`{p['trace_dir']}`" for _, p in dirs)
+                                + " (`TraceAnalysis(trace_dir=...)`, or `tensorboard --logdir` for the profiler plugin).")]
+    rows = [[label, row.get("rank", ""), fs(row.get("idle_time(us)", 0) / 1e3, 1), fs(row.get("compute_time(us)", 0) / 1e3, 1),
+             fs(row.get("non_compute_time(us)", 0) / 1e3, 1), f"{row.get('idle_time_pctg', 'n/a')}%",
+             f"{row.get('compute_time_pctg', 'n/a')}%", f"{row.get('non_compute_time_pctg', 'n/a')}%"]
+            for label, p in dirs for row in p.get("hta_temporal_breakdown") or []]
+    if rows:
+        blocks.append(Table(["run", "rank", "GPU idle ms", "GPU compute ms", "GPU non-compute ms (memcpy, comm.)",
+                             "idle", "compute", "non-compute"], rows, csv="c4_hta_temporal"))
+        blocks.append(Para("HTA's temporal breakdown of the profiled window's GPU time (its own reading of the same "
+                           "traces; the table above times the whole epoch from the host)."))
+    errors = [f"{label}: {p['hta_error']}" for label, p in dirs if p.get("hta_error")]
+    if errors:
+        blocks.append(Note("HTA could not analyse: " + "; ".join(errors)))
+    return blocks
+
+
 def render_c4(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     res = entry["result"]
     runs = runs_of(entry)
@@ -151,6 +183,7 @@ def render_c4(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
     ]
     if res.get("doctor"):  # labs written before the doctor existed have no classification
         blocks.append(Para(doctor_paragraph(res, runs)))
+    blocks += hta_blocks(runs)
     for r in runs:
         ops = r.get("profile", {}).get("top_ops", [])
         blocks.append(Para(f"Top operators by self time, run `{r['label']}`:"))

@@ -7,6 +7,7 @@ from typing import Any
 
 from cifarlab.data import DataBundle, take
 from cifarlab.lab.context import FULL_EPOCH_IMAGES, Experiment, LabContext, PlannedRuns
+from cifarlab.lab.mfu import has_mfu, mean_of, mfu_cell, peaks_para, tflops_cell
 from cifarlab.lab.sections import REF, REFERENCE, pipeline_label, runs_para
 from cifarlab.report.blocks import Block, Note, Para, Table, finite, fs, mean, ok_records, run_named
 from cifarlab.report.plots import ReportContext
@@ -53,9 +54,15 @@ def render_c5(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
                      if finite(gpu_s) and imgs else "n/a", fs(REFERENCE["c5_gpu_s"], 2)])
     else:
         rows.append(["GPU", "-", "-", "not measured", "not measured", fs(REFERENCE["c5_gpu_s"], 2)])
+    utilization = has_mfu([cpu, gpu])  # lab folders from before runs recorded it: the table as it was
+    if utilization:
+        rows[0] += [tflops_cell(mean_of(cpu, "tflops", 2 if len(recs) > 1 else 1)),
+                    mfu_cell(mean_of(cpu, "mfu", 2 if len(recs) > 1 else 1))]
+        rows[1] += [tflops_cell(mean_of(gpu, "tflops")), mfu_cell(mean_of(gpu, "mfu"))] if gpu else ["-", "-"]
     blocks: list[Block] = [
-        Table(["device", "pipeline", "measured on", "measured s/epoch", f"full {full:,}-image epoch s", REF],
-              rows, csv="c5_cpu_gpu"),
+        Table(["device", "pipeline", "measured on", "measured s/epoch", f"full {full:,}-image epoch s", REF,
+               *(["TFLOP/s (same epochs)", "MFU"] if utilization else [])], rows, csv="c5_cpu_gpu"),
+        *(peaks_para([cpu, gpu]) if utilization else []),
         Para(f"The CPU full-epoch time is **extrapolated**: seconds per image over the steady epochs of a "
              f"{res['cpu_subset']}-image subset times {full:,} (loader workers: {res['cpu_workers']}, "
              f"{res['cpu_workers_from']}); it assumes a full epoch runs at the same per-image speed."),

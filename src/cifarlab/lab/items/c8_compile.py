@@ -12,6 +12,7 @@ import torch
 from cifarlab.config import COMPILE_MODES
 from cifarlab.core.runtime import cache_state, inductor_cache_dir
 from cifarlab.lab.context import Experiment, LabContext, LabInterrupted, PlannedRuns, save_traceback
+from cifarlab.lab.mfu import has_mfu, mean_of, mfu_cell, peaks_para
 from cifarlab.lab.sections import REF, REFERENCE, pipelines_para, runs_para
 from cifarlab.report.blocks import Block, Note, Para, Table, finite, fs, mean, ok_records, run_named, runs_of
 from cifarlab.report.plots import ReportContext
@@ -117,16 +118,21 @@ def render_c8(entry: dict[str, Any], rc: ReportContext) -> list[Block]:
         rows.append([r["label"], s["step"] or "?", fs(s["setup"], 2), fs(s["first"], 3), fs(s["steady"], 3),
                      f"{fs(s['min'], 3)}-{fs(s['max'], 3)}", fs(s["once"], 2), _speedup(base, s["steady"]),
                      cache_label(res["cache"].get(mode)), r["status"]])
+    utilization = has_mfu(runs)  # lab folders from before runs recorded it: the table as it was
+    if utilization:  # steady epochs' mean, beside the status
+        rows = [[*row[:-1], mfu_cell(mean_of(r, "mfu", first_steady)), row[-1]] for row, r in zip(rows, runs)]
     for mode, err in res.get("failures", {}).items():
         rows.append([f"compile-{mode}", "", "", "n/a", "n/a", "", "", "n/a", cache_label(res["cache"].get(mode)),
-                     f"failed: {err}"])
+                     *(["n/a"] if utilization else []), f"failed: {err}"])
     for mode, why in res.get("not_run", {}).items():
-        rows.append([f"compile-{mode}", "", "", "", "", "", "", "", "", f"not run: {why}"])
+        rows.append([f"compile-{mode}", "", "", "", "", "", "", "", "", *([""] if utilization else []), f"not run: {why}"])
     blocks: list[Block] = [
         pipelines_para(entry, rc.doc),
         Table(["mode", "step", "setup s (before epoch 1)", "epoch 1 s", f"steady s/epoch (mean, epochs {first_steady}-{n})",
                "steady spread s (min-max)", "one-time cost s (setup + epoch 1 - steady)", "steady speed-up vs eager",
-               "compile cache", "status"], rows, csv="c8_compile"),
+               "compile cache", *([f"steady MFU (epochs {first_steady}-{n})"] if utilization else []), "status"], rows,
+              csv="c8_compile"),
+        *(peaks_para(runs) if utilization else []),
         Para(f"Protocol: each mode trains a fresh seeded model for {n} epochs on the fast path (no evaluation). "
              f"Setup is the one-time work the engine does before epoch 1's clock (on CUDA: cuDNN autotuning, "
              f"warm-up steps, the step's CUDA-graph capture, and with `--compile default` the compilation of the "
