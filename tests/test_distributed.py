@@ -111,12 +111,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(two_process_
 
 
 def test_seed_epoch_calls_the_distributed_samplers_set_epoch():
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import DistributedSampler
 
+    from cifarlab.data import ClassicLoader
     from cifarlab.train.engine import seed_epoch
 
     data = list(range(16))
-    loader = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=2, rank=0, seed=0))
+    loader = ClassicLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=2, rank=0, seed=0))
     seed_epoch(0, 1, loader)
     first = [int(x) for b in loader for x in b]
     seed_epoch(0, 2, loader)

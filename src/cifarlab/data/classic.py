@@ -14,6 +14,7 @@ from torchvision import transforms as T
 
 from cifarlab.config import CIFAR_MEAN, CIFAR_STD, TrainConfig
 from cifarlab.core.signals import ignore_stop_signals_in_worker
+from cifarlab.data.cifar import IMAGE_SHAPE
 from cifarlab.data.split import DataBundle, Split
 
 
@@ -56,6 +57,29 @@ def _seed_worker(worker_id: int) -> None:
     ignore_stop_signals_in_worker()  # Ctrl-C stops the main process cleanly; it shuts workers down
 
 
+class ClassicLoader(DataLoader):
+    """The classic pipeline's training loader: a torch DataLoader that is an epoch.EpochLoader. Reseeding sets its
+    shuffling generator (single process) and its DistributedSampler's epoch (torchrun: without set_epoch every
+    epoch repeats epoch 0's order)."""
+
+    def reseed(self, epoch: int, epoch_seed: int, augmentation_seed: int) -> None:
+        if isinstance(self.generator, torch.Generator):
+            self.generator.manual_seed(augmentation_seed)
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+    def epoch_batch_sizes(self) -> list[int]:
+        size = int(self.batch_size or 1)
+        n = 0 if self.drop_last else len(self.dataset)  # type: ignore[arg-type]
+        if not n:
+            return [size]
+        return [n] if n <= size else [size] + ([n % size] if n % size else [])
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        height, width, channels = IMAGE_SHAPE
+        return channels, height, width
+
+
 def build_torch_loaders(
     cfg: TrainConfig, data: DataBundle, device: Any, rank: int = 0, world: int | None = None
 ) -> tuple[Any, Any]:
@@ -74,7 +98,7 @@ def build_torch_loaders(
     if world is not None:  # any torchrun world, 1 included: its order is DistributedSampler's
         train_sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
                                            drop_last=False)
-    train = DataLoader(
+    train = ClassicLoader(
         train_set,
         batch_size=cfg.batch_size,
         shuffle=train_sampler is None,

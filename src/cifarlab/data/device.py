@@ -136,6 +136,25 @@ class DeviceLoader:
         self.rank, self.world, self.pad = rank, world, pad
         self.rank_sharded = world > 1  # engine.seed_epoch: seed the generator identically on all ranks
 
+    def reseed(self, epoch: int, epoch_seed: int, augmentation_seed: int) -> None:
+        """epoch.EpochLoader: one generator draws the permutation and the augmentation; sharded across ranks it
+        must draw the same permutation everywhere, so it takes the epoch's seed there (augmentation then
+        matches across ranks too, on different images)."""
+        self.generator.manual_seed(epoch_seed if self.rank_sharded else augmentation_seed)
+
+    def epoch_batch_sizes(self) -> list[int]:
+        """epoch.EpochLoader: from the whole split in one process; sharded, the full batch alone."""
+        n = len(self.labels) if self.world == 1 else 0
+        if not n:
+            return [self.batch_size]
+        if n <= self.batch_size:
+            return [n]
+        return [self.batch_size] + ([n % self.batch_size] if n % self.batch_size else [])
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """epoch.EpochLoader: (C, H, W) of the resident uint8 NHWC split."""
+        return int(self.images.shape[3]), int(self.images.shape[1]), int(self.images.shape[2])
+
     def _padded_total(self, n: int) -> int:
         return -(-n // self.world) * self.world if self.pad else n
 

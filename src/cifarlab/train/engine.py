@@ -34,6 +34,7 @@ from torch import nn
 
 from cifarlab.config import TrainConfig
 from cifarlab.core.clock import DeviceClock, SegmentTimer
+from cifarlab.data import EpochLoader
 from cifarlab.model.optim import build_optimizer
 from cifarlab.model.resnet import resnet18
 from cifarlab.parallel import collectives as dist
@@ -94,16 +95,8 @@ def seed_epoch(seed: int, epoch: int, loader: Any) -> None:
     # single-process runs keep epoch_seed).
     aug_seed = dist.augmentation_seed(epoch_seed)
     torch.manual_seed(aug_seed)
-    generator = getattr(loader, "generator", None)
-    if isinstance(generator, torch.Generator):
-        # A rank-sharded device loader draws its permutation from this generator: same seed everywhere.
-        generator.manual_seed(epoch_seed if getattr(loader, "rank_sharded", False) else aug_seed)
-    set_epoch = getattr(loader, "set_epoch", None)
-    if callable(set_epoch):
-        set_epoch(epoch)
-    sampler_set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
-    if callable(sampler_set_epoch):
-        sampler_set_epoch(epoch)  # DistributedSampler: without it every epoch repeats epoch 0's order
+    if isinstance(loader, EpochLoader):  # any other iterable replays whatever order it has
+        loader.reseed(epoch, epoch_seed, aug_seed)
 
 
 def warmup_lr(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:

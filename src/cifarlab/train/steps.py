@@ -14,6 +14,7 @@ from torch import nn
 from cifarlab.config import TrainConfig
 from cifarlab.core.clock import DeviceClock
 from cifarlab.core.errors import UsageError
+from cifarlab.data import DeviceLoader, EpochLoader
 from cifarlab.parallel import collectives as dist
 from cifarlab.step.capture import CapturedStep, StepRunner
 from cifarlab.step.eval_forward import EvalForward
@@ -46,28 +47,14 @@ def capture_blocker(cfg: TrainConfig, device: torch.device, scaler: Any = None) 
 
 
 def epoch_batch_sizes(loader: Any, cfg: TrainConfig) -> list[int]:
-    """The batch sizes one epoch of `loader` yields: the full one and the last, partial one (if any)."""
-    size = int(getattr(loader, "batch_size", None) or cfg.batch_size)
-    labels = getattr(loader, "labels", None)  # DeviceLoader (single process: its whole split)
-    dataset = getattr(loader, "dataset", None)  # DataLoader
-    n: int | None = None
-    if labels is not None and getattr(loader, "world", 1) == 1:
-        n = len(labels)
-    elif dataset is not None and hasattr(dataset, "__len__") and not getattr(loader, "drop_last", False):
-        n = len(dataset)
-    if not n:
-        return [size]
-    if n <= size:
-        return [n]
-    return [size] + ([n % size] if n % size else [])
+    """The batch sizes one epoch of `loader` yields: the full one and the last, partial one (if any); for an iterable
+    that is no EpochLoader, the configured batch size."""
+    return loader.epoch_batch_sizes() if isinstance(loader, EpochLoader) else [cfg.batch_size]
 
 
 def sample_shape(loader: Any) -> tuple[int, int, int]:
-    """(C, H, W) of one input image: from a device loader's resident uint8 NHWC split, else CIFAR's."""
-    images = getattr(loader, "images", None)
-    if torch.is_tensor(images) and images.ndim == 4:
-        return int(images.shape[3]), int(images.shape[1]), int(images.shape[2])
-    return (3, 32, 32)
+    """(C, H, W) of one input image: the loader's, else CIFAR's."""
+    return loader.sample_shape() if isinstance(loader, EpochLoader) else (3, 32, 32)
 
 
 def check_cuda_graph(cfg: TrainConfig, device: torch.device) -> None:
@@ -136,9 +123,9 @@ def build_eval_forward(cfg: TrainConfig, model: nn.Module, precision: str, devic
 def warm_device_loader(loader: Any, device: torch.device) -> float:
     """Draw one batch from a device loader (its kernels' first launch: lazy module loading) and put
     its generator back, so epoch 1 draws exactly what it would have drawn. Returns the seconds spent."""
-    generator = getattr(loader, "generator", None)
-    if not isinstance(generator, torch.Generator) or generator.device.type != device.type:
+    if not isinstance(loader, DeviceLoader) or loader.generator.device.type != device.type:
         return 0.0
+    generator = loader.generator
     clock = DeviceClock(device)
     t0 = clock.barrier_now()
     saved = generator.get_state()
