@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The real SLURM test tier (opt-in; README "Cluster"): a one-node SLURM cluster on this machine, then
+# The real SLURM test tier (opt-in; docs/cluster.md): a one-node SLURM cluster on this machine, then
 #   1. `cifarlab slurm -- train --nproc 2 ...` submitted with sbatch, run to the end (the reference);
 #   2. the same job again, preempted after its first checkpoint (`scancel --signal=USR1 --batch`, what
 #      `--signal=B:USR1@120` does before a time limit): it stops at a step boundary, requeues itself with

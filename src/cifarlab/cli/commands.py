@@ -33,7 +33,7 @@ from cifarlab.run.runner import DISK_ERRNOS, is_out_of_memory, prepare, resumed_
 from cifarlab.run.tensorboard_log import DEFAULT_FOLDER, require, target_for
 from cifarlab.train.precision import choose_precision
 
-EXIT_DIVERGED = 3  # README "Exit codes"; interrupted: 128 + signal (130 SIGINT, 143 SIGTERM, 138 SIGUSR1); usage: 2
+EXIT_DIVERGED = 3  # docs/runs.md "Exit codes"; interrupted: 128 + signal (130 SIGINT, 143 SIGTERM, 138 SIGUSR1); usage: 2
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 cluster into the run folder and submits it with sbatch; inside an allocation, `cifarlab train` reads the SLURM
 variables (slurm_rendezvous) so a `srun` of it over several nodes needs no launch flags.
 
-The script (render_script; README "Cluster" explains it line by line): one task per node running `cifarlab
+The script (render_script; docs/cluster.md explains it line by line): one task per node running `cifarlab
 train`, which runs torchrun; node 0 from `scontrol show hostnames "$SLURM_JOB_NODELIST"`, the rendezvous port
 derived from the job id (two jobs on one node never both take 29500), the rendezvous id = the job id;
 `--requeue` and `--signal=B:USR1@120`: 120 s before the time limit the batch shell gets USR1, passes it to the
@@ -177,7 +177,7 @@ def _q(word: str | Path) -> str:
 
 
 def render_script(job: JobSpec) -> str:
-    """The batch script, every line of it explained in README "Cluster"."""
+    """The batch script, every line of it explained in docs/cluster.md."""
     kind = job.command[0]
     sb = [f"--job-name=cifarlab-{kind}", f"--nodes={job.nodes}", "--ntasks-per-node=1"]
     if job.gpus_per_node:
