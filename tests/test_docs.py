@@ -71,7 +71,7 @@ def test_the_docs_site_builds_strictly(tmp_path: Path) -> None:
 def test_the_quickstart_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """examples/notebook/quickstart.ipynb trains the smoke configuration through the Python API, plots its curves and
     inspects the model, executed as a notebook (nbclient, a real kernel) on the CPU."""
-    nb = nbformat.read(ROOT / "examples" / "notebook" / "quickstart.ipynb", as_version=4)
+    nb = nbformat.read(str(ROOT / "examples" / "notebook" / "quickstart.ipynb"), as_version=4)
     # the kernel is a child process: it must import this checkout's cifarlab
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p))
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
