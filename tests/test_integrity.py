@@ -60,12 +60,12 @@ def memory_limit(monkeypatch):
     """Simulated OOM (no GPU here): every model built by the runner fails on batches above the limit."""
     real = runner_mod.build_state
 
-    def build(cfg, device, limit=8):
-        state = real(cfg, device)
+    def build(cfg, device, *args, **kwargs):
+        state = real(cfg, device, *args, **kwargs)
         plain_forward = state.model.forward
 
         def forward(x):  # the model itself: training and evaluation (which runs the plain model) both use it
-            return _oom_above(x, limit) or plain_forward(x)
+            return _oom_above(x, 8) or plain_forward(x)
 
         state.model.forward = forward
         return state
