@@ -6,6 +6,7 @@ shape is one line, and the export check fails a model it cannot vouch for."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -115,13 +117,25 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_no_staging(run_dir, tmp_pa
     assert not out.exists()  # the folder it created is gone again: no staging, no temp file
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a tmpfs needs root")
-def test_export_on_a_real_full_tmpfs(run_dir, tmp_path):
-    mnt = tmp_path / "small"
+needs_mount = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a tmpfs needs root")
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` mounted at mnt for the block, unmounted after it; the test is skipped where this
+    container cannot mount one."""
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("this container cannot mount a tmpfs")
     try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@needs_mount
+def test_export_on_a_real_full_tmpfs(run_dir, tmp_path):
+    with mounted_tmpfs(tmp_path / "small", "1m") as mnt:
         (mnt / "keep.txt").write_text("a user's file beside the export")
         proc = subprocess.run([sys.executable, "-m", "cifarlab", "export", str(run_dir), "--out", str(mnt / "exp"),
                                *FORMAT], capture_output=True, text=True, timeout=300,
@@ -129,8 +143,6 @@ def test_export_on_a_real_full_tmpfs(run_dir, tmp_path):
         assert proc.returncode == 2, proc.stderr  # not 134: torch's C++ writer never touches the full disk
         assert "No space left on device" in _one_line(proc.stderr)
         assert sorted(p.name for p in mnt.iterdir()) == ["keep.txt"]  # no staging, no export folder
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_report_on_a_full_lab_folder_is_one_line(tmp_path, capsys, monkeypatch):
@@ -179,20 +191,14 @@ def test_doctor_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     assert not [p for p in (tmp_path / "doc").rglob("*") if p.is_file()]
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a tmpfs needs root")
+@needs_mount
 def test_report_on_a_real_read_only_filesystem(tmp_path, capsys):
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("this container cannot mount a tmpfs")
-    try:
+    with mounted_tmpfs(tmp_path / "ro", "8m") as mnt:
         shutil.copytree(ROOT / "tests" / "fixtures" / "lab-v1-smoke", mnt / "lab")
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
         code = cli.main(["report", str(mnt / "lab")])
         err = _one_line(capsys.readouterr().err)
         assert code == 2 and "cannot write the report" in err and "Read-only file system" in err
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 # ----------------------------------------------------------------------------- results.json shapes
